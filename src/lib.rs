@@ -1,0 +1,33 @@
+//! luaproxy: a Lua-scriptable HTTP reverse proxy. Rust moves bytes, Lua decides.
+//!
+//! This file only wires the bindings together; each binding lives in its own file.
+
+pub mod http;
+pub mod json;
+pub mod listener;
+pub mod log;
+pub mod request;
+pub mod runtime;
+pub mod shdict;
+pub mod upstream;
+
+use mlua::prelude::*;
+
+/// Builds the `luaproxy` table. Worker threads call this for their own VMs too.
+pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    t.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
+    runtime::register(lua, &t)?;
+    log::register(lua, &t)?;
+    t.set("shared", shdict::register(lua)?)?;
+    t.set("json", json::register(lua)?)?;
+    t.set("http", upstream::register(lua)?)?;
+    listener::register(lua, &t)?;
+    Ok(t)
+}
+
+#[cfg(feature = "module")]
+#[mlua::lua_module]
+fn luaproxy(lua: &Lua) -> LuaResult<LuaTable> {
+    exports(lua)
+}

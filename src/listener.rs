@@ -1,0 +1,615 @@
+//! `luaproxy.serve{...}`: the HTTP/1.1 listener and its workers.
+//!
+//! With `handler = fn`, requests run on the calling thread's loop and VM. With `policy = file`,
+//! `workers` OS threads each create their own Lua VM, load the policy once and accept from the
+//! same listening socket; nothing Lua crosses threads, only the socket and plain config data.
+
+use crate::http::{self, Limits};
+use crate::request::{empty, full, BoxBody, BoxError, ReqInner, Request};
+use crate::runtime::{self, call_protected, LoopGuard};
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::StatusCode;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use mlua::prelude::*;
+use mlua::LuaSerdeExt;
+use std::any::Any;
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch, Notify};
+
+/// What every connection of one worker needs.
+struct Worker {
+    lua: Lua,
+    handler: LuaFunction,
+    limits: Rc<Limits>,
+    header_timeout: Duration,
+    keepalive_requests: usize,
+}
+
+/// The response body sent to the client: carries the request's guards (leases), so they are
+/// released when the last byte is written or the client goes away, whichever comes first.
+struct GuardedBody {
+    inner: BoxBody,
+    _guards: Vec<Box<dyn Any>>,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Drops a request's guards if the service future is dropped before it returns (client abort).
+struct DrainOnDrop(Rc<ReqInner>);
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        self.0.guards.borrow_mut().clear();
+    }
+}
+
+fn simple(status: StatusCode, body: &str) -> hyper::Response<BoxBody> {
+    let mut r = hyper::Response::new(full(Bytes::from(format!("{body}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Converts what a handler returned into a response:
+/// an upstream `res`; `{status=, headers=, body=}`; or `status, body?, headers?`.
+/// A table body is sent as JSON.
+fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<hyper::Response<BoxBody>, String> {
+    let first = values.pop_front().unwrap_or(LuaValue::Nil);
+    let (status, body, headers) = match first {
+        LuaValue::UserData(ud) => {
+            let res = ud
+                .borrow::<crate::upstream::Response>()
+                .map_err(|_| "handler returned a userdata that is not a response".to_string())?;
+            let mut r = hyper::Response::new(res.take_body());
+            *r.status_mut() = *res.status.borrow();
+            *r.headers_mut() = res.headers.borrow().clone();
+            return Ok(r);
+        }
+        LuaValue::Table(t) => {
+            let status: Option<LuaValue> = t.get("status").map_err(|e| e.to_string())?;
+            let body: LuaValue = t.get("body").map_err(|e| e.to_string())?;
+            let headers: Option<LuaTable> = t.get("headers").map_err(|e| e.to_string())?;
+            (status.unwrap_or(LuaValue::Integer(200)), body, headers)
+        }
+        v @ (LuaValue::Integer(_) | LuaValue::Number(_)) => {
+            let body = values.pop_front().unwrap_or(LuaValue::Nil);
+            let headers = match values.pop_front() {
+                Some(LuaValue::Table(t)) => Some(t),
+                _ => None,
+            };
+            (v, body, headers)
+        }
+        LuaValue::Nil => return Err("handler returned no response".into()),
+        other => return Err(format!("handler returned a {}, not a response", other.type_name())),
+    };
+    let code = match status {
+        LuaValue::Integer(n) => n,
+        LuaValue::Number(n) if n.fract() == 0.0 => n as i64,
+        _ => return Err("response status must be an integer".into()),
+    };
+    let status = u16::try_from(code)
+        .ok()
+        .filter(|c| (100..=999).contains(c) && *c != 101)
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| format!("invalid response status {code}"))?;
+    let mut map = hyper::HeaderMap::new();
+    if let Some(h) = headers {
+        crate::request::apply_headers(&mut map, &h).map_err(|e| e.to_string())?;
+    }
+    let body = match body {
+        LuaValue::Nil => empty(),
+        LuaValue::String(s) => full(Bytes::copy_from_slice(&s.as_bytes())),
+        LuaValue::Table(_) => {
+            let text = crate::json::encode_value(lua, &body).map_err(|e| format!("response body: {e}"))?;
+            if !map.contains_key(header::CONTENT_TYPE) {
+                map.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            full(Bytes::from(text))
+        }
+        LuaValue::Integer(_) | LuaValue::Number(_) => {
+            full(Bytes::from(body.to_string().map_err(|e| e.to_string())?))
+        }
+        other => return Err(format!("response body must be a string or a table, not a {}", other.type_name())),
+    };
+    let mut r = hyper::Response::new(body);
+    *r.status_mut() = status;
+    *r.headers_mut() = map;
+    Ok(r)
+}
+
+async fn handle(
+    w: Rc<Worker>,
+    req: hyper::Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<hyper::Response<GuardedBody>, Infallible> {
+    let start = Instant::now();
+    let (parts, body) = req.into_parts();
+    if let Err(r) = http::validate_request(&parts.method, &parts.uri, parts.version, &parts.headers, &w.limits) {
+        crate::log::log(
+            crate::log::INFO,
+            &format!("rejected request from {}: {} ({})", peer.ip(), r.reason, r.status.as_u16()),
+        );
+        let mut resp = simple(r.status, r.reason);
+        // The rest of the stream cannot be trusted to be framed correctly.
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp.map(|b| GuardedBody { inner: b, _guards: Vec::new() }));
+    }
+    // hyper accepts absolute-form targets; upstreams get origin-form.
+    let uri = match parts.uri.path_and_query() {
+        Some(pq) if parts.uri.scheme().is_some() => pq.as_str().parse().unwrap_or(parts.uri.clone()),
+        _ => parts.uri.clone(),
+    };
+    let inner = Rc::new(ReqInner {
+        method: RefCell::new(parts.method),
+        uri: RefCell::new(uri),
+        version: parts.version,
+        headers: RefCell::new(parts.headers),
+        peer,
+        body: RefCell::new(crate::request::BodyState::Stream(body)),
+        guards: RefCell::new(Vec::new()),
+        failure: Default::default(),
+        limits: w.limits.clone(),
+        start,
+        upstream: RefCell::new(None),
+    });
+    let _drain = DrainOnDrop(inner.clone());
+    let result = match w.lua.create_userdata(Request(inner.clone())) {
+        Ok(ud) => {
+            let mut args = LuaMultiValue::new();
+            args.push_back(LuaValue::UserData(ud));
+            call_protected(&w.lua, w.handler.clone(), args).await
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let mut resp = match result.and_then(|v| to_response(&w.lua, v)) {
+        Ok(r) => r,
+        Err(msg) => {
+            crate::log::log(
+                crate::log::ERR,
+                &format!(
+                    "policy error: {msg}, client: {}, request: \"{} {}\"",
+                    peer.ip(),
+                    inner.method.borrow(),
+                    inner.uri.borrow()
+                ),
+            );
+            simple(StatusCode::INTERNAL_SERVER_ERROR, "500 Internal Server Error")
+        }
+    };
+    if let Some((status, why)) = inner.failure.get() {
+        crate::log::log(
+            crate::log::INFO,
+            &format!("request from {} failed: {why} ({})", peer.ip(), status.as_u16()),
+        );
+        resp = simple(status, why);
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let guards = std::mem::take(&mut *inner.guards.borrow_mut());
+    Ok(resp.map(|b| GuardedBody { inner: b, _guards: guards }))
+}
+
+async fn serve_conn(w: Rc<Worker>, stream: tokio::net::TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+    let _ = stream.set_nodelay(true);
+    let w2 = w.clone();
+    let served = Rc::new(std::cell::Cell::new(0usize));
+    let max = w.keepalive_requests;
+    let svc = service_fn(move |req| {
+        let n = served.get() + 1;
+        served.set(n);
+        let fut = handle(w2.clone(), req, peer);
+        async move {
+            let mut r = fut.await?;
+            if max > 0 && n >= max {
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(r)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(w.header_timeout)
+        .max_buf_size(64 * 1024)
+        .pipeline_flush(true)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if !e.is_incomplete_message() {
+                        crate::log::log(crate::log::DEBUG, &format!("connection from {peer}: {e}"));
+                    }
+                }
+                return;
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+async fn accept_loop(w: Rc<Worker>, listener: tokio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    tokio::task::spawn_local(serve_conn(w.clone(), stream, peer, shutdown.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning or dying.
+                    crate::log::log(crate::log::ERR, &format!("accept failed: {e}"));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Settings that cross from the calling thread to the workers (plain data only).
+#[derive(Clone)]
+struct WorkerSpec {
+    policy: String,
+    config: serde_json::Value,
+    package_path: Option<String>,
+    package_cpath: Option<String>,
+    limits: Limits,
+    header_timeout: Duration,
+    keepalive_requests: usize,
+}
+
+/// Loads the policy into a fresh VM: the file must return a handler function or a table
+/// with `handler` (and optionally `init_worker(config)`).
+async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunction, String> {
+    let package: LuaTable = lua.globals().get("package").map_err(|e| e.to_string())?;
+    if let Some(p) = &spec.package_path {
+        package.set("path", p.as_str()).map_err(|e| e.to_string())?;
+    }
+    if let Some(p) = &spec.package_cpath {
+        package.set("cpath", p.as_str()).map_err(|e| e.to_string())?;
+    }
+    let code = std::fs::read(&spec.policy)
+        .map_err(|e| format!("cannot read policy file '{}': {}", spec.policy, e.to_string().to_lowercase()))?;
+    let chunk = lua
+        .load(code)
+        .set_name(format!("@{}", spec.policy))
+        .into_function()
+        .map_err(|e| match e {
+            LuaError::SyntaxError { message, .. } => message,
+            e => e.to_string(),
+        })?;
+    let config = lua.to_value(&spec.config).map_err(|e| e.to_string())?;
+    let mut args = LuaMultiValue::new();
+    args.push_back(config.clone());
+    let mut ret = call_protected(lua, chunk, args).await?;
+    let (handler, init) = match ret.pop_front() {
+        Some(LuaValue::Function(f)) => (f, None),
+        Some(LuaValue::Table(t)) => {
+            let h: Option<LuaFunction> = t.get("handler").ok().flatten();
+            let i: Option<LuaFunction> = t.get("init_worker").ok().flatten();
+            match h {
+                Some(h) => (h, i),
+                None => return Err(format!("policy '{}' returned a table without a handler function", spec.policy)),
+            }
+        }
+        _ => {
+            return Err(format!(
+                "policy '{}' must return a handler function or a table with one",
+                spec.policy
+            ))
+        }
+    };
+    if let Some(init) = init {
+        let mut args = LuaMultiValue::new();
+        args.push_back(config);
+        call_protected(lua, init, args)
+            .await
+            .map_err(|e| format!("policy init_worker failed: {e}"))?;
+    }
+    Ok(handler)
+}
+
+fn worker_thread(
+    id: usize,
+    std_listener: StdListener,
+    spec: WorkerSpec,
+    ready: oneshot::Sender<Result<(), String>>,
+    shutdown: watch::Receiver<bool>,
+    exited: Arc<Notify>,
+) {
+    runtime::set_worker_id(id);
+    let rt = match runtime::new_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {id}: {e}")));
+            return;
+        }
+    };
+    // SAFETY: unsafe_new lets policies `require` C modules (lua-cjson, ...) exactly like the
+    // main program can; the VM never leaves this thread.
+    let lua = unsafe {
+        Lua::unsafe_new_with(
+            LuaStdLib::ALL_SAFE | LuaStdLib::DEBUG,
+            LuaOptions::new().thread_pool_size(256),
+        )
+    };
+    let guard = LoopGuard::enter();
+    let local = tokio::task::LocalSet::new();
+    let main = local.spawn_local(async move {
+        let setup = async {
+            let t = crate::exports(&lua).map_err(|e| e.to_string())?;
+            lua.register_module("luaproxy", t).map_err(|e| e.to_string())?;
+            let handler = load_policy(&lua, &spec).await?;
+            let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+            Ok::<_, String>((handler, listener))
+        };
+        match setup.await {
+            Err(e) => {
+                let _ = ready.send(Err(e));
+            }
+            Ok((handler, listener)) => {
+                let _ = ready.send(Ok(()));
+                let w = Rc::new(Worker {
+                    lua: lua.clone(),
+                    handler,
+                    limits: Rc::new(spec.limits.clone()),
+                    header_timeout: spec.header_timeout,
+                    keepalive_requests: spec.keepalive_requests,
+                });
+                accept_loop(w, listener, shutdown).await;
+            }
+        }
+    });
+    runtime::drive(&rt, local, main, &guard.0);
+    drop(guard);
+    exited.notify_waiters();
+}
+
+/// A running server: `srv.addr`, `srv.port`, `srv:close()`, `srv:wait()`.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    threads: RefCell<Vec<std::thread::JoinHandle<()>>>,
+    local_done: Rc<Notify>,
+    local_running: Rc<std::cell::Cell<bool>>,
+    exited: Arc<Notify>,
+}
+
+impl LuaUserData for Server {
+    fn add_fields<F: LuaUserDataFields<Self>>(f: &mut F) {
+        f.add_field_method_get("addr", |_, this| Ok(this.addr.to_string()));
+        f.add_field_method_get("port", |_, this| Ok(this.addr.port()));
+    }
+
+    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
+        // srv:close() -> true: stop accepting; in-flight requests finish, idle connections close.
+        m.add_method("close", |_, this, ()| {
+            let _ = this.shutdown.send(true);
+            Ok(true)
+        });
+        // srv:wait() -> true once every worker has stopped (after close, or never).
+        m.add_async_method("wait", |_, this, ()| async move {
+            runtime::check_loop("srv:wait")?;
+            loop {
+                let notified = this.exited.notified();
+                let local_notified = this.local_done.notified();
+                let threads_done = this.threads.borrow().iter().all(|t| t.is_finished());
+                if threads_done && !this.local_running.get() {
+                    break;
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = local_notified => {}
+                    // Belt and braces: a notify_waiters sent between the check and the await.
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            for t in this.threads.borrow_mut().drain(..) {
+                let _ = t.join();
+            }
+            Ok(true)
+        });
+    }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let s2 = if let Some(port) = s.strip_prefix("*:") {
+        format!("0.0.0.0:{port}")
+    } else if s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty() {
+        format!("127.0.0.1:{s}")
+    } else {
+        s.to_string()
+    };
+    s2.to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| format!("bad listen address '{s}' (expected host:port)"))
+}
+
+fn bind(addr: SocketAddr) -> Result<StdListener, String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| e.to_string())?;
+    sock.set_reuse_address(true).map_err(|e| e.to_string())?;
+    sock.bind(&addr.into())
+        .map_err(|e| format!("cannot listen on {addr}: {}", e.to_string().to_lowercase()))?;
+    sock.listen(1024).map_err(|e| e.to_string())?;
+    sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(sock.into())
+}
+
+fn opt_secs(t: &LuaTable, key: &str, default: f64) -> LuaResult<f64> {
+    match t.get::<Option<f64>>(key)? {
+        None => Ok(default),
+        Some(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Some(_) => Err(LuaError::runtime(format!("luaproxy.serve: {key} must be > 0 seconds"))),
+    }
+}
+
+/// `srv, err = luaproxy.serve{ listen = "127.0.0.1:8080", handler = fn | policy = "file.lua",
+/// workers = N, config = {...}, max_body_size = bytes, body_timeout = s, header_timeout = s,
+/// keepalive_requests = n }`. Returns once every worker is listening; `nil, err` when the
+/// address is bad or taken, or the policy fails to load.
+async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Option<String>)> {
+    let listen: String = opts
+        .get::<Option<String>>("listen")?
+        .ok_or_else(|| LuaError::runtime("luaproxy.serve: 'listen' (host:port) is required"))?;
+    let handler: Option<LuaFunction> = opts.get("handler")?;
+    let policy: Option<String> = opts.get("policy")?;
+    if handler.is_some() == policy.is_some() {
+        return Err(LuaError::runtime(
+            "luaproxy.serve: give exactly one of 'handler' (a function) or 'policy' (a file)",
+        ));
+    }
+    let workers: usize = match opts.get::<Option<i64>>("workers")? {
+        None => runtime::default_workers(),
+        Some(n) if (1..=1024).contains(&n) => n as usize,
+        Some(n) => return Err(LuaError::runtime(format!("luaproxy.serve: workers must be 1..1024, got {n}"))),
+    };
+    let mut limits = Limits::default();
+    if let Some(n) = opts.get::<Option<i64>>("max_body_size")? {
+        if n < 0 {
+            return Err(LuaError::runtime("luaproxy.serve: max_body_size must be >= 0"));
+        }
+        limits.max_body = n as u64;
+    }
+    limits.body_timeout = opt_secs(&opts, "body_timeout", limits.body_timeout)?;
+    let header_timeout = Duration::from_secs_f64(opt_secs(&opts, "header_timeout", 30.0)?);
+    let keepalive_requests = opts.get::<Option<usize>>("keepalive_requests")?.unwrap_or(1000);
+    let config_value: LuaValue = opts.get("config")?;
+    let config: serde_json::Value = if config_value.is_nil() {
+        serde_json::Value::Object(Default::default())
+    } else {
+        lua.from_value(config_value)
+            .map_err(|e| LuaError::runtime(format!("luaproxy.serve: config must be plain data: {e}")))?
+    };
+
+    let addr = match parse_listen(&listen) {
+        Ok(a) => a,
+        Err(e) => return Ok((None, Some(e))),
+    };
+    let std_listener = match bind(addr) {
+        Ok(l) => l,
+        Err(e) => return Ok((None, Some(e))),
+    };
+    let addr = std_listener.local_addr().unwrap_or(addr);
+    let (tx, rx) = watch::channel(false);
+    let exited = Arc::new(Notify::new());
+    let server = Server {
+        addr,
+        shutdown: tx,
+        threads: RefCell::new(Vec::new()),
+        local_done: Rc::new(Notify::new()),
+        local_running: Rc::new(std::cell::Cell::new(false)),
+        exited: exited.clone(),
+    };
+
+    if let Some(handler) = handler {
+        let listener = tokio::net::TcpListener::from_std(std_listener)
+            .map_err(|e| LuaError::runtime(format!("luaproxy.serve: {e}")))?;
+        let w = Rc::new(Worker {
+            lua: lua.clone(),
+            handler,
+            limits: Rc::new(limits),
+            header_timeout,
+            keepalive_requests,
+        });
+        let (done, running) = (server.local_done.clone(), server.local_running.clone());
+        running.set(true);
+        tokio::task::spawn_local(async move {
+            accept_loop(w, listener, rx).await;
+            running.set(false);
+            done.notify_waiters();
+        });
+        return Ok((Some(server), None));
+    }
+
+    let package: LuaTable = lua.globals().get("package")?;
+    let spec = WorkerSpec {
+        policy: policy.unwrap_or_default(),
+        config,
+        package_path: package.get("path")?,
+        package_cpath: package.get("cpath")?,
+        limits,
+        header_timeout,
+        keepalive_requests,
+    };
+    let mut readies = Vec::new();
+    for id in 0..workers {
+        let l = std_listener.try_clone().map_err(|e| LuaError::runtime(e.to_string()))?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (spec, rx, exited) = (spec.clone(), rx.clone(), exited.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("luaproxy-w{id}"))
+            .spawn(move || worker_thread(id, l, spec, ready_tx, rx, exited))
+            .map_err(|e| LuaError::runtime(format!("luaproxy.serve: cannot start worker: {e}")))?;
+        server.threads.borrow_mut().push(t);
+        readies.push(ready_rx);
+    }
+    drop(std_listener);
+    let mut first_err = None;
+    for r in readies {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert("worker exited during start-up".into());
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        let _ = server.shutdown.send(true);
+        for t in server.threads.borrow_mut().drain(..) {
+            let _ = t.join();
+        }
+        return Ok((None, Some(e)));
+    }
+    Ok((Some(server), None))
+}
+
+pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {
+    t.set(
+        "serve",
+        lua.create_async_function(|lua, opts: LuaTable| {
+            let ok = runtime::check_loop("luaproxy.serve");
+            async move {
+                ok?;
+                lua_serve(lua, opts).await
+            }
+        })?,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! `luaproxy.log(level, ...)`: one line per message on stderr, nginx error.log style.
+//!
+//! Plain Rust callers use [`log`]; the level threshold is process-wide so every worker agrees.
+
+use mlua::prelude::*;
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const ERR: u8 = 4;
+pub const WARN: u8 = 5;
+pub const NOTICE: u8 = 6;
+pub const INFO: u8 = 7;
+pub const DEBUG: u8 = 8;
+
+static LEVEL: AtomicU8 = AtomicU8::new(NOTICE);
+
+fn level_name(level: u8) -> &'static str {
+    match level {
+        0..=4 => "error",
+        5 => "warn",
+        6 => "notice",
+        7 => "info",
+        _ => "debug",
+    }
+}
+
+/// True when a message at `level` would be written.
+pub fn enabled(level: u8) -> bool {
+    level <= LEVEL.load(Ordering::Relaxed)
+}
+
+/// Formats a UTC timestamp as `YYYY/MM/DD HH:MM:SS` without a date crate.
+pub fn timestamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}/{m:02}/{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Writes one log line if `level` passes the threshold.
+pub fn log(level: u8, msg: &str) {
+    if !enabled(level) {
+        return;
+    }
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let who = crate::runtime::worker_id()
+        .map(|w| format!("w{w}"))
+        .unwrap_or_else(|| "main".into());
+    let line = format!(
+        "{} [{}] {}#{}: {}\n",
+        timestamp(secs),
+        level_name(level),
+        std::process::id(),
+        who,
+        msg
+    );
+    // One write call per line so lines from different workers do not interleave.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+fn parse_level(v: &LuaValue) -> LuaResult<u8> {
+    match v {
+        LuaValue::Integer(n) if (0..=8).contains(n) => Ok(*n as u8),
+        LuaValue::String(s) => match &*s.to_str()? {
+            "err" | "error" => Ok(ERR),
+            "warn" => Ok(WARN),
+            "notice" => Ok(NOTICE),
+            "info" => Ok(INFO),
+            "debug" => Ok(DEBUG),
+            other => Err(LuaError::runtime(format!("unknown log level '{other}'"))),
+        },
+        _ => Err(LuaError::runtime(
+            "bad argument #1 (log level expected: luaproxy.ERR, WARN, NOTICE, INFO or DEBUG)",
+        )),
+    }
+}
+
+/// `luaproxy.log(level, ...)` -> `true`. Arguments go through `tostring` and are concatenated.
+fn lua_log(lua: &Lua, (level, rest): (LuaValue, LuaMultiValue)) -> LuaResult<bool> {
+    let level = parse_level(&level)?;
+    if enabled(level) {
+        let tostring: LuaFunction = lua.globals().get("tostring")?;
+        let mut msg = String::new();
+        for v in rest {
+            let s: LuaString = tostring.call(v)?;
+            msg.push_str(&s.to_string_lossy());
+        }
+        log(level, &msg);
+    }
+    Ok(true)
+}
+
+/// `luaproxy.set_log_level(level)` -> `true`. `level` is a name ("debug") or `luaproxy.DEBUG`.
+fn lua_set_log_level(_: &Lua, level: LuaValue) -> LuaResult<bool> {
+    LEVEL.store(parse_level(&level)?, Ordering::Relaxed);
+    Ok(true)
+}
+
+pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {
+    t.set("ERR", ERR)?;
+    t.set("WARN", WARN)?;
+    t.set("NOTICE", NOTICE)?;
+    t.set("INFO", INFO)?;
+    t.set("DEBUG", DEBUG)?;
+    t.set("log", lua.create_function(lua_log)?)?;
+    t.set("set_log_level", lua.create_function(lua_set_log_level)?)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_formats_known_dates() {
+        assert_eq!(timestamp(0), "1970/01/01 00:00:00");
+        assert_eq!(timestamp(951_782_400), "2000/02/29 00:00:00");
+        assert_eq!(timestamp(1_795_359_600), "2026/11/22 15:00:00");
+    }
+}

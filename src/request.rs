@@ -1,0 +1,444 @@
+//! The request object a policy's handler receives, and the client body stream behind it.
+//!
+//! The body stays in hyper until the policy asks for it: `req:read_body()` buffers it (with the
+//! size limit and idle timeout), `req:proxy()` streams it to the upstream without entering Lua.
+
+use crate::http::{self, Limits};
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, StatusCode, Uri, Version};
+use mlua::prelude::*;
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Bodies stay on the worker thread that made them, so they need not be `Send`.
+pub type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>;
+
+/// A status the listener must answer with, whatever the policy returns (body too large, ...).
+pub type Failure = Rc<Cell<Option<(StatusCode, &'static str)>>>;
+
+pub enum BodyState {
+    Stream(Incoming),
+    Buffered(Bytes),
+    Taken,
+}
+
+pub struct ReqInner {
+    pub method: RefCell<Method>,
+    pub uri: RefCell<Uri>,
+    pub version: Version,
+    pub headers: RefCell<HeaderMap>,
+    pub peer: SocketAddr,
+    pub body: RefCell<BodyState>,
+    /// Things that must live exactly as long as the request (least-connection leases, ...).
+    pub guards: RefCell<Vec<Box<dyn Any>>>,
+    pub failure: Failure,
+    pub limits: Rc<Limits>,
+    pub start: Instant,
+    /// The upstream the request was proxied to, for the log.
+    pub upstream: RefCell<Option<String>>,
+}
+
+impl ReqInner {
+    /// Takes the body for forwarding: a stream if nobody read it, else the buffered bytes.
+    pub fn take_body(&self) -> Result<BoxBody, &'static str> {
+        let mut b = self.body.borrow_mut();
+        match std::mem::replace(&mut *b, BodyState::Taken) {
+            BodyState::Stream(inc) => Ok(Box::pin(ClientBody::new(inc, self))),
+            BodyState::Buffered(bytes) => {
+                // Keep the buffered copy: a retry or a second proxy call can send it again.
+                *b = BodyState::Buffered(bytes.clone());
+                Ok(full(bytes))
+            }
+            BodyState::Taken => Err("request body was already streamed upstream"),
+        }
+    }
+
+    /// Reads the whole body into memory (once); later calls return the same bytes.
+    pub async fn read_body(&self) -> Result<Bytes, &'static str> {
+        let state = std::mem::replace(&mut *self.body.borrow_mut(), BodyState::Taken);
+        match state {
+            BodyState::Buffered(b) => {
+                *self.body.borrow_mut() = BodyState::Buffered(b.clone());
+                Ok(b)
+            }
+            BodyState::Taken => Err("request body was already streamed upstream"),
+            BodyState::Stream(inc) => {
+                let mut body = ClientBody::new(inc, self);
+                let mut buf = BytesMut::new();
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => {
+                            if let Some(d) = f.data_ref() {
+                                buf.extend_from_slice(d);
+                            }
+                        }
+                        Err(_) => {
+                            return Err(self.failure.get().map(|f| f.1).unwrap_or("client closed connection"));
+                        }
+                    }
+                }
+                let b = buf.freeze();
+                *self.body.borrow_mut() = BodyState::Buffered(b.clone());
+                Ok(b)
+            }
+        }
+    }
+
+    pub fn client_ip(&self) -> String {
+        self.peer.ip().to_string()
+    }
+}
+
+pub fn full(b: Bytes) -> BoxBody {
+    Box::pin(http_body_util::Full::new(b).map_err(|never| match never {}))
+}
+
+pub fn empty() -> BoxBody {
+    Box::pin(http_body_util::Empty::new().map_err(|never| match never {}))
+}
+
+/// The client's request body with our limits: at most `max_body` bytes (413) and at most
+/// `body_timeout` seconds of silence while we wait for the next piece (408). Malformed chunked
+/// framing surfaces from hyper as an error (400). The failure is recorded for the listener.
+pub struct ClientBody {
+    inner: Incoming,
+    seen: u64,
+    limit: u64,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+    failure: Failure,
+}
+
+impl ClientBody {
+    fn new(inner: Incoming, req: &ReqInner) -> ClientBody {
+        let idle = Duration::from_secs_f64(req.limits.body_timeout.max(0.001));
+        ClientBody {
+            inner,
+            seen: 0,
+            limit: req.limits.max_body,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            waiting: false,
+            failure: req.failure.clone(),
+        }
+    }
+
+    fn fail(&self, status: StatusCode, why: &'static str) -> BoxError {
+        if self.failure.get().is_none() {
+            self.failure.set(Some((status, why)));
+        }
+        why.into()
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                if let Some(d) = frame.data_ref() {
+                    this.seen += d.len() as u64;
+                    if this.limit > 0 && this.seen > this.limit {
+                        let e = this.fail(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let why = if e.is_incomplete_message() || e.is_canceled() {
+                    "client closed connection"
+                } else {
+                    "malformed request body"
+                };
+                Poll::Ready(Some(Err(this.fail(StatusCode::BAD_REQUEST, why))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    let e = this.fail(StatusCode::REQUEST_TIMEOUT, "timeout");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The Lua-visible request. Cheap to create: nothing is copied until a method asks.
+pub struct Request(pub Rc<ReqInner>);
+
+fn header_name(name: &str) -> LuaResult<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| LuaError::runtime(format!("invalid header name '{name}'")))
+}
+
+fn header_value(lua_value: &LuaValue) -> LuaResult<Vec<HeaderValue>> {
+    let one = |v: &LuaValue| -> LuaResult<HeaderValue> {
+        let s = match v {
+            LuaValue::String(s) => s.as_bytes().to_vec(),
+            LuaValue::Integer(i) => i.to_string().into_bytes(),
+            LuaValue::Number(n) => n.to_string().into_bytes(),
+            _ => {
+                return Err(LuaError::runtime(
+                    "header value must be a string, a number or an array of them",
+                ))
+            }
+        };
+        HeaderValue::from_bytes(&s)
+            .map_err(|_| LuaError::runtime("invalid header value (control characters)"))
+    };
+    match lua_value {
+        LuaValue::Table(t) => t.sequence_values::<LuaValue>().map(|v| one(&v?)).collect(),
+        v => Ok(vec![one(v)?]),
+    }
+}
+
+/// Applies a Lua headers table `{name = value | {values}}` to a header map.
+pub fn apply_headers(map: &mut HeaderMap, t: &LuaTable) -> LuaResult<()> {
+    for pair in t.pairs::<LuaString, LuaValue>() {
+        let (k, v) = pair?;
+        let name = header_name(&k.to_str()?)?;
+        map.remove(&name);
+        for hv in header_value(&v)? {
+            map.append(name.clone(), hv);
+        }
+    }
+    Ok(())
+}
+
+/// Builds `{name = value}` with lowercase names; repeated headers become arrays (ngx style).
+pub fn headers_table(lua: &Lua, map: &HeaderMap) -> LuaResult<LuaTable> {
+    let t = lua.create_table_with_capacity(0, map.keys_len())?;
+    for name in map.keys() {
+        let mut vals = map.get_all(name).iter();
+        let first = vals.next().map(|v| v.as_bytes()).unwrap_or_default();
+        match vals.next() {
+            None => t.raw_set(name.as_str(), lua.create_string(first)?)?,
+            Some(second) => {
+                let arr = lua.create_table()?;
+                arr.raw_push(lua.create_string(first)?)?;
+                arr.raw_push(lua.create_string(second.as_bytes())?)?;
+                for v in vals {
+                    arr.raw_push(lua.create_string(v.as_bytes())?)?;
+                }
+                t.raw_set(name.as_str(), arr)?;
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Joins repeated values the way a single header line would carry them.
+pub fn header_joined(map: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
+    let mut it = map.get_all(name).iter();
+    let first = it.next()?;
+    let mut out = first.as_bytes().to_vec();
+    let sep: &[u8] = if name == hyper::header::COOKIE { b"; " } else { b", " };
+    for v in it {
+        out.extend_from_slice(sep);
+        out.extend_from_slice(v.as_bytes());
+    }
+    Some(out)
+}
+
+/// Turns decoded `k=v` pairs into a Lua table; repeated keys become arrays, bare keys `true`.
+pub fn args_table(lua: &Lua, pairs: Vec<(Vec<u8>, Option<Vec<u8>>)>, max: usize) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    for (i, (k, v)) in pairs.into_iter().enumerate() {
+        if max > 0 && i >= max {
+            break;
+        }
+        let key = lua.create_string(&k)?;
+        let val = match v {
+            Some(v) => LuaValue::String(lua.create_string(&v)?),
+            None => LuaValue::Boolean(true),
+        };
+        match t.raw_get::<LuaValue>(&key)? {
+            LuaValue::Nil => t.raw_set(key, val)?,
+            LuaValue::Table(arr) => arr.raw_push(val)?,
+            prev => {
+                let arr = lua.create_sequence_from([prev, val])?;
+                t.raw_set(key, arr)?;
+            }
+        }
+    }
+    Ok(t)
+}
+
+fn set_uri(inner: &ReqInner, path: Option<&str>, query: Option<Option<&str>>) -> LuaResult<()> {
+    let cur = inner.uri.borrow().clone();
+    let path = path.unwrap_or(cur.path());
+    let query = match query {
+        Some(q) => q,
+        None => cur.query(),
+    };
+    let s = match query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.to_string(),
+    };
+    let uri: Uri = s
+        .parse()
+        .map_err(|_| LuaError::runtime(format!("invalid request target '{s}'")))?;
+    *inner.uri.borrow_mut() = uri;
+    Ok(())
+}
+
+impl LuaUserData for Request {
+    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
+        // req:get_method() -> "GET"
+        m.add_method("get_method", |_, this, ()| Ok(this.0.method.borrow().as_str().to_string()));
+        // req:set_method(method) -> true (for the upstream request)
+        m.add_method("set_method", |_, this, method: String| {
+            let m = Method::from_bytes(method.as_bytes())
+                .map_err(|_| LuaError::runtime(format!("invalid method '{method}'")))?;
+            *this.0.method.borrow_mut() = m;
+            Ok(true)
+        });
+        // req:get_path() -> "/a/b" (no query string)
+        m.add_method("get_path", |_, this, ()| Ok(this.0.uri.borrow().path().to_string()));
+        // req:set_path(path) -> true
+        m.add_method("set_path", |_, this, path: String| {
+            if !path.starts_with('/') {
+                return Err(LuaError::runtime("req:set_path: path must start with '/'"));
+            }
+            set_uri(&this.0, Some(&path), None)?;
+            Ok(true)
+        });
+        // req:get_uri() -> "/a/b?x=1" (ngx.var.request_uri)
+        m.add_method("get_uri", |_, this, ()| {
+            let u = this.0.uri.borrow();
+            Ok(u.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()))
+        });
+        // req:get_query() -> "x=1" or nil (ngx.var.args)
+        m.add_method("get_query", |_, this, ()| Ok(this.0.uri.borrow().query().map(str::to_string)));
+        // req:set_query(q) -> true; nil or "" removes it
+        m.add_method("set_query", |_, this, q: Option<String>| {
+            set_uri(&this.0, None, Some(q.as_deref()))?;
+            Ok(true)
+        });
+        // req:get_uri_args(max?) -> { key = value | true | {values} } (ngx.req.get_uri_args)
+        m.add_method("get_uri_args", |lua, this, max: Option<usize>| {
+            let q = this.0.uri.borrow().query().unwrap_or("").as_bytes().to_vec();
+            args_table(lua, http::parse_query(&q), max.unwrap_or(100))
+        });
+        // req:get_header(name) -> value or nil; case-insensitive; repeats joined with ", "
+        m.add_method("get_header", |lua, this, name: LuaString| {
+            let Ok(name) = HeaderName::from_bytes(&name.as_bytes()) else {
+                return Ok(None);
+            };
+            match header_joined(&this.0.headers.borrow(), &name) {
+                Some(v) => Ok(Some(lua.create_string(&v)?)),
+                None => Ok(None),
+            }
+        });
+        // req:get_headers() -> { lowercase-name = value | {values} } (ngx.req.get_headers)
+        m.add_method("get_headers", |lua, this, ()| headers_table(lua, &this.0.headers.borrow()));
+        // req:set_header(name, value | {values} | nil) -> true
+        m.add_method("set_header", |_, this, (name, value): (String, LuaValue)| {
+            let name = header_name(&name)?;
+            let mut h = this.0.headers.borrow_mut();
+            h.remove(&name);
+            if !value.is_nil() {
+                for v in header_value(&value)? {
+                    h.append(name.clone(), v);
+                }
+            }
+            Ok(true)
+        });
+        // req:clear_header(name) -> true
+        m.add_method("clear_header", |_, this, name: String| {
+            this.0.headers.borrow_mut().remove(header_name(&name)?);
+            Ok(true)
+        });
+        // req:get_remote_addr() -> "127.0.0.1" (ngx.var.remote_addr)
+        m.add_method("get_remote_addr", |_, this, ()| Ok(this.0.client_ip()));
+        // req:get_remote_port() -> 54321
+        m.add_method("get_remote_port", |_, this, ()| Ok(this.0.peer.port()));
+        // req:get_http_version() -> 1.1
+        m.add_method("get_http_version", |_, this, ()| {
+            Ok(match this.0.version {
+                Version::HTTP_10 => 1.0,
+                Version::HTTP_09 => 0.9,
+                _ => 1.1,
+            })
+        });
+        // req:elapsed() -> seconds since the request head arrived
+        m.add_method("elapsed", |_, this, ()| Ok(this.0.start.elapsed().as_secs_f64()));
+        // req:get_upstream() -> "host:port" the request was proxied to, or nil
+        m.add_method("get_upstream", |_, this, ()| Ok(this.0.upstream.borrow().clone()));
+        // body, err = req:read_body(): the whole body as a string ("" when there is none)
+        m.add_async_method("read_body", |lua, this, ()| async move {
+            crate::runtime::check_loop("req:read_body")?;
+            match this.0.read_body().await {
+                Ok(b) => Ok((Some(lua.create_string(&b)?), None)),
+                Err(e) => Ok((None, Some(e))),
+            }
+        });
+        // req:get_body_data() -> the body if read_body() already ran, else nil
+        m.add_method("get_body_data", |lua, this, ()| match &*this.0.body.borrow() {
+            BodyState::Buffered(b) => Ok(Some(lua.create_string(b)?)),
+            _ => Ok(None),
+        });
+        // args, err = req:get_post_args(max?): form fields of an
+        // application/x-www-form-urlencoded body ({} for other content types)
+        m.add_async_method("get_post_args", |lua, this, max: Option<usize>| async move {
+            crate::runtime::check_loop("req:get_post_args")?;
+            let is_form = this
+                .0
+                .headers
+                .borrow()
+                .get(hyper::header::CONTENT_TYPE)
+                .map(|v| {
+                    v.as_bytes()
+                        .get(..33)
+                        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/x-www-form-urlencoded"))
+                })
+                .unwrap_or(false);
+            let body = match this.0.read_body().await {
+                Ok(b) => b,
+                Err(e) => return Ok((None, Some(e))),
+            };
+            let pairs = if is_form { http::parse_query(&body) } else { Vec::new() };
+            Ok((Some(args_table(&lua, pairs, max.unwrap_or(100))?), None))
+        });
+        // res, err = req:proxy(addr, opts?): forward this request upstream (see upstream.rs)
+        m.add_async_method("proxy", |lua, this, (addr, opts): (String, Option<LuaTable>)| async move {
+            crate::runtime::check_loop("req:proxy")?;
+            let opts = crate::upstream::Options::from_lua(opts.as_ref())?;
+            crate::upstream::proxy_request(&lua, this.0.clone(), addr, opts).await
+        });
+    }
+}

@@ -1,0 +1,428 @@
+//! The event loop: `luaproxy.run`, `spawn`, `sleep`, `now`, timers and `stop`.
+//!
+//! Each thread that runs Lua owns one current-thread tokio runtime and one `LocalSet`, because
+//! mlua values are `!Send` in module mode: every future that touches Lua stays on its thread.
+
+use mlua::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, LocalSet};
+
+/// Per-thread loop state, present while a loop runs on this thread.
+pub struct LoopState {
+    stop: Notify,
+    stopping: Cell<bool>,
+}
+
+impl LoopState {
+    pub fn request_stop(&self) {
+        self.stopping.set(true);
+        self.stop.notify_one();
+    }
+}
+
+thread_local! {
+    static LOOP: RefCell<Option<Rc<LoopState>>> = const { RefCell::new(None) };
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The server worker index of this thread (`None` on the thread that runs `main.lua`).
+pub fn worker_id() -> Option<usize> {
+    WORKER.with(|w| w.get())
+}
+
+pub fn set_worker_id(id: usize) {
+    WORKER.with(|w| w.set(Some(id)));
+}
+
+pub fn in_loop() -> bool {
+    LOOP.with(|l| l.borrow().is_some())
+}
+
+/// Raises the error every async binding gives when no loop runs on this thread.
+pub fn check_loop(name: &str) -> LuaResult<()> {
+    if in_loop() {
+        Ok(())
+    } else {
+        Err(LuaError::runtime(format!(
+            "{name}: no event loop is running; call it from inside luaproxy.run(function() ... end)"
+        )))
+    }
+}
+
+/// Marks this thread as running a loop until the guard drops.
+pub struct LoopGuard(pub Rc<LoopState>);
+
+impl LoopGuard {
+    pub fn enter() -> LoopGuard {
+        let st = Rc::new(LoopState {
+            stop: Notify::new(),
+            stopping: Cell::new(false),
+        });
+        LOOP.with(|l| *l.borrow_mut() = Some(st.clone()));
+        LoopGuard(st)
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        LOOP.with(|l| *l.borrow_mut() = None);
+    }
+}
+
+pub fn new_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs `local` until every task on it has finished or `stop()` is called, then returns the
+/// result of `main` if it finished. Remaining tasks are dropped before this returns, while the
+/// Lua state they hold is still alive.
+pub fn drive<T: 'static>(
+    rt: &tokio::runtime::Runtime,
+    mut local: LocalSet,
+    main: JoinHandle<T>,
+    state: &LoopState,
+) -> Option<T> {
+    rt.block_on(async {
+        tokio::select! {
+            _ = state.stop.notified() => {}
+            _ = &mut local => {}
+        }
+    });
+    let out = if main.is_finished() {
+        local.block_on(rt, main).ok()
+    } else {
+        main.abort();
+        None
+    };
+    drop(local);
+    out
+}
+
+/// Calls `f(...)` inside `xpcall` with a traceback handler, so errors come back as
+/// `false, "message\nstack traceback: ..."` instead of a bare message.
+pub fn protected_call(lua: &Lua) -> LuaResult<LuaFunction> {
+    if let Some(f) = lua.app_data_ref::<ProtectedCall>() {
+        return Ok(f.0.clone());
+    }
+    let f: LuaFunction = lua
+        .load(
+            r#"
+            local xpcall, tostring = xpcall, tostring
+            local traceback = debug and debug.traceback or function(m) return tostring(m) end
+            local function handler(e) return traceback(tostring(e), 2) end
+            return function(f, ...) return xpcall(f, handler, ...) end
+            "#,
+        )
+        .set_name("=luaproxy")
+        .eval()?;
+    lua.set_app_data(ProtectedCall(f.clone()));
+    Ok(f)
+}
+
+struct ProtectedCall(LuaFunction);
+
+/// Calls `f(args)` as a coroutine under [`protected_call`]; `Err` carries the message with
+/// its traceback. Used by everything that runs Lua from the loop.
+pub async fn call_protected(
+    lua: &Lua,
+    f: LuaFunction,
+    args: LuaMultiValue,
+) -> Result<LuaMultiValue, String> {
+    let pcall = protected_call(lua).map_err(|e| e.to_string())?;
+    let mut all = LuaMultiValue::new();
+    all.push_back(LuaValue::Function(f));
+    all.extend(args);
+    let mut res = pcall
+        .call_async::<LuaMultiValue>(all)
+        .await
+        .map_err(|e| e.to_string())?;
+    match res.pop_front() {
+        Some(LuaValue::Boolean(true)) => Ok(res),
+        _ => Err(match res.pop_front() {
+            Some(LuaValue::String(s)) => s.to_string_lossy(),
+            Some(v) => format!("{v:?}"),
+            None => "unknown error".into(),
+        }),
+    }
+}
+
+fn seconds_arg(name: &str, v: f64) -> LuaResult<Duration> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(LuaError::runtime(format!(
+            "{name}: seconds must be a finite number >= 0"
+        )))
+    }
+}
+
+/// `luaproxy.run(fn, ...)` -> the values `fn` returns. Runs the event loop on this thread until
+/// `fn` and every task it started have finished, or `luaproxy.stop()` is called. Errors raised
+/// by `fn` are raised again by `run`, with their traceback.
+fn lua_run(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<LuaMultiValue> {
+    if in_loop() {
+        return Err(LuaError::runtime(
+            "luaproxy.run: the event loop is already running on this thread",
+        ));
+    }
+    let rt = new_runtime().map_err(|e| LuaError::runtime(format!("luaproxy.run: {e}")))?;
+    let guard = LoopGuard::enter();
+    let local = LocalSet::new();
+    let lua2 = lua.clone();
+    let main = local.spawn_local(async move { call_protected(&lua2, f, args).await });
+    let out = drive(&rt, local, main, &guard.0);
+    drop(guard);
+    match out {
+        Some(Ok(values)) => Ok(values),
+        Some(Err(msg)) => Err(LuaError::runtime(msg)),
+        None => Ok(LuaMultiValue::new()),
+    }
+}
+
+/// `luaproxy.stop()` -> `true`. Ends the loop of this thread: `run` returns soon after,
+/// dropping every task still pending.
+fn lua_stop(_: &Lua, (): ()) -> LuaResult<bool> {
+    LOOP.with(|l| {
+        if let Some(st) = &*l.borrow() {
+            st.request_stop();
+        }
+    });
+    Ok(true)
+}
+
+/// `luaproxy.now()` -> seconds since the epoch as a float (ms resolution and better).
+fn lua_now(_: &Lua, (): ()) -> LuaResult<f64> {
+    Ok(SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0))
+}
+
+/// `luaproxy.sleep(seconds)` -> `true`. Yields this coroutine; other requests keep running.
+async fn lua_sleep(_: Lua, secs: f64) -> LuaResult<bool> {
+    let d = seconds_arg("luaproxy.sleep", secs)?;
+    if d.is_zero() {
+        tokio::task::yield_now().await;
+    } else {
+        tokio::time::sleep(d).await;
+    }
+    Ok(true)
+}
+
+#[derive(Default)]
+struct TaskState {
+    result: Option<Result<LuaMultiValue, String>>,
+    waiting: bool,
+    waited: bool,
+}
+
+/// A coroutine started by `luaproxy.spawn`.
+pub struct Task {
+    state: Rc<RefCell<TaskState>>,
+    done: Rc<Notify>,
+    handle: JoinHandle<()>,
+}
+
+impl LuaUserData for Task {
+    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
+        // `ok, ... = task:wait()`: `true` and the task's return values, or `false, err`.
+        m.add_async_method("wait", |lua, this, ()| async move {
+            check_loop("task:wait")?;
+            {
+                let mut st = this.state.borrow_mut();
+                if st.waited || st.waiting {
+                    return Err(LuaError::runtime("task:wait: this task was already waited for"));
+                }
+                st.waiting = true;
+            }
+            loop {
+                let notified = this.done.notified();
+                if this.state.borrow().result.is_some() || this.handle.is_finished() {
+                    break;
+                }
+                notified.await;
+            }
+            let mut st = this.state.borrow_mut();
+            st.waiting = false;
+            st.waited = true;
+            let mut out = LuaMultiValue::new();
+            match st.result.take() {
+                Some(Ok(values)) => {
+                    out.push_back(LuaValue::Boolean(true));
+                    out.extend(values);
+                }
+                Some(Err(msg)) => {
+                    out.push_back(LuaValue::Boolean(false));
+                    out.push_back(LuaValue::String(lua.create_string(&msg)?));
+                }
+                None => {
+                    out.push_back(LuaValue::Boolean(false));
+                    out.push_back(LuaValue::String(lua.create_string("killed")?));
+                }
+            }
+            Ok(out)
+        });
+        // `task:kill()` -> `true`: stops the task at its next yield point.
+        m.add_method("kill", |_, this, ()| {
+            this.handle.abort();
+            this.done.notify_waiters();
+            Ok(true)
+        });
+        // `task:done()` -> whether the task has finished.
+        m.add_method("done", |_, this, ()| Ok(this.handle.is_finished()));
+    }
+}
+
+/// `task = luaproxy.spawn(fn, ...)`: runs `fn(...)` as a new coroutine on this loop.
+/// `task:wait()` returns `true, ...` or `false, err` (like `ngx.thread.wait`); an error in a
+/// task nobody waits for is logged.
+fn lua_spawn(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<Task> {
+    check_loop("luaproxy.spawn")?;
+    let state = Rc::new(RefCell::new(TaskState::default()));
+    let done = Rc::new(Notify::new());
+    let (st2, done2, lua2) = (state.clone(), done.clone(), lua.clone());
+    let handle = tokio::task::spawn_local(async move {
+        let r = call_protected(&lua2, f, args).await;
+        if let Err(msg) = &r {
+            if !st2.borrow().waiting {
+                crate::log::log(crate::log::ERR, &format!("spawned task failed: {msg}"));
+            }
+        }
+        st2.borrow_mut().result = Some(r);
+        done2.notify_waiters();
+    });
+    Ok(Task {
+        state,
+        done,
+        handle,
+    })
+}
+
+/// A timer started by `luaproxy.timer.at` or `luaproxy.timer.every`.
+pub struct Timer {
+    cancelled: Rc<Cell<bool>>,
+    wake: Rc<Notify>,
+}
+
+impl LuaUserData for Timer {
+    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
+        // `timer:cancel()` -> `true`. A callback already running finishes; none starts after.
+        m.add_method("cancel", |_, this, ()| {
+            this.cancelled.set(true);
+            this.wake.notify_waiters();
+            Ok(true)
+        });
+    }
+}
+
+fn start_timer(
+    lua: &Lua,
+    name: &str,
+    delay: f64,
+    repeat: bool,
+    f: LuaFunction,
+    args: LuaMultiValue,
+) -> LuaResult<Timer> {
+    check_loop(name)?;
+    let d = seconds_arg(name, delay)?;
+    if repeat && d.is_zero() {
+        return Err(LuaError::runtime(format!("{name}: interval must be > 0")));
+    }
+    let cancelled = Rc::new(Cell::new(false));
+    let wake = Rc::new(Notify::new());
+    let (c2, w2, lua2) = (cancelled.clone(), wake.clone(), lua.clone());
+    let args: Vec<LuaValue> = args.into_iter().collect();
+    tokio::task::spawn_local(async move {
+        let mut next = tokio::time::Instant::now() + d;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = w2.notified() => {}
+            }
+            if c2.get() {
+                return;
+            }
+            let mut call_args = LuaMultiValue::new();
+            call_args.push_back(LuaValue::Boolean(false)); // `premature`, as in ngx.timer
+            call_args.extend(args.iter().cloned());
+            if let Err(msg) = call_protected(&lua2, f.clone(), call_args).await {
+                crate::log::log(crate::log::ERR, &format!("timer callback failed: {msg}"));
+            }
+            if !repeat || c2.get() {
+                return;
+            }
+            // Fixed rate without catch-up bursts: a slow callback pushes the next tick back.
+            next += d;
+            let now = tokio::time::Instant::now();
+            if next < now {
+                next = now;
+            }
+        }
+    });
+    Ok(Timer { cancelled, wake })
+}
+
+/// `timer = luaproxy.timer.at(delay, fn, ...)`: calls `fn(premature, ...)` once after `delay`
+/// seconds, with `premature = false` (the `ngx.timer.at` shape). `timer:cancel()` stops it.
+fn lua_timer_at(
+    lua: &Lua,
+    (delay, f, args): (f64, LuaFunction, LuaMultiValue),
+) -> LuaResult<Timer> {
+    start_timer(lua, "luaproxy.timer.at", delay, false, f, args)
+}
+
+/// `timer = luaproxy.timer.every(interval, fn, ...)`: calls `fn(premature, ...)` every
+/// `interval` seconds until cancelled; calls never overlap.
+fn lua_timer_every(
+    lua: &Lua,
+    (interval, f, args): (f64, LuaFunction, LuaMultiValue),
+) -> LuaResult<Timer> {
+    start_timer(lua, "luaproxy.timer.every", interval, true, f, args)
+}
+
+/// `luaproxy.worker.id()` -> 0-based index of this server worker, or `nil` on the main thread.
+fn lua_worker_id(_: &Lua, (): ()) -> LuaResult<Option<usize>> {
+    Ok(worker_id())
+}
+
+/// `luaproxy.worker.cpus()` -> number of CPUs (the default worker count).
+fn lua_worker_cpus(_: &Lua, (): ()) -> LuaResult<usize> {
+    Ok(default_workers())
+}
+
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {
+    t.set("run", lua.create_function(lua_run)?)?;
+    t.set("stop", lua.create_function(lua_stop)?)?;
+    t.set("now", lua.create_function(lua_now)?)?;
+    t.set(
+        "sleep",
+        lua.create_async_function(|lua, secs: f64| {
+            let ok = check_loop("luaproxy.sleep");
+            async move {
+                ok?;
+                lua_sleep(lua, secs).await
+            }
+        })?,
+    )?;
+    t.set("spawn", lua.create_function(lua_spawn)?)?;
+    let timer = lua.create_table()?;
+    timer.set("at", lua.create_function(lua_timer_at)?)?;
+    timer.set("every", lua.create_function(lua_timer_every)?)?;
+    t.set("timer", timer)?;
+    let worker = lua.create_table()?;
+    worker.set("id", lua.create_function(lua_worker_id)?)?;
+    worker.set("cpus", lua.create_function(lua_worker_cpus)?)?;
+    t.set("worker", worker)?;
+    Ok(())
+}

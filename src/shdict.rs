@@ -1,0 +1,536 @@
+//! `luaproxy.shared`: dictionaries shared by every Lua VM of the process (the main program
+//! and every worker), in the shape of `ngx.shared.DICT`.
+//!
+//! The store itself (`Store`) is plain Rust; this file adds the Lua surface. Operations never
+//! yield, so they work anywhere, with or without a running loop.
+
+use mlua::prelude::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Str(Vec<u8>),
+    Int(i64),
+    Num(f64),
+    Bool(bool),
+}
+
+impl Val {
+    fn size(&self) -> usize {
+        match self {
+            Val::Str(s) => s.len(),
+            _ => 8,
+        }
+    }
+}
+
+struct Entry {
+    val: Val,
+    flags: u32,
+    expires: Option<Instant>,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|e| e > now)
+    }
+}
+
+/// Fixed per-entry overhead counted against capacity, so capacity bounds real memory.
+const ENTRY_OVERHEAD: usize = 64;
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<String, Entry>,
+    used: usize,
+}
+
+/// A named dictionary with a byte capacity.
+pub struct Store {
+    pub name: String,
+    pub capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, PartialEq)]
+pub enum SetErr {
+    NoMemory,
+    Exists,
+    NotFound,
+    NotANumber,
+}
+
+impl SetErr {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SetErr::NoMemory => "no memory",
+            SetErr::Exists => "exists",
+            SetErr::NotFound => "not found",
+            SetErr::NotANumber => "not a number",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    Set,
+    Add,
+    Replace,
+}
+
+fn cost(key: &str, v: &Val) -> usize {
+    key.len() + v.size() + ENTRY_OVERHEAD
+}
+
+impl Store {
+    pub fn new(name: &str, capacity: usize) -> Store {
+        Store {
+            name: name.to_string(),
+            capacity,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map half-written in a way that
+        // matters more than losing the whole dict, so keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, key: &str) -> Option<(Val, u32)> {
+        let now = Instant::now();
+        let g = self.lock();
+        g.map
+            .get(key)
+            .filter(|e| e.live(now))
+            .map(|e| (e.val.clone(), e.flags))
+    }
+
+    /// Stores `val`; `Ok(forcible)` is always false for now: nothing is evicted, a full dict
+    /// answers "no memory".
+    pub fn store(&self, key: &str, val: Val, ttl: Option<Duration>, flags: u32, mode: Mode) -> Result<bool, SetErr> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let old = g.map.get(key).filter(|e| e.live(now)).is_some();
+        match mode {
+            Mode::Add if old => return Err(SetErr::Exists),
+            Mode::Replace if !old => return Err(SetErr::NotFound),
+            _ => {}
+        }
+        let new_cost = cost(key, &val);
+        let old_cost = g.map.get(key).map(|e| cost(key, &e.val)).unwrap_or(0);
+        if g.used - old_cost + new_cost > self.capacity {
+            self.purge_expired(&mut g, now);
+            let old_cost = g.map.get(key).map(|e| cost(key, &e.val)).unwrap_or(0);
+            if g.used - old_cost + new_cost > self.capacity {
+                return Err(SetErr::NoMemory);
+            }
+        }
+        let entry = Entry {
+            val,
+            flags,
+            expires: ttl.map(|t| now + t),
+        };
+        if let Some(prev) = g.map.insert(key.to_string(), entry) {
+            g.used -= cost(key, &prev.val);
+        }
+        g.used += new_cost;
+        Ok(false)
+    }
+
+    fn purge_expired(&self, g: &mut Inner, now: Instant) {
+        let mut freed = 0;
+        g.map.retain(|k, e| {
+            let keep = e.live(now);
+            if !keep {
+                freed += cost(k, &e.val);
+            }
+            keep
+        });
+        g.used -= freed;
+    }
+
+    pub fn delete(&self, key: &str) {
+        let mut g = self.lock();
+        if let Some(prev) = g.map.remove(key) {
+            g.used -= cost(key, &prev.val);
+        }
+    }
+
+    /// Adds `n` to a number; a missing key starts from `init` when given.
+    pub fn incr(&self, key: &str, n: f64, n_int: Option<i64>, init: Option<Val>, init_ttl: Option<Duration>) -> Result<Val, SetErr> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let live = g.map.get(key).filter(|e| e.live(now)).map(|e| e.val.clone());
+        let (base, fresh) = match live {
+            Some(v) => (v, false),
+            None => match init {
+                Some(v) => (v, true),
+                None => return Err(SetErr::NotFound),
+            },
+        };
+        let newval = match (base, n_int) {
+            (Val::Int(a), Some(b)) => match a.checked_add(b) {
+                Some(s) => Val::Int(s),
+                None => Val::Num(a as f64 + b as f64),
+            },
+            (Val::Int(a), None) => Val::Num(a as f64 + n),
+            (Val::Num(a), _) => Val::Num(a + n),
+            _ => return Err(SetErr::NotANumber),
+        };
+        match g.map.get_mut(key) {
+            Some(e) if !fresh => e.val = newval.clone(),
+            _ => {
+                let c = cost(key, &newval);
+                if let Some(prev) = g.map.remove(key) {
+                    g.used -= cost(key, &prev.val);
+                }
+                if g.used + c > self.capacity {
+                    return Err(SetErr::NoMemory);
+                }
+                g.used += c;
+                g.map.insert(
+                    key.to_string(),
+                    Entry {
+                        val: newval.clone(),
+                        flags: 0,
+                        expires: init_ttl.map(|t| now + t),
+                    },
+                );
+            }
+        }
+        Ok(newval)
+    }
+
+    /// Live keys, at most `max` (0 = all).
+    pub fn keys(&self, max: usize) -> Vec<String> {
+        let now = Instant::now();
+        let g = self.lock();
+        let it = g.map.iter().filter(|(_, e)| e.live(now)).map(|(k, _)| k.clone());
+        if max == 0 {
+            it.collect()
+        } else {
+            it.take(max).collect()
+        }
+    }
+
+    pub fn flush_all(&self) {
+        let mut g = self.lock();
+        g.map.clear();
+        g.used = 0;
+    }
+
+    pub fn free_space(&self) -> usize {
+        self.capacity.saturating_sub(self.lock().used)
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Arc<Store>>> {
+    static R: OnceLock<Mutex<HashMap<String, Arc<Store>>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+pub fn find(name: &str) -> Option<Arc<Store>> {
+    registry().lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+}
+
+/// Creates a dict, or returns the existing one when the capacity matches.
+pub fn create(name: &str, capacity: usize) -> Result<Arc<Store>, String> {
+    let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = r.get(name) {
+        if d.capacity == capacity {
+            return Ok(d.clone());
+        }
+        return Err(format!("dict '{name}' exists with capacity {}", d.capacity));
+    }
+    let d = Arc::new(Store::new(name, capacity));
+    r.insert(name.to_string(), d.clone());
+    Ok(d)
+}
+
+/// Parses `1048576`, `"512k"`, `"10m"`, `"1g"`.
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1024),
+        (i, 'm' | 'M') => (&s[..i], 1024 * 1024),
+        (i, 'g' | 'G') => (&s[..i], 1024 * 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.trim().parse::<usize>().ok()?.checked_mul(mult)
+}
+
+/// Releases a least-connection lease: decrements the counter when the request ends.
+pub struct Lease {
+    store: Arc<Store>,
+    key: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Only decrement a key that still exists: a backend removed from the list while the
+        // request was in flight must not come back as a stray counter.
+        let _ = self.store.incr(&self.key, -1.0, Some(-1), None, None);
+    }
+}
+
+/// The Lua handle of one dict.
+#[derive(Clone)]
+pub struct Dict(pub Arc<Store>);
+
+fn check_key(key: &LuaValue) -> Result<String, &'static str> {
+    match key {
+        LuaValue::String(s) => {
+            let b = s.as_bytes();
+            if b.is_empty() {
+                Err("empty key")
+            } else if b.len() > 65535 {
+                Err("key too long")
+            } else {
+                Ok(String::from_utf8_lossy(&b).into_owned())
+            }
+        }
+        LuaValue::Integer(i) => Ok(i.to_string()),
+        LuaValue::Number(n) => Ok(n.to_string()),
+        LuaValue::Nil => Err("nil key"),
+        _ => Err("bad key type"),
+    }
+}
+
+fn to_val(v: &LuaValue) -> LuaResult<Val> {
+    Ok(match v {
+        LuaValue::String(s) => Val::Str(s.as_bytes().to_vec()),
+        LuaValue::Integer(i) => Val::Int(*i),
+        LuaValue::Number(n) => Val::Num(*n),
+        LuaValue::Boolean(b) => Val::Bool(*b),
+        other => {
+            return Err(LuaError::runtime(format!(
+                "bad value type: {} (strings, numbers and booleans only)",
+                other.type_name()
+            )))
+        }
+    })
+}
+
+fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
+    Ok(match v {
+        Val::Str(s) => LuaValue::String(lua.create_string(&s)?),
+        Val::Int(i) => LuaValue::Integer(i),
+        Val::Num(n) => LuaValue::Number(n),
+        Val::Bool(b) => LuaValue::Boolean(b),
+    })
+}
+
+fn ttl_arg(t: Option<f64>) -> LuaResult<Option<Duration>> {
+    match t {
+        None => Ok(None),
+        Some(t) if t == 0.0 => Ok(None),
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Some(Duration::from_secs_f64(t))),
+        Some(_) => Err(LuaError::runtime("exptime must be a number of seconds >= 0")),
+    }
+}
+
+type SetResult = (bool, Option<&'static str>, bool);
+
+fn store_op(this: &Dict, key: LuaValue, val: LuaValue, exptime: Option<f64>, flags: Option<u32>, mode: Mode) -> LuaResult<SetResult> {
+    let key = match check_key(&key) {
+        Ok(k) => k,
+        Err(e) => return Ok((false, Some(e), false)),
+    };
+    if val.is_nil() && mode == Mode::Set {
+        this.0.delete(&key);
+        return Ok((true, None, false));
+    }
+    let v = to_val(&val)?;
+    match this.0.store(&key, v, ttl_arg(exptime)?, flags.unwrap_or(0), mode) {
+        Ok(forcible) => Ok((true, None, forcible)),
+        Err(e) => Ok((false, Some(e.as_str()), false)),
+    }
+}
+
+impl LuaUserData for Dict {
+    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
+        // value, flags = dict:get(key)
+        m.add_method("get", |lua, this, key: LuaValue| {
+            let key = match check_key(&key) {
+                Ok(k) => k,
+                Err(e) => return Ok((LuaValue::Nil, LuaValue::String(lua.create_string(e)?))),
+            };
+            match this.0.get(&key) {
+                Some((v, flags)) => Ok((
+                    from_val(lua, v)?,
+                    if flags == 0 { LuaValue::Nil } else { LuaValue::Integer(flags as i64) },
+                )),
+                None => Ok((LuaValue::Nil, LuaValue::Nil)),
+            }
+        });
+        // ok, err, forcible = dict:set(key, value, exptime?, flags?)
+        m.add_method("set", |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+            store_op(this, k, v, e, f, Mode::Set)
+        });
+        // ok, err, forcible = dict:add(key, value, exptime?, flags?)  ("exists")
+        m.add_method("add", |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+            store_op(this, k, v, e, f, Mode::Add)
+        });
+        // ok, err, forcible = dict:replace(key, value, exptime?, flags?)  ("not found")
+        m.add_method("replace", |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+            store_op(this, k, v, e, f, Mode::Replace)
+        });
+        // ok = dict:delete(key)
+        m.add_method("delete", |_, this, key: LuaValue| {
+            if let Ok(k) = check_key(&key) {
+                this.0.delete(&k);
+            }
+            Ok(true)
+        });
+        // newval, err, forcible = dict:incr(key, n, init?, init_ttl?)
+        m.add_method("incr", |lua, this, (key, n, init, init_ttl): (LuaValue, LuaValue, Option<LuaValue>, Option<f64>)| {
+            let key = match check_key(&key) {
+                Ok(k) => k,
+                Err(e) => return Ok((LuaValue::Nil, Some(e), false)),
+            };
+            let (nf, ni) = match n {
+                LuaValue::Integer(i) => (i as f64, Some(i)),
+                LuaValue::Number(f) => (f, None),
+                _ => return Err(LuaError::runtime("dict:incr: n must be a number")),
+            };
+            let init = match init {
+                None | Some(LuaValue::Nil) => None,
+                Some(LuaValue::Integer(i)) => Some(Val::Int(i)),
+                Some(LuaValue::Number(f)) => Some(Val::Num(f)),
+                Some(_) => return Err(LuaError::runtime("dict:incr: init must be a number")),
+            };
+            match this.0.incr(&key, nf, ni, init, ttl_arg(init_ttl)?) {
+                Ok(v) => Ok((from_val(lua, v)?, None, false)),
+                Err(e) => Ok((LuaValue::Nil, Some(e.as_str()), false)),
+            }
+        });
+        // keys = dict:get_keys(max?)  (default 1024, 0 = all)
+        m.add_method("get_keys", |_, this, max: Option<usize>| Ok(this.0.keys(max.unwrap_or(1024))));
+        // ok = dict:flush_all()
+        m.add_method("flush_all", |_, this, ()| {
+            this.0.flush_all();
+            Ok(true)
+        });
+        // bytes = dict:capacity()
+        m.add_method("capacity", |_, this, ()| Ok(this.0.capacity));
+        // bytes = dict:free_space()
+        m.add_method("free_space", |_, this, ()| Ok(this.0.free_space()));
+        // newval, err = dict:lease(key, req): incr(key, 1) now, and -1 automatically when
+        // the request ends however it ends (response sent, error, client abort).
+        m.add_method("lease", |lua, this, (key, req): (LuaValue, LuaAnyUserData)| {
+            let key = match check_key(&key) {
+                Ok(k) => k,
+                Err(e) => return Ok((LuaValue::Nil, Some(e))),
+            };
+            let req = req
+                .borrow::<crate::request::Request>()
+                .map_err(|_| LuaError::runtime("dict:lease: argument #2 must be a request"))?;
+            match this.0.incr(&key, 1.0, Some(1), None, None) {
+                Ok(v) => {
+                    req.0.guards.borrow_mut().push(Box::new(Lease {
+                        store: this.0.clone(),
+                        key,
+                    }));
+                    Ok((from_val(lua, v)?, None))
+                }
+                Err(e) => Ok((LuaValue::Nil, Some(e.as_str()))),
+            }
+        });
+    }
+}
+
+fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
+    match v {
+        LuaValue::Integer(n) if n > 0 => Ok(n as usize),
+        LuaValue::Number(n) if n > 0.0 => Ok(n as usize),
+        LuaValue::String(s) => parse_size(&s.to_str()?).filter(|n| *n > 0).ok_or_else(|| {
+            LuaError::runtime(format!("bad capacity '{}' (bytes, or like \"512k\" / \"10m\")", s.to_string_lossy()))
+        }),
+        _ => Err(LuaError::runtime("capacity must be bytes or a size like \"10m\"")),
+    }
+}
+
+/// `dict = luaproxy.shared.new(name, capacity)`; then `luaproxy.shared[name]` in every VM.
+fn lua_new(_: &Lua, (name, capacity): (String, LuaValue)) -> LuaResult<(Option<Dict>, Option<String>)> {
+    if name.is_empty() {
+        return Err(LuaError::runtime("luaproxy.shared.new: name must not be empty"));
+    }
+    match create(&name, capacity_arg(capacity)?) {
+        Ok(d) => Ok((Some(Dict(d)), None)),
+        Err(e) => Ok((None, Some(e))),
+    }
+}
+
+pub fn register(lua: &Lua) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    t.raw_set("new", lua.create_function(lua_new)?)?;
+    let mt = lua.create_table()?;
+    mt.set(
+        "__index",
+        lua.create_function(|_, (_t, name): (LuaTable, String)| Ok(find(&name).map(Dict)))?,
+    )?;
+    t.set_metatable(Some(mt))?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("10m"), Some(10 * 1024 * 1024));
+        assert_eq!(parse_size("512k"), Some(512 * 1024));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn add_replace_incr_and_capacity() {
+        let s = Store::new("t", 1000);
+        assert_eq!(s.store("a", Val::Int(1), None, 0, Mode::Add), Ok(false));
+        assert_eq!(s.store("a", Val::Int(1), None, 0, Mode::Add), Err(SetErr::Exists));
+        assert_eq!(s.store("b", Val::Int(1), None, 0, Mode::Replace), Err(SetErr::NotFound));
+        assert_eq!(s.incr("a", 2.0, Some(2), None, None), Ok(Val::Int(3)));
+        assert_eq!(s.incr("zz", 1.0, Some(1), None, None), Err(SetErr::NotFound));
+        let big = Val::Str(vec![0; 2000]);
+        assert_eq!(s.store("c", big, None, 0, Mode::Set), Err(SetErr::NoMemory));
+        s.delete("a");
+        assert_eq!(s.free_space(), 1000);
+    }
+
+    #[test]
+    fn lease_decrements_on_drop_and_skips_deleted_keys() {
+        let s = Arc::new(Store::new("t", 10_000));
+        s.store("up", Val::Int(0), None, 0, Mode::Set).unwrap();
+        s.incr("up", 1.0, Some(1), None, None).unwrap();
+        drop(Lease { store: s.clone(), key: "up".into() });
+        assert_eq!(s.get("up").unwrap().0, Val::Int(0));
+        s.delete("up");
+        drop(Lease { store: s.clone(), key: "up".into() });
+        assert!(s.get("up").is_none());
+    }
+
+    #[test]
+    fn concurrent_incr_is_exact() {
+        let s = Arc::new(Store::new("t", 10_000));
+        s.store("n", Val::Int(0), None, 0, Mode::Set).unwrap();
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        s.incr("n", 1.0, Some(1), None, None).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(s.get("n").unwrap().0, Val::Int(40_000));
+    }
+}

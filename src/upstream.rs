@@ -1,0 +1,577 @@
+//! The upstream HTTP/1.1 client: per-worker keep-alive pools, timeouts, `req:proxy()` and
+//! `luaproxy.http.request(_uri)`.
+//!
+//! Pools are per worker thread, not process-wide: a hyper connection is driven by a task on
+//! the runtime that opened it, so lending it to another worker would bounce every read and
+//! write between threads. Each worker keeps at most `POOL_MAX_IDLE` idle connections per
+//! upstream, dropped after `POOL_IDLE_TIMEOUT` (below nginx's 75 s keepalive_timeout).
+
+use crate::http;
+use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use mlua::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+const POOL_MAX_IDLE: usize = 64;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Per-call options, all in seconds.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub connect_timeout: Duration,
+    /// Time to the response head, and between two reads of the response body.
+    pub read_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+fn secs(t: &LuaTable, key: &str, default: Duration) -> LuaResult<Duration> {
+    match t.get::<Option<f64>>(key)? {
+        None => Ok(default),
+        Some(v) if v.is_finite() && v > 0.0 => Ok(Duration::from_secs_f64(v)),
+        Some(_) => Err(LuaError::runtime(format!("{key} must be a number of seconds > 0"))),
+    }
+}
+
+impl Options {
+    pub fn from_lua(t: Option<&LuaTable>) -> LuaResult<Options> {
+        let d = Options::default();
+        match t {
+            None => Ok(d),
+            Some(t) => Ok(Options {
+                connect_timeout: secs(t, "connect_timeout", d.connect_timeout)?,
+                read_timeout: secs(t, "read_timeout", d.read_timeout)?,
+            }),
+        }
+    }
+}
+
+struct Idle {
+    sender: SendRequest<BoxBody>,
+    since: Instant,
+}
+
+thread_local! {
+    static POOL: RefCell<HashMap<String, Vec<Idle>>> = RefCell::new(HashMap::new());
+}
+
+fn pool_take(key: &str) -> Option<SendRequest<BoxBody>> {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.get_mut(key)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < POOL_IDLE_TIMEOUT && !idle.sender.is_closed() {
+                return Some(idle.sender);
+            }
+        }
+        None
+    })
+}
+
+fn pool_put(key: &str, sender: SendRequest<BoxBody>) {
+    if sender.is_closed() {
+        return;
+    }
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.entry(key.to_string()).or_default();
+        if list.len() >= POOL_MAX_IDLE {
+            list.remove(0);
+        }
+        list.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    });
+}
+
+/// Short lowercase reasons, the `err` half of `nil, err`.
+fn io_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused".into(),
+        ConnectionReset => "connection reset by peer".into(),
+        TimedOut => "timeout".into(),
+        AddrNotAvailable => "address not available".into(),
+        _ => e.to_string().to_lowercase(),
+    }
+}
+
+fn hyper_reason(e: &hyper::Error) -> String {
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        "upstream closed connection".into()
+    } else if e.is_parse() {
+        "invalid upstream response".into()
+    } else if e.is_body_write_aborted() || e.is_user() {
+        // The request body failed (client gone, over the limit, too slow).
+        "request body error".into()
+    } else {
+        let mut s = e.to_string().to_lowercase();
+        if let Some(src) = std::error::Error::source(e) {
+            s = format!("{s}: {}", src.to_string().to_lowercase());
+        }
+        s
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match tokio::net::lookup_host(addr).await {
+        Ok(mut it) => it.next().ok_or_else(|| "could not resolve host".to_string()),
+        Err(_) => Err(format!("could not resolve '{addr}'")),
+    }
+}
+
+async fn connect(addr: &str, opts: &Options) -> Result<SendRequest<BoxBody>, String> {
+    let sa = tokio::time::timeout(opts.connect_timeout, resolve(addr))
+        .await
+        .map_err(|_| "timeout".to_string())??;
+    let stream = tokio::time::timeout(opts.connect_timeout, tokio::net::TcpStream::connect(sa))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| io_reason(&e))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(64 * 1024 + 8192)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| hyper_reason(&e))?;
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            crate::log::log(crate::log::DEBUG, &format!("upstream connection ended: {e}"));
+        }
+    });
+    Ok(sender)
+}
+
+/// Sends `req` to `addr`, on a pooled connection when one is idle. A pooled connection that
+/// turns out to be closed hands the request back untouched, and it goes out on a new one.
+async fn send(
+    addr: &str,
+    req: hyper::Request<BoxBody>,
+    opts: &Options,
+) -> Result<(hyper::Response<Incoming>, SendRequest<BoxBody>), String> {
+    let mut req = req;
+    while let Some(mut sender) = pool_take(addr) {
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        let fut = sender.try_send_request(req);
+        match tokio::time::timeout(opts.read_timeout, fut).await {
+            Err(_) => return Err("timeout".into()),
+            Ok(Ok(res)) => return Ok((res, sender)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(back) => req = back,
+                None => return Err(hyper_reason(&e.into_error())),
+            },
+        }
+    }
+    let mut sender = connect(addr, opts).await?;
+    let fut = sender.send_request(req);
+    match tokio::time::timeout(opts.read_timeout, fut).await {
+        Err(_) => Err("timeout".into()),
+        Ok(Ok(res)) => Ok((res, sender)),
+        Ok(Err(e)) => Err(hyper_reason(&e)),
+    }
+}
+
+/// The upstream response body: gives the connection back to the pool at a clean end and
+/// enforces the read timeout between frames.
+pub struct UpstreamBody {
+    inner: Incoming,
+    sender: Option<SendRequest<BoxBody>>,
+    key: Rc<str>,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(f))) => {
+                this.waiting = false;
+                if this.inner.is_end_stream() {
+                    if let Some(s) = this.sender.take() {
+                        pool_put(&this.key, s);
+                    }
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.sender = None;
+                Poll::Ready(Some(Err(hyper_reason(&e).into())))
+            }
+            Poll::Ready(None) => {
+                if let Some(s) = this.sender.take() {
+                    pool_put(&this.key, s);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer.as_mut().reset(deadline);
+                }
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    this.sender = None;
+                    return Poll::Ready(Some(Err("timeout".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub enum ResBody {
+    Stream(BoxBody),
+    Read(Bytes),
+    Taken,
+}
+
+/// An upstream response as Lua sees it: `res.status`, `res.reason`, `res.headers`, `res.body`
+/// (after `res:read_body()`), in lua-resty-http's shape. Returned from a handler, it is sent
+/// to the client with its body streamed.
+pub struct Response {
+    pub status: RefCell<StatusCode>,
+    pub headers: RefCell<HeaderMap>,
+    pub body: RefCell<ResBody>,
+    headers_table: RefCell<Option<LuaTable>>,
+}
+
+impl Response {
+    pub fn take_body(&self) -> BoxBody {
+        match std::mem::replace(&mut *self.body.borrow_mut(), ResBody::Taken) {
+            ResBody::Stream(b) => b,
+            ResBody::Read(b) => full(b),
+            ResBody::Taken => empty(),
+        }
+    }
+
+    async fn read_body(&self) -> Result<Bytes, String> {
+        let state = std::mem::replace(&mut *self.body.borrow_mut(), ResBody::Taken);
+        match state {
+            ResBody::Read(b) => {
+                *self.body.borrow_mut() = ResBody::Read(b.clone());
+                Ok(b)
+            }
+            ResBody::Taken => Err("response body was already sent".into()),
+            ResBody::Stream(body) => match body.collect().await {
+                Ok(c) => {
+                    let b = c.to_bytes();
+                    *self.body.borrow_mut() = ResBody::Read(b.clone());
+                    Ok(b)
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+impl LuaUserData for Response {
+    fn add_fields<F: LuaUserDataFields<Self>>(f: &mut F) {
+        f.add_field_method_get("status", |_, this| Ok(this.status.borrow().as_u16()));
+        f.add_field_method_get("reason", |_, this| {
+            Ok(this.status.borrow().canonical_reason().unwrap_or("").to_string())
+        });
+        f.add_field_method_get("headers", |lua, this| {
+            if let Some(t) = &*this.headers_table.borrow() {
+                return Ok(t.clone());
+            }
+            let t = crate::request::headers_table(lua, &this.headers.borrow())?;
+            *this.headers_table.borrow_mut() = Some(t.clone());
+            Ok(t)
+        });
+        f.add_field_method_get("body", |lua, this| match &*this.body.borrow() {
+            ResBody::Read(b) => Ok(Some(lua.create_string(b)?)),
+            _ => Ok(None),
+        });
+    }
+
+    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
+        // body, err = res:read_body()
+        m.add_async_method("read_body", |lua, this, ()| async move {
+            crate::runtime::check_loop("res:read_body")?;
+            match this.read_body().await {
+                Ok(b) => Ok((Some(lua.create_string(&b)?), None)),
+                Err(e) => Ok((None, Some(e))),
+            }
+        });
+        // res:set_status(code) -> true (what the client will get)
+        m.add_method("set_status", |_, this, code: u16| {
+            let s = StatusCode::from_u16(code)
+                .map_err(|_| LuaError::runtime(format!("invalid status {code}")))?;
+            *this.status.borrow_mut() = s;
+            Ok(true)
+        });
+        // res:set_header(name, value | {values} | nil) -> true
+        m.add_method("set_header", |lua, this, (name, value): (String, LuaValue)| {
+            let t = lua.create_table()?;
+            t.set(name.as_str(), value.clone())?;
+            if value.is_nil() {
+                let n = hyper::header::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| LuaError::runtime(format!("invalid header name '{name}'")))?;
+                this.headers.borrow_mut().remove(n);
+            } else {
+                crate::request::apply_headers(&mut this.headers.borrow_mut(), &t)?;
+            }
+            *this.headers_table.borrow_mut() = None;
+            Ok(true)
+        });
+    }
+}
+
+fn make_response(res: hyper::Response<Incoming>, sender: SendRequest<BoxBody>, key: &str, opts: &Options) -> Response {
+    let (mut parts, inner) = res.into_parts();
+    http::strip_hop_by_hop(&mut parts.headers);
+    let body = UpstreamBody {
+        inner,
+        sender: Some(sender),
+        key: Rc::from(key),
+        idle: opts.read_timeout,
+        timer: Box::pin(tokio::time::sleep(opts.read_timeout)),
+        waiting: false,
+    };
+    Response {
+        status: RefCell::new(parts.status),
+        headers: RefCell::new(parts.headers),
+        body: RefCell::new(ResBody::Stream(Box::pin(body))),
+        headers_table: RefCell::new(None),
+    }
+}
+
+/// Strips an optional `http://` and any path: `req:proxy` takes `host:port`.
+fn authority(addr: &str) -> &str {
+    let a = addr.strip_prefix("http://").unwrap_or(addr);
+    a.split('/').next().unwrap_or(a)
+}
+
+/// `res, err = req:proxy(addr, opts?)`: sends the request (method, path, query, headers as
+/// the policy left them, hop-by-hop headers removed, X-Forwarded-For appended) to
+/// `addr` ("host:port") and returns the response with its body still streaming.
+/// `opts`: `connect_timeout` (5), `read_timeout` (60), in seconds. `err` is a short string:
+/// "connection refused", "timeout", "upstream closed connection", ...
+pub async fn proxy_request(
+    lua: &Lua,
+    inner: Rc<ReqInner>,
+    addr: String,
+    opts: Options,
+) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
+    let key = authority(&addr).to_string();
+    if key.is_empty() {
+        return Err(LuaError::runtime("req:proxy: address must be 'host:port'"));
+    }
+    *inner.upstream.borrow_mut() = Some(key.clone());
+    let body = match inner.take_body() {
+        Ok(b) => b,
+        Err(e) => return Ok((None, Some(e.to_string()))),
+    };
+    let mut headers = inner.headers.borrow().clone();
+    http::strip_hop_by_hop(&mut headers);
+    http::add_forwarded(&mut headers, &inner.client_ip());
+    if !headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let mut req = hyper::Request::new(body);
+    *req.method_mut() = inner.method.borrow().clone();
+    *req.uri_mut() = inner.uri.borrow().clone();
+    *req.headers_mut() = headers;
+    match send(&key, req, &opts).await {
+        Ok((res, sender)) => {
+            let r = make_response(res, sender, &key, &opts);
+            Ok((Some(lua.create_userdata(r)?), None))
+        }
+        Err(e) => {
+            // A failure of the client's own body (too large, too slow) is the client's fault;
+            // the listener answers with the recorded status, and the log names the cause.
+            let e = match inner.failure.get() {
+                Some((_, why)) => why.to_string(),
+                None => e,
+            };
+            crate::log::log(
+                crate::log::ERR,
+                &format!(
+                    "upstream {key} failed: {e}, client: {}, request: \"{} {}\"",
+                    inner.client_ip(),
+                    inner.method.borrow(),
+                    inner.uri.borrow()
+                ),
+            );
+            Ok((None, Some(e)))
+        }
+    }
+}
+
+/// Parses `http://host[:port]/path?query` into (authority, path-and-query).
+fn split_url(url: &str) -> Result<(String, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| "only http:// urls are supported".to_string())?;
+    let (auth, path) = match rest.find(['/', '?']) {
+        Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_string()),
+        Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+        None => (rest, "/".to_string()),
+    };
+    if auth.is_empty() {
+        return Err("url has no host".into());
+    }
+    let auth = if auth.contains(':') && !auth.ends_with(']') {
+        auth.to_string()
+    } else {
+        format!("{auth}:80")
+    };
+    Ok((auth, path))
+}
+
+async fn client_request(
+    lua: &Lua,
+    url: String,
+    params: Option<LuaTable>,
+    read_all: bool,
+) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
+    let (auth, path) = match split_url(&url) {
+        Ok(v) => v,
+        Err(e) => return Err(LuaError::runtime(format!("luaproxy.http.request: {e}: '{url}'"))),
+    };
+    let opts = Options::from_lua(params.as_ref())?;
+    let mut method = Method::GET;
+    let mut headers = HeaderMap::new();
+    let mut body = empty();
+    if let Some(p) = &params {
+        if let Some(m) = p.get::<Option<String>>("method")? {
+            method = Method::from_bytes(m.as_bytes())
+                .map_err(|_| LuaError::runtime(format!("invalid method '{m}'")))?;
+        }
+        if let Some(h) = p.get::<Option<LuaTable>>("headers")? {
+            crate::request::apply_headers(&mut headers, &h)?;
+        }
+        if let Some(b) = p.get::<Option<LuaString>>("body")? {
+            body = full(Bytes::copy_from_slice(&b.as_bytes()));
+        }
+    }
+    if !headers.contains_key(header::HOST) {
+        let host = auth.strip_suffix(":80").unwrap_or(&auth);
+        headers.insert(
+            header::HOST,
+            HeaderValue::from_str(host).map_err(|_| LuaError::runtime("invalid host in url"))?,
+        );
+    }
+    let mut req = hyper::Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = path
+        .parse()
+        .map_err(|_| LuaError::runtime(format!("invalid path in url '{url}'")))?;
+    *req.headers_mut() = headers;
+    match send(&auth, req, &opts).await {
+        Ok((res, sender)) => {
+            let r = make_response(res, sender, &auth, &opts);
+            if read_all {
+                if let Err(e) = r.read_body().await {
+                    return Ok((None, Some(e)));
+                }
+            }
+            Ok((Some(lua.create_userdata(r)?), None))
+        }
+        Err(e) => Ok((None, Some(e))),
+    }
+}
+
+/// `res, err = luaproxy.http.request(url, params?)`: `params` = `{ method, headers, body,
+/// connect_timeout, read_timeout }`. The body is read on demand with `res:read_body()`.
+async fn lua_request(lua: Lua, (url, params): (String, Option<LuaTable>)) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
+    client_request(&lua, url, params, false).await
+}
+
+/// `res, err = luaproxy.http.request_uri(url, params?)`: like `request`, with the whole body
+/// already in `res.body` (lua-resty-http's `request_uri`).
+async fn lua_request_uri(lua: Lua, (url, params): (String, Option<LuaTable>)) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
+    client_request(&lua, url, params, true).await
+}
+
+pub fn register(lua: &Lua) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    t.set(
+        "request",
+        lua.create_async_function(|lua, args: (String, Option<LuaTable>)| {
+            let ok = crate::runtime::check_loop("luaproxy.http.request");
+            async move {
+                ok?;
+                lua_request(lua, args).await
+            }
+        })?,
+    )?;
+    t.set(
+        "request_uri",
+        lua.create_async_function(|lua, args: (String, Option<LuaTable>)| {
+            let ok = crate::runtime::check_loop("luaproxy.http.request_uri");
+            async move {
+                ok?;
+                lua_request_uri(lua, args).await
+            }
+        })?,
+    )?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_authority_and_path() {
+        assert_eq!(split_url("http://a:1/x?y").unwrap(), ("a:1".into(), "/x?y".into()));
+        assert_eq!(split_url("http://a").unwrap(), ("a:80".into(), "/".into()));
+        assert_eq!(split_url("http://a?q=1").unwrap(), ("a:80".into(), "/?q=1".into()));
+        assert!(split_url("https://a").is_err());
+        assert!(split_url("http:///x").is_err());
+    }
+
+    #[test]
+    fn authority_strips_scheme_and_path() {
+        assert_eq!(authority("http://h:1/p"), "h:1");
+        assert_eq!(authority("h:1"), "h:1");
+    }
+}
