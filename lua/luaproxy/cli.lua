@@ -1,0 +1,130 @@
+-- luaproxy.cli: command-line and --config parsing for main.lua.
+-- parse(argv) returns a settings table, or nil and a one-line error; it never exits.
+
+local _M = { _VERSION = "0.1.0" }
+
+local USAGE = [[
+usage: lua main.lua [options]
+
+  --listen ADDR     address to serve on (default 127.0.0.1:8080)
+  --backend ADDR    upstream host:port; repeat for more (default: two demo
+                    backends on 127.0.0.1:9001 and 127.0.0.1:9002)
+  --workers N       worker threads, each with its own Lua VM (default: CPUs)
+  --policy FILE     Lua policy file (default examples/least_conn.lua)
+  --config FILE     Lua file returning a table of settings; options given on
+                    the command line win
+  --help            show this help
+]]
+
+_M.USAGE = USAGE
+
+local DEFAULTS = {
+    listen = "127.0.0.1:8080",
+    policy = "examples/least_conn.lua",
+}
+
+-- Settings a --config file may hold, with the Lua type each must have.
+local SETTING_TYPES = {
+    listen = "string", backends = "table", workers = "number", policy = "string",
+    max_body_size = "number", body_timeout = "number", header_timeout = "number",
+    keepalive_requests = "number", api_key_header = "string", log_level = "string",
+    demo_ports = "table",
+}
+
+local function load_config(path)
+    local chunk, err = loadfile(path, "t", {})
+    if not chunk then
+        if err:find("No such file", 1, true) or err:find("cannot open", 1, true) then
+            return nil, "cannot read config file '" .. path .. "'"
+        end
+        return nil, "config file " .. err
+    end
+    local ok, conf = pcall(chunk)
+    if not ok then
+        return nil, "config file " .. tostring(conf)
+    end
+    if type(conf) ~= "table" then
+        return nil, "config file '" .. path .. "' must return a table"
+    end
+    for k, v in pairs(conf) do
+        local want = SETTING_TYPES[k]
+        if not want then
+            return nil, "config file '" .. path .. "': unknown setting '" .. tostring(k) .. "'"
+        end
+        if type(v) ~= want then
+            return nil, "config file '" .. path .. "': setting '" .. k .. "' must be a " .. want
+        end
+    end
+    return conf
+end
+
+local function is_int(s)
+    return s and s:match("^%d+$") ~= nil
+end
+
+--- settings, err = cli.parse(argv)
+-- `settings.help` is true when --help was given. `err` is one line, fit for stderr.
+function _M.parse(argv)
+    local cli = { backends = {} }
+    local config_path
+    local i = 1
+    while i <= #argv do
+        local a = argv[i]
+        local name, inline = a:match("^(%-%-[%w-]+)=(.*)$")
+        name = name or a
+        local function value()
+            if inline then return inline end
+            i = i + 1
+            return argv[i]
+        end
+        if name == "--help" or name == "-h" then
+            return { help = true }
+        elseif name == "--listen" then
+            cli.listen = value()
+            if not cli.listen then return nil, "--listen needs an address" end
+        elseif name == "--backend" then
+            local b = value()
+            if not b then return nil, "--backend needs host:port" end
+            cli.backends[#cli.backends + 1] = b
+        elseif name == "--workers" then
+            local n = value()
+            if not is_int(n) or tonumber(n) < 1 or tonumber(n) > 1024 then
+                return nil, "--workers needs a number from 1 to 1024"
+            end
+            cli.workers = tonumber(n)
+        elseif name == "--policy" then
+            cli.policy = value()
+            if not cli.policy then return nil, "--policy needs a file" end
+        elseif name == "--config" then
+            config_path = value()
+            if not config_path then return nil, "--config needs a file" end
+        else
+            return nil, "unknown option '" .. a .. "' (try --help)"
+        end
+        i = i + 1
+    end
+
+    local settings = {}
+    if config_path then
+        local conf, err = load_config(config_path)
+        if not conf then return nil, err end
+        for k, v in pairs(conf) do settings[k] = v end
+    end
+    for k, v in pairs(cli) do
+        if k ~= "backends" or #v > 0 then settings[k] = v end
+    end
+    for k, v in pairs(DEFAULTS) do
+        if settings[k] == nil then settings[k] = v end
+    end
+    if settings.backends then
+        for _, b in ipairs(settings.backends) do
+            if type(b) ~= "string" or not b:match("^[%w%.%-]+:%d+$") and not b:match("^%[[%x:%.]+%]:%d+$") then
+                return nil, "bad backend address '" .. tostring(b) .. "' (expected host:port)"
+            end
+        end
+        if #settings.backends == 0 then settings.backends = nil end
+    end
+    return settings
+end
+
+return _M
