@@ -280,7 +280,8 @@ impl Drop for Lease {
 #[derive(Clone)]
 pub struct Dict(pub Arc<Store>);
 
-fn check_key(key: &LuaValue) -> Result<String, &'static str> {
+/// Validates a key and hands it to `f` without copying it (every dict call goes through here).
+fn with_key<R>(key: &LuaValue, f: impl FnOnce(&str) -> R) -> Result<R, &'static str> {
     match key {
         LuaValue::String(s) => {
             let b = s.as_bytes();
@@ -289,14 +290,21 @@ fn check_key(key: &LuaValue) -> Result<String, &'static str> {
             } else if b.len() > 65535 {
                 Err("key too long")
             } else {
-                Ok(String::from_utf8_lossy(&b).into_owned())
+                match std::str::from_utf8(&b) {
+                    Ok(k) => Ok(f(k)),
+                    Err(_) => Ok(f(&String::from_utf8_lossy(&b))),
+                }
             }
         }
-        LuaValue::Integer(i) => Ok(i.to_string()),
-        LuaValue::Number(n) => Ok(n.to_string()),
+        LuaValue::Integer(i) => Ok(f(&i.to_string())),
+        LuaValue::Number(n) => Ok(f(&n.to_string())),
         LuaValue::Nil => Err("nil key"),
         _ => Err("bad key type"),
     }
+}
+
+fn check_key(key: &LuaValue) -> Result<String, &'static str> {
+    with_key(key, str::to_string)
 }
 
 fn to_val(v: &LuaValue) -> LuaResult<Val> {
@@ -354,11 +362,11 @@ impl LuaUserData for Dict {
     fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
         // value, flags = dict:get(key)
         m.add_method("get", |lua, this, key: LuaValue| {
-            let key = match check_key(&key) {
-                Ok(k) => k,
+            let found = match with_key(&key, |k| this.0.get(k)) {
+                Ok(found) => found,
                 Err(e) => return Ok((LuaValue::Nil, LuaValue::String(lua.create_string(e)?))),
             };
-            match this.0.get(&key) {
+            match found {
                 Some((v, flags)) => Ok((
                     from_val(lua, v)?,
                     if flags == 0 { LuaValue::Nil } else { LuaValue::Integer(flags as i64) },
