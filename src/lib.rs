@@ -2,6 +2,7 @@
 //!
 //! This file only wires the bindings together; each binding lives in its own file.
 
+pub mod h1client;
 pub mod http;
 pub mod json;
 pub mod listener;

@@ -51,14 +51,18 @@ pub struct ReqInner {
 
 impl ReqInner {
     /// Takes the body for forwarding: a stream if nobody read it, else the buffered bytes.
-    pub fn take_body(&self) -> Result<BoxBody, &'static str> {
+    pub fn take_body(&self) -> Result<crate::upstream::ReqBody, &'static str> {
+        use crate::upstream::ReqBody;
         let mut b = self.body.borrow_mut();
         match std::mem::replace(&mut *b, BodyState::Taken) {
-            BodyState::Stream(inc) => Ok(Box::pin(ClientBody::new(inc, self))),
+            // No body at all (most GETs): sendable again, so a stale pooled connection can be
+            // retried without probing it first.
+            BodyState::Stream(inc) if inc.is_end_stream() => Ok(ReqBody::Bytes(Bytes::new())),
+            BodyState::Stream(inc) => Ok(ReqBody::Stream(Box::pin(ClientBody::new(inc, self)))),
             BodyState::Buffered(bytes) => {
                 // Keep the buffered copy: a retry or a second proxy call can send it again.
                 *b = BodyState::Buffered(bytes.clone());
-                Ok(full(bytes))
+                Ok(ReqBody::Bytes(bytes))
             }
             BodyState::Taken => Err("request body was already streamed upstream"),
         }

@@ -1,33 +1,28 @@
 //! The upstream HTTP/1.1 client: per-worker keep-alive pools, timeouts, `req:proxy()` and
 //! `luaproxy.http.request(_uri)`.
 //!
-//! Pools are per worker thread, not process-wide: a hyper connection is driven by a task on
-//! the runtime that opened it, so lending it to another worker would bounce every read and
+//! Pools are per worker thread, not process-wide: a connection is registered with the reactor
+//! of the runtime that opened it, so lending it to another worker would bounce every read and
 //! write between threads. Each worker keeps at most `POOL_MAX_IDLE` idle connections per
 //! upstream, dropped after `POOL_IDLE_TIMEOUT` (below nginx's 75 s keepalive_timeout).
 
+use crate::h1client::{self, io_reason, Conn, Error, Head, ResponseBody};
 use crate::http;
-use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
+use crate::request::{empty, full, BoxBody, ReqInner};
 use bytes::Bytes;
-use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, StatusCode};
-use hyper_util::rt::TokioIo;
 use mlua::prelude::*;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 const POOL_MAX_IDLE: usize = 64;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Per-call options, all in seconds.
 #[derive(Clone, Debug)]
@@ -68,73 +63,46 @@ impl Options {
 }
 
 struct Idle {
-    sender: SendRequest<BoxBody>,
+    conn: Conn,
     since: Instant,
 }
 
 thread_local! {
-    static POOL: RefCell<HashMap<String, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static POOL: RefCell<HashMap<Rc<str>, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
-fn pool_take(key: &str) -> Option<SendRequest<BoxBody>> {
+fn pool_take(key: &str) -> Option<(Conn, Duration)> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.get_mut(key)?;
         while let Some(idle) = list.pop() {
-            if idle.since.elapsed() < POOL_IDLE_TIMEOUT && !idle.sender.is_closed() {
-                return Some(idle.sender);
+            let idle_for = idle.since.elapsed();
+            if idle_for < POOL_IDLE_TIMEOUT {
+                return Some((idle.conn, idle_for));
             }
         }
         None
     })
 }
 
-fn pool_put(key: &str, sender: SendRequest<BoxBody>) {
-    if sender.is_closed() {
-        return;
-    }
+fn pool_put(key: &Rc<str>, conn: Conn) {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
-        let list = p.entry(key.to_string()).or_default();
+        let list = p.entry(key.clone()).or_default();
         if list.len() >= POOL_MAX_IDLE {
             list.remove(0);
         }
         list.push(Idle {
-            sender,
+            conn,
             since: Instant::now(),
         });
     });
 }
 
-/// Short lowercase reasons, the `err` half of `nil, err`.
-fn io_reason(e: &std::io::Error) -> String {
-    use std::io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => "connection refused".into(),
-        ConnectionReset => "connection reset by peer".into(),
-        TimedOut => "timeout".into(),
-        AddrNotAvailable => "address not available".into(),
-        _ => e.to_string().to_lowercase(),
-    }
-}
-
-fn hyper_reason(e: &hyper::Error) -> String {
-    if e.is_timeout() {
-        "timeout".into()
-    } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-        "upstream closed connection".into()
-    } else if e.is_parse() {
-        "invalid upstream response".into()
-    } else if e.is_body_write_aborted() || e.is_user() {
-        // The request body failed (client gone, over the limit, too slow).
-        "request body error".into()
-    } else {
-        let mut s = e.to_string().to_lowercase();
-        if let Some(src) = std::error::Error::source(e) {
-            s = format!("{s}: {}", src.to_string().to_lowercase());
-        }
-        s
-    }
+/// True when an idle connection still looks open (no EOF, no stray bytes waiting).
+fn still_open(conn: &Conn) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {
@@ -147,7 +115,7 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
     }
 }
 
-async fn connect(addr: &str, opts: &Options) -> Result<SendRequest<BoxBody>, String> {
+async fn connect(addr: &str, opts: &Options) -> Result<Conn, String> {
     let sa = tokio::time::timeout(opts.connect_timeout, resolve(addr))
         .await
         .map_err(|_| "timeout".to_string())??;
@@ -156,112 +124,75 @@ async fn connect(addr: &str, opts: &Options) -> Result<SendRequest<BoxBody>, Str
         .map_err(|_| "timeout".to_string())?
         .map_err(|e| io_reason(&e))?;
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(64 * 1024 + 8192)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| hyper_reason(&e))?;
-    tokio::task::spawn_local(async move {
-        if let Err(e) = conn.await {
-            crate::log::log(crate::log::DEBUG, &format!("upstream connection ended: {e}"));
-        }
-    });
-    Ok(sender)
+    Ok(Conn::new(stream))
 }
 
-/// Sends `req` to `addr`, on a pooled connection when one is idle. A pooled connection that
-/// turns out to be closed hands the request back untouched, and it goes out on a new one.
-async fn send(
-    addr: &str,
-    req: hyper::Request<BoxBody>,
+/// The request body as the sender has it: bytes can be sent again on another connection,
+/// a stream only once.
+pub enum ReqBody {
+    Bytes(Bytes),
+    Stream(BoxBody),
+}
+
+async fn exchange(
+    mut conn: Conn,
+    key: &Rc<str>,
+    method: &Method,
+    uri: &hyper::Uri,
+    headers: &HeaderMap,
+    body: &mut ReqBody,
     opts: &Options,
-) -> Result<(hyper::Response<Incoming>, SendRequest<BoxBody>), String> {
-    let mut req = req;
-    while let Some(mut sender) = pool_take(addr) {
-        if sender.ready().await.is_err() {
+) -> Result<(Head, ResponseBody), Error> {
+    let io = async {
+        match body {
+            ReqBody::Bytes(b) => {
+                let full = http_body_util::Full::new(b.clone());
+                tokio::pin!(full);
+                h1client::write_request(&mut conn, method, uri, headers, full).await?;
+            }
+            ReqBody::Stream(s) => {
+                h1client::write_request(&mut conn, method, uri, headers, s.as_mut()).await?;
+            }
+        }
+        h1client::read_head(&mut conn, method).await
+    };
+    let head = tokio::time::timeout(opts.read_timeout, io)
+        .await
+        .map_err(|_| Error::Timeout)??;
+    let key = key.clone();
+    let body = ResponseBody::new(conn, &head, opts.read_timeout, Box::new(move |c| pool_put(&key, c)));
+    Ok((head, body))
+}
+
+/// Sends one request to `addr`, on an idle pooled connection when there is one. A pooled
+/// connection the upstream closed meanwhile is retried once on a new connection when the
+/// body can be sent again; a streamed body is only sent on a connection that looks open.
+async fn send(
+    key: &Rc<str>,
+    method: &Method,
+    uri: &hyper::Uri,
+    headers: &HeaderMap,
+    mut body: ReqBody,
+    opts: &Options,
+) -> Result<(Head, ResponseBody), String> {
+    let replayable = matches!(body, ReqBody::Bytes(_));
+    while let Some((conn, idle_for)) = pool_take(key) {
+        // Upstreams close idle connections after seconds (nginx: keepalive_timeout 75 s), and
+        // announce the other closes with `Connection: close`; so only a streamed body on a
+        // connection idle for a while pays for the extra syscall of a probe.
+        if !replayable && idle_for > PROBE_AFTER && !still_open(&conn) {
             continue;
         }
-        let fut = sender.try_send_request(req);
-        match tokio::time::timeout(opts.read_timeout, fut).await {
-            Err(_) => return Err("timeout".into()),
-            Ok(Ok(res)) => return Ok((res, sender)),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(back) => req = back,
-                None => return Err(hyper_reason(&e.into_error())),
-            },
+        match exchange(conn, key, method, uri, headers, &mut body, opts).await {
+            Ok(x) => return Ok(x),
+            Err(Error::ClosedBeforeResponse) | Err(Error::Io(_)) if replayable => continue,
+            Err(e) => return Err(e.reason()),
         }
     }
-    let mut sender = connect(addr, opts).await?;
-    let fut = sender.send_request(req);
-    match tokio::time::timeout(opts.read_timeout, fut).await {
-        Err(_) => Err("timeout".into()),
-        Ok(Ok(res)) => Ok((res, sender)),
-        Ok(Err(e)) => Err(hyper_reason(&e)),
-    }
-}
-
-/// The upstream response body: gives the connection back to the pool at a clean end and
-/// enforces the read timeout between frames.
-pub struct UpstreamBody {
-    inner: Incoming,
-    sender: Option<SendRequest<BoxBody>>,
-    key: Rc<str>,
-    idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => {
-                this.waiting = false;
-                if this.inner.is_end_stream() {
-                    if let Some(s) = this.sender.take() {
-                        pool_put(&this.key, s);
-                    }
-                }
-                Poll::Ready(Some(Ok(f)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                this.sender = None;
-                Poll::Ready(Some(Err(hyper_reason(&e).into())))
-            }
-            Poll::Ready(None) => {
-                if let Some(s) = this.sender.take() {
-                    pool_put(&this.key, s);
-                }
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if !this.waiting {
-                    this.waiting = true;
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    this.timer.as_mut().reset(deadline);
-                }
-                if this.timer.as_mut().poll(cx).is_ready() {
-                    this.sender = None;
-                    return Poll::Ready(Some(Err("timeout".into())));
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
+    let conn = connect(key, opts).await?;
+    exchange(conn, key, method, uri, headers, &mut body, opts)
+        .await
+        .map_err(|e| e.reason())
 }
 
 pub enum ResBody {
@@ -362,20 +293,12 @@ impl LuaUserData for Response {
     }
 }
 
-fn make_response(res: hyper::Response<Incoming>, sender: SendRequest<BoxBody>, key: &str, opts: &Options) -> Response {
-    let (mut parts, inner) = res.into_parts();
-    http::strip_hop_by_hop(&mut parts.headers);
-    let body = UpstreamBody {
-        inner,
-        sender: Some(sender),
-        key: Rc::from(key),
-        idle: opts.read_timeout,
-        timer: Box::pin(tokio::time::sleep(opts.read_timeout)),
-        waiting: false,
-    };
+fn make_response(head: Head, body: ResponseBody) -> Response {
+    let mut headers = head.headers;
+    http::strip_hop_by_hop(&mut headers);
     Response {
-        status: RefCell::new(parts.status),
-        headers: RefCell::new(parts.headers),
+        status: RefCell::new(head.status),
+        headers: RefCell::new(headers),
         body: RefCell::new(ResBody::Stream(Box::pin(body))),
         headers_table: RefCell::new(None),
     }
@@ -398,11 +321,11 @@ pub async fn proxy_request(
     addr: String,
     opts: Options,
 ) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
-    let key = authority(&addr).to_string();
+    let key: Rc<str> = Rc::from(authority(&addr));
     if key.is_empty() {
         return Err(LuaError::runtime("req:proxy: address must be 'host:port'"));
     }
-    *inner.upstream.borrow_mut() = Some(key.clone());
+    *inner.upstream.borrow_mut() = Some(key.to_string());
     let body = match inner.take_body() {
         Ok(b) => b,
         Err(e) => return Ok((None, Some(e.to_string()))),
@@ -415,13 +338,11 @@ pub async fn proxy_request(
             headers.insert(header::HOST, v);
         }
     }
-    let mut req = hyper::Request::new(body);
-    *req.method_mut() = inner.method.borrow().clone();
-    *req.uri_mut() = inner.uri.borrow().clone();
-    *req.headers_mut() = headers;
-    match send(&key, req, &opts).await {
-        Ok((res, sender)) => {
-            let r = make_response(res, sender, &key, &opts);
+    let method = inner.method.borrow().clone();
+    let uri = inner.uri.borrow().clone();
+    match send(&key, &method, &uri, &headers, body, &opts).await {
+        Ok((head, body)) => {
+            let r = make_response(head, body);
             Ok((Some(lua.create_userdata(r)?), None))
         }
         Err(e) => {
@@ -479,7 +400,7 @@ async fn client_request(
     let opts = Options::from_lua(params.as_ref())?;
     let mut method = Method::GET;
     let mut headers = HeaderMap::new();
-    let mut body = empty();
+    let mut body = ReqBody::Bytes(Bytes::new());
     if let Some(p) = &params {
         if let Some(m) = p.get::<Option<String>>("method")? {
             method = Method::from_bytes(m.as_bytes())
@@ -489,7 +410,7 @@ async fn client_request(
             crate::request::apply_headers(&mut headers, &h)?;
         }
         if let Some(b) = p.get::<Option<LuaString>>("body")? {
-            body = full(Bytes::copy_from_slice(&b.as_bytes()));
+            body = ReqBody::Bytes(Bytes::copy_from_slice(&b.as_bytes()));
         }
     }
     if !headers.contains_key(header::HOST) {
@@ -499,15 +420,13 @@ async fn client_request(
             HeaderValue::from_str(host).map_err(|_| LuaError::runtime("invalid host in url"))?,
         );
     }
-    let mut req = hyper::Request::new(body);
-    *req.method_mut() = method;
-    *req.uri_mut() = path
+    let uri: hyper::Uri = path
         .parse()
         .map_err(|_| LuaError::runtime(format!("invalid path in url '{url}'")))?;
-    *req.headers_mut() = headers;
-    match send(&auth, req, &opts).await {
-        Ok((res, sender)) => {
-            let r = make_response(res, sender, &auth, &opts);
+    let key: Rc<str> = Rc::from(auth.as_str());
+    match send(&key, &method, &uri, &headers, body, &opts).await {
+        Ok((head, body)) => {
+            let r = make_response(head, body);
             if read_all {
                 if let Err(e) = r.read_body().await {
                     return Ok((None, Some(e)));
