@@ -143,8 +143,10 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
     let version11 = res.version == Some(1);
     let mut headers = HeaderMap::with_capacity(res.headers.len());
     for h in res.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Error::Invalid("bad header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| Error::Invalid("bad header value"))?;
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Error::Invalid("bad header name"))?;
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| Error::Invalid("bad header value"))?;
         headers.append(name, value);
     }
     let mut cls = headers.get_all(header::CONTENT_LENGTH).iter();
@@ -182,8 +184,7 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .last()
+            .rfind(|t| !t.is_empty())
             .unwrap_or("");
         if last.eq_ignore_ascii_case("chunked") && version11 {
             Framing::Chunked
@@ -224,7 +225,12 @@ where
     let mut out = BytesMut::with_capacity(1024);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
-    out.extend_from_slice(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").as_bytes());
+    out.extend_from_slice(
+        uri.path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .as_bytes(),
+    );
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
@@ -237,8 +243,10 @@ where
     }
     let exact = body.size_hint().exact();
     let chunked = exact.is_none();
-    let bodiless = matches!(*method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS)
-        && exact == Some(0)
+    let bodiless = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    ) && exact == Some(0)
         && !headers.contains_key(header::CONTENT_LENGTH);
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -252,10 +260,12 @@ where
         loop {
             // Take whatever the body has ready without waiting, so a small body leaves in the
             // same write as the head; flush before waiting for more.
-            let next = poll_fn(|cx| Poll::Ready(match body.as_mut().poll_frame(cx) {
-                Poll::Ready(f) => Some(f),
-                Poll::Pending => None,
-            }))
+            let next = poll_fn(|cx| {
+                Poll::Ready(match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(f) => Some(f),
+                    Poll::Pending => None,
+                })
+            })
             .await;
             let frame = match next {
                 Some(f) => f,
@@ -318,7 +328,8 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
         if !conn.buf.is_empty() {
             if let Some((n, head)) = parse_head(&conn.buf, method)? {
                 conn.buf.advance(n);
-                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
+                {
                     continue;
                 }
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -361,18 +372,29 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, 
         match *state {
             Chunk::Size => {
                 let Some(end) = find_crlf(buf) else {
-                    return if buf.len() > MAX_CHUNK_LINE { Err("chunk size line too long") } else { Ok(None) };
+                    return if buf.len() > MAX_CHUNK_LINE {
+                        Err("chunk size line too long")
+                    } else {
+                        Ok(None)
+                    };
                 };
                 let line = &buf[..end];
                 let hex_end = line.iter().position(|&c| c == b';').unwrap_or(line.len());
                 let digits = &line[..hex_end];
-                if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+                if digits.is_empty()
+                    || digits.len() > 15
+                    || !digits.iter().all(u8::is_ascii_hexdigit)
+                {
                     return Err("bad chunk size");
                 }
                 let size = u64::from_str_radix(std::str::from_utf8(digits).unwrap_or("x"), 16)
                     .map_err(|_| "bad chunk size")?;
                 buf.advance(end + 2);
-                *state = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                *state = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
             }
             Chunk::Data(left) => {
                 if buf.is_empty() {
@@ -381,7 +403,11 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, 
                 let take = (left as usize).min(buf.len());
                 let data = buf.split_to(take).freeze();
                 let left = left - take as u64;
-                *state = if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) };
+                *state = if left == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left)
+                };
                 return Ok(Some(data));
             }
             Chunk::DataEnd => {
@@ -396,7 +422,11 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, 
             }
             Chunk::Trailers => {
                 let Some(end) = find_crlf(buf) else {
-                    return if buf.len() > 16 * 1024 { Err("trailers too large") } else { Ok(None) };
+                    return if buf.len() > 16 * 1024 {
+                        Err("trailers too large")
+                    } else {
+                        Ok(None)
+                    };
                 };
                 buf.advance(end + 2);
                 if end == 0 {
@@ -481,7 +511,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
             if this.done {
@@ -574,18 +607,26 @@ mod tests {
 
     #[test]
     fn framing_from_headers() {
-        let (n, h) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello").unwrap().unwrap();
+        let (n, h) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap()
+            .unwrap();
         assert_eq!(n, 38);
         assert_eq!(h.framing, Framing::Length(5));
         assert!(h.reusable);
-        let (_, h) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().unwrap();
+        let (_, h) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.framing, Framing::Chunked);
-        let (_, h) = head("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n").unwrap().unwrap();
+        let (_, h) = head("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!h.reusable);
         let (_, h) = head("HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.framing, Framing::UntilClose);
         assert!(!h.reusable);
-        let (_, h) = head("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").unwrap().unwrap();
+        let (_, h) = head("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.framing, Framing::None);
         assert!(!h.reusable);
         assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
@@ -593,7 +634,10 @@ mod tests {
 
     #[test]
     fn refuses_ambiguous_framing() {
-        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        assert!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .is_err()
+        );
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").is_err());
         assert!(head("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n").is_err());
         assert!(head("HTTP/1.1 200 OK\r\nX: a\r\n b\r\n\r\n").is_err());
@@ -604,7 +648,8 @@ mod tests {
 
     #[test]
     fn chunked_decoding() {
-        let mut buf = BytesMut::from(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"[..]);
+        let mut buf =
+            BytesMut::from(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"[..]);
         let mut st = Chunk::Size;
         let mut out = Vec::new();
         while let Some(d) = decode_chunk(&mut st, &mut buf).unwrap() {

@@ -48,7 +48,7 @@ pub fn validate_request(
         return Err(reject(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"));
     }
     let path = uri.path();
-    if !path.starts_with('/') && !(path == "*" && *method == Method::OPTIONS) {
+    if !(path.starts_with('/') || path == "*" && *method == Method::OPTIONS) {
         return Err(reject(StatusCode::BAD_REQUEST, "bad request target"));
     }
     let mut head = uri.to_string().len() + method.as_str().len() + 12;
@@ -78,16 +78,25 @@ pub fn validate_request(
     let mut tes = headers.get_all(header::TRANSFER_ENCODING).iter();
     if let Some(te) = tes.next() {
         if tes.next().is_some() {
-            return Err(reject(StatusCode::BAD_REQUEST, "duplicate transfer-encoding"));
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "duplicate transfer-encoding",
+            ));
         }
         if !te.as_bytes().eq_ignore_ascii_case(b"chunked") {
-            return Err(reject(StatusCode::NOT_IMPLEMENTED, "unsupported transfer-encoding"));
+            return Err(reject(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported transfer-encoding",
+            ));
         }
     }
     if limits.max_body > 0 {
         if let Some(cl) = content_length(headers) {
             if cl > limits.max_body {
-                return Err(reject(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
+                return Err(reject(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large",
+                ));
             }
         }
     }
@@ -203,15 +212,13 @@ pub fn url_decode(s: &[u8]) -> Vec<u8> {
     while i < s.len() {
         match s[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < s.len() => {
-                match (hex(s[i + 1]), hex(s[i + 2])) {
-                    (Some(a), Some(b)) => {
-                        out.push(a * 16 + b);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < s.len() => match (hex(s[i + 1]), hex(s[i + 2])) {
+                (Some(a), Some(b)) => {
+                    out.push(a * 16 + b);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             c => out.push(c),
         }
         i += 1;
@@ -255,9 +262,14 @@ mod tests {
     #[test]
     fn host_rules() {
         assert!(req("GET", "/", &[("host", "a.example:80")]).is_ok());
-        assert_eq!(req("GET", "/", &[]).unwrap_err().reason, "missing host header");
         assert_eq!(
-            req("GET", "/", &[("host", "a"), ("host", "b")]).unwrap_err().status,
+            req("GET", "/", &[]).unwrap_err().reason,
+            "missing host header"
+        );
+        assert_eq!(
+            req("GET", "/", &[("host", "a"), ("host", "b")])
+                .unwrap_err()
+                .status,
             StatusCode::BAD_REQUEST
         );
         assert!(req("GET", "/", &[("host", "a b")]).is_err());
@@ -268,19 +280,30 @@ mod tests {
     #[test]
     fn methods_framing_and_sizes() {
         let h = ("host", "x");
-        assert_eq!(req("TRACE", "/", &[h]).unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(
-            req("POST", "/", &[h, ("content-length", "5"), ("content-length", "5")])
-                .unwrap_err()
-                .reason,
+            req("TRACE", "/", &[h]).unwrap_err().status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            req(
+                "POST",
+                "/",
+                &[h, ("content-length", "5"), ("content-length", "5")]
+            )
+            .unwrap_err()
+            .reason,
             "duplicate content-length"
         );
         assert_eq!(
-            req("POST", "/", &[h, ("transfer-encoding", "gzip, chunked")]).unwrap_err().status,
+            req("POST", "/", &[h, ("transfer-encoding", "gzip, chunked")])
+                .unwrap_err()
+                .status,
             StatusCode::NOT_IMPLEMENTED
         );
         assert_eq!(
-            req("POST", "/", &[h, ("content-length", "2000000")]).unwrap_err().status,
+            req("POST", "/", &[h, ("content-length", "2000000")])
+                .unwrap_err()
+                .status,
             StatusCode::PAYLOAD_TOO_LARGE
         );
         let big = "v".repeat(40 * 1024);
@@ -293,7 +316,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("x-secret, host, keep-alive"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("x-secret, host, keep-alive"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("host", HeaderValue::from_static("a"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));

@@ -7,7 +7,9 @@ use mlua::LuaSerdeExt;
 /// Encodes a Lua value as JSON text.
 pub fn encode_value(lua: &Lua, v: &LuaValue) -> Result<String, String> {
     let opts = DeserializeOptions::new().deny_unsupported_types(true);
-    let json: serde_json::Value = lua.from_value_with(v.clone(), opts).map_err(|e| e.to_string())?;
+    let json: serde_json::Value = lua
+        .from_value_with(v.clone(), opts)
+        .map_err(|e| e.to_string())?;
     serde_json::to_string(&json).map_err(|e| e.to_string())
 }
 
@@ -23,7 +25,9 @@ fn lua_encode(lua: &Lua, v: LuaValue) -> LuaResult<(Option<String>, Option<Strin
 fn lua_decode(lua: &Lua, text: LuaString) -> LuaResult<(LuaValue, Option<String>)> {
     match serde_json::from_slice::<serde_json::Value>(&text.as_bytes()) {
         Ok(v) => {
-            let opts = SerializeOptions::new().serialize_none_to_null(true).serialize_unit_to_null(true);
+            let opts = SerializeOptions::new()
+                .serialize_none_to_null(true)
+                .serialize_unit_to_null(true);
             Ok((lua.to_value_with(&v, opts)?, None))
         }
         Err(e) => Ok((LuaValue::Nil, Some(format!("invalid json: {e}")))),

@@ -108,7 +108,12 @@ fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<hyper::Response<B
             (v, body, headers)
         }
         LuaValue::Nil => return Err("handler returned no response".into()),
-        other => return Err(format!("handler returned a {}, not a response", other.type_name())),
+        other => {
+            return Err(format!(
+                "handler returned a {}, not a response",
+                other.type_name()
+            ))
+        }
     };
     let code = match status {
         LuaValue::Integer(n) => n,
@@ -128,16 +133,25 @@ fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<hyper::Response<B
         LuaValue::Nil => empty(),
         LuaValue::String(s) => full(Bytes::copy_from_slice(&s.as_bytes())),
         LuaValue::Table(_) => {
-            let text = crate::json::encode_value(lua, &body).map_err(|e| format!("response body: {e}"))?;
+            let text =
+                crate::json::encode_value(lua, &body).map_err(|e| format!("response body: {e}"))?;
             if !map.contains_key(header::CONTENT_TYPE) {
-                map.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                map.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
             }
             full(Bytes::from(text))
         }
         LuaValue::Integer(_) | LuaValue::Number(_) => {
             full(Bytes::from(body.to_string().map_err(|e| e.to_string())?))
         }
-        other => return Err(format!("response body must be a string or a table, not a {}", other.type_name())),
+        other => {
+            return Err(format!(
+                "response body must be a string or a table, not a {}",
+                other.type_name()
+            ))
+        }
     };
     let mut r = hyper::Response::new(body);
     *r.status_mut() = status;
@@ -152,19 +166,36 @@ async fn handle(
 ) -> Result<hyper::Response<GuardedBody>, Infallible> {
     let start = Instant::now();
     let (parts, body) = req.into_parts();
-    if let Err(r) = http::validate_request(&parts.method, &parts.uri, parts.version, &parts.headers, &w.limits) {
+    if let Err(r) = http::validate_request(
+        &parts.method,
+        &parts.uri,
+        parts.version,
+        &parts.headers,
+        &w.limits,
+    ) {
         crate::log::log(
             crate::log::INFO,
-            &format!("rejected request from {}: {} ({})", peer.ip(), r.reason, r.status.as_u16()),
+            &format!(
+                "rejected request from {}: {} ({})",
+                peer.ip(),
+                r.reason,
+                r.status.as_u16()
+            ),
         );
         let mut resp = simple(r.status, r.reason);
         // The rest of the stream cannot be trusted to be framed correctly.
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp.map(|b| GuardedBody { inner: b, _guards: Vec::new() }));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(resp.map(|b| GuardedBody {
+            inner: b,
+            _guards: Vec::new(),
+        }));
     }
     // hyper accepts absolute-form targets; upstreams get origin-form.
     let uri = match parts.uri.path_and_query() {
-        Some(pq) if parts.uri.scheme().is_some() => pq.as_str().parse().unwrap_or(parts.uri.clone()),
+        Some(pq) if parts.uri.scheme().is_some() => {
+            pq.as_str().parse().unwrap_or(parts.uri.clone())
+        }
         _ => parts.uri.clone(),
     };
     let inner = Rc::new(ReqInner {
@@ -201,22 +232,38 @@ async fn handle(
                     inner.uri.borrow()
                 ),
             );
-            simple(StatusCode::INTERNAL_SERVER_ERROR, "500 Internal Server Error")
+            simple(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "500 Internal Server Error",
+            )
         }
     };
     if let Some((status, why)) = inner.failure.get() {
         crate::log::log(
             crate::log::INFO,
-            &format!("request from {} failed: {why} ({})", peer.ip(), status.as_u16()),
+            &format!(
+                "request from {} failed: {why} ({})",
+                peer.ip(),
+                status.as_u16()
+            ),
         );
         resp = simple(status, why);
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let guards = std::mem::take(&mut *inner.guards.borrow_mut());
-    Ok(resp.map(|b| GuardedBody { inner: b, _guards: guards }))
+    Ok(resp.map(|b| GuardedBody {
+        inner: b,
+        _guards: guards,
+    }))
 }
 
-async fn serve_conn(w: Rc<Worker>, stream: tokio::net::TcpStream, peer: SocketAddr, mut shutdown: watch::Receiver<bool>) {
+async fn serve_conn(
+    w: Rc<Worker>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let w2 = w.clone();
     let served = Rc::new(std::cell::Cell::new(0usize));
@@ -228,7 +275,8 @@ async fn serve_conn(w: Rc<Worker>, stream: tokio::net::TcpStream, peer: SocketAd
         async move {
             let mut r = fut.await?;
             if max > 0 && n >= max {
-                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Ok::<_, Infallible>(r)
         }
@@ -259,7 +307,11 @@ async fn serve_conn(w: Rc<Worker>, stream: tokio::net::TcpStream, peer: SocketAd
     }
 }
 
-async fn accept_loop(w: Rc<Worker>, listener: tokio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    w: Rc<Worker>,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -297,10 +349,17 @@ async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunction, String
         package.set("path", p.as_str()).map_err(|e| e.to_string())?;
     }
     if let Some(p) = &spec.package_cpath {
-        package.set("cpath", p.as_str()).map_err(|e| e.to_string())?;
+        package
+            .set("cpath", p.as_str())
+            .map_err(|e| e.to_string())?;
     }
-    let code = std::fs::read(&spec.policy)
-        .map_err(|e| format!("cannot read policy file '{}': {}", spec.policy, e.to_string().to_lowercase()))?;
+    let code = std::fs::read(&spec.policy).map_err(|e| {
+        format!(
+            "cannot read policy file '{}': {}",
+            spec.policy,
+            e.to_string().to_lowercase()
+        )
+    })?;
     let chunk = lua
         .load(code)
         .set_name(format!("@{}", spec.policy))
@@ -320,7 +379,12 @@ async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunction, String
             let i: Option<LuaFunction> = t.get("init_worker").ok().flatten();
             match h {
                 Some(h) => (h, i),
-                None => return Err(format!("policy '{}' returned a table without a handler function", spec.policy)),
+                None => {
+                    return Err(format!(
+                        "policy '{}' returned a table without a handler function",
+                        spec.policy
+                    ))
+                }
             }
         }
         _ => {
@@ -369,9 +433,11 @@ fn worker_thread(
     let main = local.spawn_local(async move {
         let setup = async {
             let t = crate::exports(&lua).map_err(|e| e.to_string())?;
-            lua.register_module("luaproxy", t).map_err(|e| e.to_string())?;
+            lua.register_module("luaproxy", t)
+                .map_err(|e| e.to_string())?;
             let handler = load_policy(&lua, &spec).await?;
-            let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
+            let listener =
+                tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
             Ok::<_, String>((handler, listener))
         };
         match setup.await {
@@ -480,7 +546,9 @@ fn opt_secs(t: &LuaTable, key: &str, default: f64) -> LuaResult<f64> {
     match t.get::<Option<f64>>(key)? {
         None => Ok(default),
         Some(v) if v.is_finite() && v > 0.0 => Ok(v),
-        Some(_) => Err(LuaError::runtime(format!("luaproxy.serve: {key} must be > 0 seconds"))),
+        Some(_) => Err(LuaError::runtime(format!(
+            "luaproxy.serve: {key} must be > 0 seconds"
+        ))),
     }
 }
 
@@ -502,24 +570,33 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
     let workers: usize = match opts.get::<Option<i64>>("workers")? {
         None => runtime::default_workers(),
         Some(n) if (1..=1024).contains(&n) => n as usize,
-        Some(n) => return Err(LuaError::runtime(format!("luaproxy.serve: workers must be 1..1024, got {n}"))),
+        Some(n) => {
+            return Err(LuaError::runtime(format!(
+                "luaproxy.serve: workers must be 1..1024, got {n}"
+            )))
+        }
     };
     let mut limits = Limits::default();
     if let Some(n) = opts.get::<Option<i64>>("max_body_size")? {
         if n < 0 {
-            return Err(LuaError::runtime("luaproxy.serve: max_body_size must be >= 0"));
+            return Err(LuaError::runtime(
+                "luaproxy.serve: max_body_size must be >= 0",
+            ));
         }
         limits.max_body = n as u64;
     }
     limits.body_timeout = opt_secs(&opts, "body_timeout", limits.body_timeout)?;
     let header_timeout = Duration::from_secs_f64(opt_secs(&opts, "header_timeout", 30.0)?);
-    let keepalive_requests = opts.get::<Option<usize>>("keepalive_requests")?.unwrap_or(1000);
+    let keepalive_requests = opts
+        .get::<Option<usize>>("keepalive_requests")?
+        .unwrap_or(1000);
     let config_value: LuaValue = opts.get("config")?;
     let config: serde_json::Value = if config_value.is_nil() {
         serde_json::Value::Object(Default::default())
     } else {
-        lua.from_value(config_value)
-            .map_err(|e| LuaError::runtime(format!("luaproxy.serve: config must be plain data: {e}")))?
+        lua.from_value(config_value).map_err(|e| {
+            LuaError::runtime(format!("luaproxy.serve: config must be plain data: {e}"))
+        })?
     };
 
     let addr = match parse_listen(&listen) {

@@ -88,7 +88,11 @@ impl ReqInner {
                             }
                         }
                         Err(_) => {
-                            return Err(self.failure.get().map(|f| f.1).unwrap_or("client closed connection"));
+                            return Err(self
+                                .failure
+                                .get()
+                                .map(|f| f.1)
+                                .unwrap_or("client closed connection"));
                         }
                     }
                 }
@@ -270,7 +274,11 @@ pub fn header_joined(map: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
     let mut it = map.get_all(name).iter();
     let first = it.next()?;
     let mut out = first.as_bytes().to_vec();
-    let sep: &[u8] = if name == hyper::header::COOKIE { b"; " } else { b", " };
+    let sep: &[u8] = if name == hyper::header::COOKIE {
+        b"; "
+    } else {
+        b", "
+    };
     for v in it {
         out.extend_from_slice(sep);
         out.extend_from_slice(v.as_bytes());
@@ -279,7 +287,11 @@ pub fn header_joined(map: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
 }
 
 /// Turns decoded `k=v` pairs into a Lua table; repeated keys become arrays, bare keys `true`.
-pub fn args_table(lua: &Lua, pairs: Vec<(Vec<u8>, Option<Vec<u8>>)>, max: usize) -> LuaResult<LuaTable> {
+pub fn args_table(
+    lua: &Lua,
+    pairs: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    max: usize,
+) -> LuaResult<LuaTable> {
     let t = lua.create_table()?;
     for (i, (k, v)) in pairs.into_iter().enumerate() {
         if max > 0 && i >= max {
@@ -323,7 +335,9 @@ fn set_uri(inner: &ReqInner, path: Option<&str>, query: Option<Option<&str>>) ->
 impl LuaUserData for Request {
     fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
         // req:get_method() -> "GET"
-        m.add_method("get_method", |_, this, ()| Ok(this.0.method.borrow().as_str().to_string()));
+        m.add_method("get_method", |_, this, ()| {
+            Ok(this.0.method.borrow().as_str().to_string())
+        });
         // req:set_method(method) -> true (for the upstream request)
         m.add_method("set_method", |_, this, method: String| {
             let m = Method::from_bytes(method.as_bytes())
@@ -332,7 +346,9 @@ impl LuaUserData for Request {
             Ok(true)
         });
         // req:get_path() -> "/a/b" (no query string)
-        m.add_method("get_path", |_, this, ()| Ok(this.0.uri.borrow().path().to_string()));
+        m.add_method("get_path", |_, this, ()| {
+            Ok(this.0.uri.borrow().path().to_string())
+        });
         // req:set_path(path) -> true
         m.add_method("set_path", |_, this, path: String| {
             if !path.starts_with('/') {
@@ -344,10 +360,14 @@ impl LuaUserData for Request {
         // req:get_uri() -> "/a/b?x=1" (ngx.var.request_uri)
         m.add_method("get_uri", |_, this, ()| {
             let u = this.0.uri.borrow();
-            Ok(u.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()))
+            Ok(u.path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()))
         });
         // req:get_query() -> "x=1" or nil (ngx.var.args)
-        m.add_method("get_query", |_, this, ()| Ok(this.0.uri.borrow().query().map(str::to_string)));
+        m.add_method("get_query", |_, this, ()| {
+            Ok(this.0.uri.borrow().query().map(str::to_string))
+        });
         // req:set_query(q) -> true; nil or "" removes it
         m.add_method("set_query", |_, this, q: Option<String>| {
             set_uri(&this.0, None, Some(q.as_deref()))?;
@@ -355,7 +375,14 @@ impl LuaUserData for Request {
         });
         // req:get_uri_args(max?) -> { key = value | true | {values} } (ngx.req.get_uri_args)
         m.add_method("get_uri_args", |lua, this, max: Option<usize>| {
-            let q = this.0.uri.borrow().query().unwrap_or("").as_bytes().to_vec();
+            let q = this
+                .0
+                .uri
+                .borrow()
+                .query()
+                .unwrap_or("")
+                .as_bytes()
+                .to_vec();
             args_table(lua, http::parse_query(&q), max.unwrap_or(100))
         });
         // req:get_header(name) -> value or nil; case-insensitive; repeats joined with ", "
@@ -369,19 +396,24 @@ impl LuaUserData for Request {
             }
         });
         // req:get_headers() -> { lowercase-name = value | {values} } (ngx.req.get_headers)
-        m.add_method("get_headers", |lua, this, ()| headers_table(lua, &this.0.headers.borrow()));
-        // req:set_header(name, value | {values} | nil) -> true
-        m.add_method("set_header", |_, this, (name, value): (String, LuaValue)| {
-            let name = header_name(&name)?;
-            let mut h = this.0.headers.borrow_mut();
-            h.remove(&name);
-            if !value.is_nil() {
-                for v in header_value(&value)? {
-                    h.append(name.clone(), v);
-                }
-            }
-            Ok(true)
+        m.add_method("get_headers", |lua, this, ()| {
+            headers_table(lua, &this.0.headers.borrow())
         });
+        // req:set_header(name, value | {values} | nil) -> true
+        m.add_method(
+            "set_header",
+            |_, this, (name, value): (String, LuaValue)| {
+                let name = header_name(&name)?;
+                let mut h = this.0.headers.borrow_mut();
+                h.remove(&name);
+                if !value.is_nil() {
+                    for v in header_value(&value)? {
+                        h.append(name.clone(), v);
+                    }
+                }
+                Ok(true)
+            },
+        );
         // req:clear_header(name) -> true
         m.add_method("clear_header", |_, this, name: String| {
             this.0.headers.borrow_mut().remove(header_name(&name)?);
@@ -400,9 +432,13 @@ impl LuaUserData for Request {
             })
         });
         // req:elapsed() -> seconds since the request head arrived
-        m.add_method("elapsed", |_, this, ()| Ok(this.0.start.elapsed().as_secs_f64()));
+        m.add_method("elapsed", |_, this, ()| {
+            Ok(this.0.start.elapsed().as_secs_f64())
+        });
         // req:get_upstream() -> "host:port" the request was proxied to, or nil
-        m.add_method("get_upstream", |_, this, ()| Ok(this.0.upstream.borrow().clone()));
+        m.add_method("get_upstream", |_, this, ()| {
+            Ok(this.0.upstream.borrow().clone())
+        });
         // body, err = req:read_body(): the whole body as a string ("" when there is none)
         m.add_async_method("read_body", |lua, this, ()| async move {
             crate::runtime::check_loop("req:read_body")?;
@@ -412,37 +448,49 @@ impl LuaUserData for Request {
             }
         });
         // req:get_body_data() -> the body if read_body() already ran, else nil
-        m.add_method("get_body_data", |lua, this, ()| match &*this.0.body.borrow() {
-            BodyState::Buffered(b) => Ok(Some(lua.create_string(b)?)),
-            _ => Ok(None),
+        m.add_method("get_body_data", |lua, this, ()| {
+            match &*this.0.body.borrow() {
+                BodyState::Buffered(b) => Ok(Some(lua.create_string(b)?)),
+                _ => Ok(None),
+            }
         });
         // args, err = req:get_post_args(max?): form fields of an
         // application/x-www-form-urlencoded body ({} for other content types)
-        m.add_async_method("get_post_args", |lua, this, max: Option<usize>| async move {
-            crate::runtime::check_loop("req:get_post_args")?;
-            let is_form = this
-                .0
-                .headers
-                .borrow()
-                .get(hyper::header::CONTENT_TYPE)
-                .map(|v| {
-                    v.as_bytes()
-                        .get(..33)
-                        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/x-www-form-urlencoded"))
-                })
-                .unwrap_or(false);
-            let body = match this.0.read_body().await {
-                Ok(b) => b,
-                Err(e) => return Ok((None, Some(e))),
-            };
-            let pairs = if is_form { http::parse_query(&body) } else { Vec::new() };
-            Ok((Some(args_table(&lua, pairs, max.unwrap_or(100))?), None))
-        });
+        m.add_async_method(
+            "get_post_args",
+            |lua, this, max: Option<usize>| async move {
+                crate::runtime::check_loop("req:get_post_args")?;
+                let is_form = this
+                    .0
+                    .headers
+                    .borrow()
+                    .get(hyper::header::CONTENT_TYPE)
+                    .map(|v| {
+                        v.as_bytes().get(..33).is_some_and(|p| {
+                            p.eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
+                        })
+                    })
+                    .unwrap_or(false);
+                let body = match this.0.read_body().await {
+                    Ok(b) => b,
+                    Err(e) => return Ok((None, Some(e))),
+                };
+                let pairs = if is_form {
+                    http::parse_query(&body)
+                } else {
+                    Vec::new()
+                };
+                Ok((Some(args_table(&lua, pairs, max.unwrap_or(100))?), None))
+            },
+        );
         // res, err = req:proxy(addr, opts?): forward this request upstream (see upstream.rs)
-        m.add_async_method("proxy", |lua, this, (addr, opts): (String, Option<LuaTable>)| async move {
-            crate::runtime::check_loop("req:proxy")?;
-            let opts = crate::upstream::Options::from_lua(opts.as_ref())?;
-            crate::upstream::proxy_request(&lua, this.0.clone(), addr, opts).await
-        });
+        m.add_async_method(
+            "proxy",
+            |lua, this, (addr, opts): (String, Option<LuaTable>)| async move {
+                crate::runtime::check_loop("req:proxy")?;
+                let opts = crate::upstream::Options::from_lua(opts.as_ref())?;
+                crate::upstream::proxy_request(&lua, this.0.clone(), addr, opts).await
+            },
+        );
     }
 }

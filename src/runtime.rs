@@ -236,7 +236,9 @@ impl LuaUserData for Task {
             {
                 let mut st = this.state.borrow_mut();
                 if st.waited || st.waiting {
-                    return Err(LuaError::runtime("task:wait: this task was already waited for"));
+                    return Err(LuaError::runtime(
+                        "task:wait: this task was already waited for",
+                    ));
                 }
                 st.waiting = true;
             }

@@ -110,7 +110,14 @@ impl Store {
 
     /// Stores `val`; `Ok(forcible)` is always false for now: nothing is evicted, a full dict
     /// answers "no memory".
-    pub fn store(&self, key: &str, val: Val, ttl: Option<Duration>, flags: u32, mode: Mode) -> Result<bool, SetErr> {
+    pub fn store(
+        &self,
+        key: &str,
+        val: Val,
+        ttl: Option<Duration>,
+        flags: u32,
+        mode: Mode,
+    ) -> Result<bool, SetErr> {
         let now = Instant::now();
         let mut g = self.lock();
         let old = g.map.get(key).filter(|e| e.live(now)).is_some();
@@ -160,10 +167,21 @@ impl Store {
     }
 
     /// Adds `n` to a number; a missing key starts from `init` when given.
-    pub fn incr(&self, key: &str, n: f64, n_int: Option<i64>, init: Option<Val>, init_ttl: Option<Duration>) -> Result<Val, SetErr> {
+    pub fn incr(
+        &self,
+        key: &str,
+        n: f64,
+        n_int: Option<i64>,
+        init: Option<Val>,
+        init_ttl: Option<Duration>,
+    ) -> Result<Val, SetErr> {
         let now = Instant::now();
         let mut g = self.lock();
-        let live = g.map.get(key).filter(|e| e.live(now)).map(|e| e.val.clone());
+        let live = g
+            .map
+            .get(key)
+            .filter(|e| e.live(now))
+            .map(|e| e.val.clone());
         let (base, fresh) = match live {
             Some(v) => (v, false),
             None => match init {
@@ -208,7 +226,11 @@ impl Store {
     pub fn keys(&self, max: usize) -> Vec<String> {
         let now = Instant::now();
         let g = self.lock();
-        let it = g.map.iter().filter(|(_, e)| e.live(now)).map(|(k, _)| k.clone());
+        let it = g
+            .map
+            .iter()
+            .filter(|(_, e)| e.live(now))
+            .map(|(k, _)| k.clone());
         if max == 0 {
             it.collect()
         } else {
@@ -233,7 +255,11 @@ fn registry() -> &'static Mutex<HashMap<String, Arc<Store>>> {
 }
 
 pub fn find(name: &str) -> Option<Arc<Store>> {
-    registry().lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .cloned()
 }
 
 /// Creates a dict, or returns the existing one when the capacity matches.
@@ -334,15 +360,24 @@ fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
 fn ttl_arg(t: Option<f64>) -> LuaResult<Option<Duration>> {
     match t {
         None => Ok(None),
-        Some(t) if t == 0.0 => Ok(None),
+        Some(0.0) => Ok(None),
         Some(t) if t.is_finite() && t > 0.0 => Ok(Some(Duration::from_secs_f64(t))),
-        Some(_) => Err(LuaError::runtime("exptime must be a number of seconds >= 0")),
+        Some(_) => Err(LuaError::runtime(
+            "exptime must be a number of seconds >= 0",
+        )),
     }
 }
 
 type SetResult = (bool, Option<&'static str>, bool);
 
-fn store_op(this: &Dict, key: LuaValue, val: LuaValue, exptime: Option<f64>, flags: Option<u32>, mode: Mode) -> LuaResult<SetResult> {
+fn store_op(
+    this: &Dict,
+    key: LuaValue,
+    val: LuaValue,
+    exptime: Option<f64>,
+    flags: Option<u32>,
+    mode: Mode,
+) -> LuaResult<SetResult> {
     let key = match check_key(&key) {
         Ok(k) => k,
         Err(e) => return Ok((false, Some(e), false)),
@@ -352,7 +387,10 @@ fn store_op(this: &Dict, key: LuaValue, val: LuaValue, exptime: Option<f64>, fla
         return Ok((true, None, false));
     }
     let v = to_val(&val)?;
-    match this.0.store(&key, v, ttl_arg(exptime)?, flags.unwrap_or(0), mode) {
+    match this
+        .0
+        .store(&key, v, ttl_arg(exptime)?, flags.unwrap_or(0), mode)
+    {
         Ok(forcible) => Ok((true, None, forcible)),
         Err(e) => Ok((false, Some(e.as_str()), false)),
     }
@@ -369,23 +407,36 @@ impl LuaUserData for Dict {
             match found {
                 Some((v, flags)) => Ok((
                     from_val(lua, v)?,
-                    if flags == 0 { LuaValue::Nil } else { LuaValue::Integer(flags as i64) },
+                    if flags == 0 {
+                        LuaValue::Nil
+                    } else {
+                        LuaValue::Integer(flags as i64)
+                    },
                 )),
                 None => Ok((LuaValue::Nil, LuaValue::Nil)),
             }
         });
         // ok, err, forcible = dict:set(key, value, exptime?, flags?)
-        m.add_method("set", |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-            store_op(this, k, v, e, f, Mode::Set)
-        });
+        m.add_method(
+            "set",
+            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+                store_op(this, k, v, e, f, Mode::Set)
+            },
+        );
         // ok, err, forcible = dict:add(key, value, exptime?, flags?)  ("exists")
-        m.add_method("add", |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-            store_op(this, k, v, e, f, Mode::Add)
-        });
+        m.add_method(
+            "add",
+            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+                store_op(this, k, v, e, f, Mode::Add)
+            },
+        );
         // ok, err, forcible = dict:replace(key, value, exptime?, flags?)  ("not found")
-        m.add_method("replace", |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-            store_op(this, k, v, e, f, Mode::Replace)
-        });
+        m.add_method(
+            "replace",
+            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+                store_op(this, k, v, e, f, Mode::Replace)
+            },
+        );
         // ok = dict:delete(key)
         m.add_method("delete", |_, this, key: LuaValue| {
             if let Ok(k) = check_key(&key) {
@@ -416,7 +467,9 @@ impl LuaUserData for Dict {
             }
         });
         // keys = dict:get_keys(max?)  (default 1024, 0 = all)
-        m.add_method("get_keys", |_, this, max: Option<usize>| Ok(this.0.keys(max.unwrap_or(1024))));
+        m.add_method("get_keys", |_, this, max: Option<usize>| {
+            Ok(this.0.keys(max.unwrap_or(1024)))
+        });
         // ok = dict:flush_all()
         m.add_method("flush_all", |_, this, ()| {
             this.0.flush_all();
@@ -428,25 +481,28 @@ impl LuaUserData for Dict {
         m.add_method("free_space", |_, this, ()| Ok(this.0.free_space()));
         // newval, err = dict:lease(key, req): incr(key, 1) now, and -1 automatically when
         // the request ends however it ends (response sent, error, client abort).
-        m.add_method("lease", |lua, this, (key, req): (LuaValue, LuaAnyUserData)| {
-            let key = match check_key(&key) {
-                Ok(k) => k,
-                Err(e) => return Ok((LuaValue::Nil, Some(e))),
-            };
-            let req = req
-                .borrow::<crate::request::Request>()
-                .map_err(|_| LuaError::runtime("dict:lease: argument #2 must be a request"))?;
-            match this.0.incr(&key, 1.0, Some(1), None, None) {
-                Ok(v) => {
-                    req.0.guards.borrow_mut().push(Box::new(Lease {
-                        store: this.0.clone(),
-                        key,
-                    }));
-                    Ok((from_val(lua, v)?, None))
+        m.add_method(
+            "lease",
+            |lua, this, (key, req): (LuaValue, LuaAnyUserData)| {
+                let key = match check_key(&key) {
+                    Ok(k) => k,
+                    Err(e) => return Ok((LuaValue::Nil, Some(e))),
+                };
+                let req = req
+                    .borrow::<crate::request::Request>()
+                    .map_err(|_| LuaError::runtime("dict:lease: argument #2 must be a request"))?;
+                match this.0.incr(&key, 1.0, Some(1), None, None) {
+                    Ok(v) => {
+                        req.0.guards.borrow_mut().push(Box::new(Lease {
+                            store: this.0.clone(),
+                            key,
+                        }));
+                        Ok((from_val(lua, v)?, None))
+                    }
+                    Err(e) => Ok((LuaValue::Nil, Some(e.as_str()))),
                 }
-                Err(e) => Ok((LuaValue::Nil, Some(e.as_str()))),
-            }
-        });
+            },
+        );
     }
 }
 
@@ -455,16 +511,26 @@ fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
         LuaValue::Integer(n) if n > 0 => Ok(n as usize),
         LuaValue::Number(n) if n > 0.0 => Ok(n as usize),
         LuaValue::String(s) => parse_size(&s.to_str()?).filter(|n| *n > 0).ok_or_else(|| {
-            LuaError::runtime(format!("bad capacity '{}' (bytes, or like \"512k\" / \"10m\")", s.to_string_lossy()))
+            LuaError::runtime(format!(
+                "bad capacity '{}' (bytes, or like \"512k\" / \"10m\")",
+                s.to_string_lossy()
+            ))
         }),
-        _ => Err(LuaError::runtime("capacity must be bytes or a size like \"10m\"")),
+        _ => Err(LuaError::runtime(
+            "capacity must be bytes or a size like \"10m\"",
+        )),
     }
 }
 
 /// `dict = luaproxy.shared.new(name, capacity)`; then `luaproxy.shared[name]` in every VM.
-fn lua_new(_: &Lua, (name, capacity): (String, LuaValue)) -> LuaResult<(Option<Dict>, Option<String>)> {
+fn lua_new(
+    _: &Lua,
+    (name, capacity): (String, LuaValue),
+) -> LuaResult<(Option<Dict>, Option<String>)> {
     if name.is_empty() {
-        return Err(LuaError::runtime("luaproxy.shared.new: name must not be empty"));
+        return Err(LuaError::runtime(
+            "luaproxy.shared.new: name must not be empty",
+        ));
     }
     match create(&name, capacity_arg(capacity)?) {
         Ok(d) => Ok((Some(Dict(d)), None)),
@@ -500,10 +566,19 @@ mod tests {
     fn add_replace_incr_and_capacity() {
         let s = Store::new("t", 1000);
         assert_eq!(s.store("a", Val::Int(1), None, 0, Mode::Add), Ok(false));
-        assert_eq!(s.store("a", Val::Int(1), None, 0, Mode::Add), Err(SetErr::Exists));
-        assert_eq!(s.store("b", Val::Int(1), None, 0, Mode::Replace), Err(SetErr::NotFound));
+        assert_eq!(
+            s.store("a", Val::Int(1), None, 0, Mode::Add),
+            Err(SetErr::Exists)
+        );
+        assert_eq!(
+            s.store("b", Val::Int(1), None, 0, Mode::Replace),
+            Err(SetErr::NotFound)
+        );
         assert_eq!(s.incr("a", 2.0, Some(2), None, None), Ok(Val::Int(3)));
-        assert_eq!(s.incr("zz", 1.0, Some(1), None, None), Err(SetErr::NotFound));
+        assert_eq!(
+            s.incr("zz", 1.0, Some(1), None, None),
+            Err(SetErr::NotFound)
+        );
         let big = Val::Str(vec![0; 2000]);
         assert_eq!(s.store("c", big, None, 0, Mode::Set), Err(SetErr::NoMemory));
         s.delete("a");
@@ -515,10 +590,16 @@ mod tests {
         let s = Arc::new(Store::new("t", 10_000));
         s.store("up", Val::Int(0), None, 0, Mode::Set).unwrap();
         s.incr("up", 1.0, Some(1), None, None).unwrap();
-        drop(Lease { store: s.clone(), key: "up".into() });
+        drop(Lease {
+            store: s.clone(),
+            key: "up".into(),
+        });
         assert_eq!(s.get("up").unwrap().0, Val::Int(0));
         s.delete("up");
-        drop(Lease { store: s.clone(), key: "up".into() });
+        drop(Lease {
+            store: s.clone(),
+            key: "up".into(),
+        });
         assert!(s.get("up").is_none());
     }
 

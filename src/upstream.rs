@@ -45,7 +45,9 @@ fn secs(t: &LuaTable, key: &str, default: Duration) -> LuaResult<Duration> {
     match t.get::<Option<f64>>(key)? {
         None => Ok(default),
         Some(v) if v.is_finite() && v > 0.0 => Ok(Duration::from_secs_f64(v)),
-        Some(_) => Err(LuaError::runtime(format!("{key} must be a number of seconds > 0"))),
+        Some(_) => Err(LuaError::runtime(format!(
+            "{key} must be a number of seconds > 0"
+        ))),
     }
 }
 
@@ -110,7 +112,9 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
         return Ok(a);
     }
     match tokio::net::lookup_host(addr).await {
-        Ok(mut it) => it.next().ok_or_else(|| "could not resolve host".to_string()),
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| "could not resolve host".to_string()),
         Err(_) => Err(format!("could not resolve '{addr}'")),
     }
 }
@@ -160,7 +164,12 @@ async fn exchange(
         .await
         .map_err(|_| Error::Timeout)??;
     let key = key.clone();
-    let body = ResponseBody::new(conn, &head, opts.read_timeout, Box::new(move |c| pool_put(&key, c)));
+    let body = ResponseBody::new(
+        conn,
+        &head,
+        opts.read_timeout,
+        Box::new(move |c| pool_put(&key, c)),
+    );
     Ok((head, body))
 }
 
@@ -244,7 +253,12 @@ impl LuaUserData for Response {
     fn add_fields<F: LuaUserDataFields<Self>>(f: &mut F) {
         f.add_field_method_get("status", |_, this| Ok(this.status.borrow().as_u16()));
         f.add_field_method_get("reason", |_, this| {
-            Ok(this.status.borrow().canonical_reason().unwrap_or("").to_string())
+            Ok(this
+                .status
+                .borrow()
+                .canonical_reason()
+                .unwrap_or("")
+                .to_string())
         });
         f.add_field_method_get("headers", |lua, this| {
             if let Some(t) = &*this.headers_table.borrow() {
@@ -277,19 +291,22 @@ impl LuaUserData for Response {
             Ok(true)
         });
         // res:set_header(name, value | {values} | nil) -> true
-        m.add_method("set_header", |lua, this, (name, value): (String, LuaValue)| {
-            let t = lua.create_table()?;
-            t.set(name.as_str(), value.clone())?;
-            if value.is_nil() {
-                let n = hyper::header::HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| LuaError::runtime(format!("invalid header name '{name}'")))?;
-                this.headers.borrow_mut().remove(n);
-            } else {
-                crate::request::apply_headers(&mut this.headers.borrow_mut(), &t)?;
-            }
-            *this.headers_table.borrow_mut() = None;
-            Ok(true)
-        });
+        m.add_method(
+            "set_header",
+            |lua, this, (name, value): (String, LuaValue)| {
+                let t = lua.create_table()?;
+                t.set(name.as_str(), value.clone())?;
+                if value.is_nil() {
+                    let n = hyper::header::HeaderName::from_bytes(name.as_bytes())
+                        .map_err(|_| LuaError::runtime(format!("invalid header name '{name}'")))?;
+                    this.headers.borrow_mut().remove(n);
+                } else {
+                    crate::request::apply_headers(&mut this.headers.borrow_mut(), &t)?;
+                }
+                *this.headers_table.borrow_mut() = None;
+                Ok(true)
+            },
+        );
     }
 }
 
@@ -395,7 +412,11 @@ async fn client_request(
 ) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
     let (auth, path) = match split_url(&url) {
         Ok(v) => v,
-        Err(e) => return Err(LuaError::runtime(format!("luaproxy.http.request: {e}: '{url}'"))),
+        Err(e) => {
+            return Err(LuaError::runtime(format!(
+                "luaproxy.http.request: {e}: '{url}'"
+            )))
+        }
     };
     let opts = Options::from_lua(params.as_ref())?;
     let mut method = Method::GET;
@@ -440,13 +461,19 @@ async fn client_request(
 
 /// `res, err = luaproxy.http.request(url, params?)`: `params` = `{ method, headers, body,
 /// connect_timeout, read_timeout }`. The body is read on demand with `res:read_body()`.
-async fn lua_request(lua: Lua, (url, params): (String, Option<LuaTable>)) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
+async fn lua_request(
+    lua: Lua,
+    (url, params): (String, Option<LuaTable>),
+) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
     client_request(&lua, url, params, false).await
 }
 
 /// `res, err = luaproxy.http.request_uri(url, params?)`: like `request`, with the whole body
 /// already in `res.body` (lua-resty-http's `request_uri`).
-async fn lua_request_uri(lua: Lua, (url, params): (String, Option<LuaTable>)) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
+async fn lua_request_uri(
+    lua: Lua,
+    (url, params): (String, Option<LuaTable>),
+) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
     client_request(&lua, url, params, true).await
 }
 
@@ -481,9 +508,15 @@ mod tests {
 
     #[test]
     fn urls_split_into_authority_and_path() {
-        assert_eq!(split_url("http://a:1/x?y").unwrap(), ("a:1".into(), "/x?y".into()));
+        assert_eq!(
+            split_url("http://a:1/x?y").unwrap(),
+            ("a:1".into(), "/x?y".into())
+        );
         assert_eq!(split_url("http://a").unwrap(), ("a:80".into(), "/".into()));
-        assert_eq!(split_url("http://a?q=1").unwrap(), ("a:80".into(), "/?q=1".into()));
+        assert_eq!(
+            split_url("http://a?q=1").unwrap(),
+            ("a:80".into(), "/?q=1".into())
+        );
         assert!(split_url("https://a").is_err());
         assert!(split_url("http:///x").is_err());
     }
