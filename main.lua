@@ -84,10 +84,10 @@ local function main(settings)
     return true
 end
 
-local settings, err = cli.parse(arg or {})
+local settings, err, code = cli.parse(arg or {})
 if not settings then
     io.stderr:write("luaproxy: ", err, "\n")
-    os.exit(2)
+    os.exit(code or 2)
 end
 if settings.help then
     io.stdout:write(cli.USAGE)

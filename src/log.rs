@@ -7,6 +7,9 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub const EMERG: u8 = 1;
+pub const ALERT: u8 = 2;
+pub const CRIT: u8 = 3;
 pub const ERR: u8 = 4;
 pub const WARN: u8 = 5;
 pub const NOTICE: u8 = 6;
@@ -17,7 +20,10 @@ static LEVEL: AtomicU8 = AtomicU8::new(NOTICE);
 
 fn level_name(level: u8) -> &'static str {
     match level {
-        0..=4 => "error",
+        0 | 1 => "emerg",
+        2 => "alert",
+        3 => "crit",
+        4 => "error",
         5 => "warn",
         6 => "notice",
         7 => "info",
@@ -80,6 +86,9 @@ fn parse_level(v: &LuaValue) -> LuaResult<u8> {
     match v {
         LuaValue::Integer(n) if (0..=8).contains(n) => Ok(*n as u8),
         LuaValue::String(s) => match &*s.to_str()? {
+            "emerg" => Ok(EMERG),
+            "alert" => Ok(ALERT),
+            "crit" => Ok(CRIT),
             "err" | "error" => Ok(ERR),
             "warn" => Ok(WARN),
             "notice" => Ok(NOTICE),
@@ -88,7 +97,7 @@ fn parse_level(v: &LuaValue) -> LuaResult<u8> {
             other => Err(LuaError::runtime(format!("unknown log level '{other}'"))),
         },
         _ => Err(LuaError::runtime(
-            "bad argument #1 (log level expected: luaproxy.ERR, WARN, NOTICE, INFO or DEBUG)",
+            "bad argument #1 (log level expected: luaproxy.CRIT, ERR, WARN, NOTICE, INFO or DEBUG)",
         )),
     }
 }
@@ -115,6 +124,9 @@ fn lua_set_log_level(_: &Lua, level: LuaValue) -> LuaResult<bool> {
 }
 
 pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {
+    t.set("EMERG", EMERG)?;
+    t.set("ALERT", ALERT)?;
+    t.set("CRIT", CRIT)?;
     t.set("ERR", ERR)?;
     t.set("WARN", WARN)?;
     t.set("NOTICE", NOTICE)?;

@@ -62,8 +62,9 @@ local function is_int(s)
     return s and s:match("^%d+$") ~= nil
 end
 
---- settings, err = cli.parse(argv)
--- `settings.help` is true when --help was given. `err` is one line, fit for stderr.
+--- settings, err, code = cli.parse(argv)
+-- `settings.help` is true when --help was given. `err` is one line, fit for stderr; `code` is
+-- the exit status it deserves: 2 for a usage mistake, 1 for a config file that cannot be used.
 function _M.parse(argv)
     local cli = { backends = {} }
     local config_path
@@ -107,7 +108,7 @@ function _M.parse(argv)
     local settings = {}
     if config_path then
         local conf, err = load_config(config_path)
-        if not conf then return nil, err end
+        if not conf then return nil, err, 1 end
         for k, v in pairs(conf) do settings[k] = v end
     end
     for k, v in pairs(cli) do
@@ -119,7 +120,7 @@ function _M.parse(argv)
     if settings.backends then
         for _, b in ipairs(settings.backends) do
             if type(b) ~= "string" or not b:match("^[%w%.%-]+:%d+$") and not b:match("^%[[%x:%.]+%]:%d+$") then
-                return nil, "bad backend address '" .. tostring(b) .. "' (expected host:port)"
+                return nil, "bad backend address '" .. tostring(b) .. "' (expected host:port)", config_path and 1 or 2
             end
         end
         if #settings.backends == 0 then settings.backends = nil end

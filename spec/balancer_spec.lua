@@ -1,0 +1,63 @@
+-- luaproxy.balancer without a server: the list in a shared dict, ties, leases' counters.
+local luaproxy = require "luaproxy"
+local balancer = require "luaproxy.balancer"
+
+local n = 0
+local function fresh(backends)
+    n = n + 1
+    return assert(balancer.new{ dict = "bal_spec_" .. n, backends = backends })
+end
+
+describe("luaproxy.balancer", function()
+    it("validates addresses", function()
+        assert.is_true(balancer.valid_addr("127.0.0.1:80"))
+        assert.is_true(balancer.valid_addr("backend-1.local:8080"))
+        assert.is_true(balancer.valid_addr("[::1]:80"))
+        for _, bad in ipairs({ "x", "x:", ":80", "x:0", "x:65536", "a b:1", 42 }) do
+            assert.is_false(balancer.valid_addr(bad), tostring(bad))
+        end
+    end)
+
+    it("round-robins ties and prefers the least loaded", function()
+        local bal = fresh({ "a:1", "b:2", "c:3" })
+        local seen = {}
+        for _ = 1, 3 do seen[bal:pick()] = true end
+        assert.are.same({ ["a:1"] = true, ["b:2"] = true, ["c:3"] = true }, seen)
+        bal.dict:set("conn:a:1", 5)
+        bal.dict:set("conn:c:3", 2)
+        for _ = 1, 5 do assert.are.equal("b:2", bal:pick()) end
+    end)
+
+    it("shares the list with a second balancer on the same dict (another worker)", function()
+        local bal = fresh({ "a:1" })
+        local other = assert(balancer.new{ dict = bal.dict_name or ("bal_spec_" .. n) })
+        assert.are.same({ "a:1" }, other:backends())
+        assert.is_true(bal:set_backends({ "b:2", "c:3" }))
+        assert.are.same({ "b:2", "c:3" }, other:backends())
+        assert.are.same({ ["b:2"] = 0, ["c:3"] = 0 }, other:counts())
+    end)
+
+    it("keeps a live count for a backend that stays in the list", function()
+        local bal = fresh({ "a:1", "b:2" })
+        bal.dict:incr("conn:a:1", 3)
+        assert.is_true(bal:set_backends({ "a:1", "c:3" }))
+        assert.are.equal(3, bal:counts()["a:1"])
+    end)
+
+    it("refuses bad lists and reports no backends", function()
+        local bal = fresh({ "a:1" })
+        local ok, err = bal:set_backends({ "a:1", "nope" })
+        assert.is_nil(ok)
+        assert.matches("bad backend address 'nope'", err, 1, true)
+        assert.are.same({ "a:1" }, bal:backends())
+        assert.is_true(bal:set_backends({}))
+        local addr, perr = bal:pick()
+        assert.is_nil(addr)
+        assert.are.equal("no backends", perr)
+    end)
+
+    it("keeps its counters in a shared dict every VM can see", function()
+        local bal = fresh({ "a:1" })
+        assert.are.equal(0, luaproxy.shared["bal_spec_" .. n]:get("conn:a:1"))
+    end)
+end)
