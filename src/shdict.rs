@@ -6,7 +6,8 @@
 
 use mlua::prelude::*;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -26,8 +27,38 @@ impl Val {
     }
 }
 
+/// Integers are stored as atomics so `incr` and `get` (what least-connection counting does on
+/// every request, from every worker) only need the shared read lock.
+enum Stored {
+    Int(AtomicI64),
+    Other(Val),
+}
+
+impl Stored {
+    fn new(v: Val) -> Stored {
+        match v {
+            Val::Int(i) => Stored::Int(AtomicI64::new(i)),
+            v => Stored::Other(v),
+        }
+    }
+
+    fn load(&self) -> Val {
+        match self {
+            Stored::Int(a) => Val::Int(a.load(Ordering::Relaxed)),
+            Stored::Other(v) => v.clone(),
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Stored::Int(_) => 8,
+            Stored::Other(v) => v.size(),
+        }
+    }
+}
+
 struct Entry {
-    val: Val,
+    val: Stored,
     flags: u32,
     expires: Option<Instant>,
 }
@@ -43,7 +74,7 @@ const ENTRY_OVERHEAD: usize = 64;
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<String, Entry>,
+    map: HashMap<String, Entry, ahash::RandomState>,
     used: usize,
 }
 
@@ -51,7 +82,7 @@ struct Inner {
 pub struct Store {
     pub name: String,
     pub capacity: usize,
-    inner: Mutex<Inner>,
+    inner: RwLock<Inner>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -84,28 +115,36 @@ fn cost(key: &str, v: &Val) -> usize {
     key.len() + v.size() + ENTRY_OVERHEAD
 }
 
+fn stored_cost(key: &str, v: &Stored) -> usize {
+    key.len() + v.size() + ENTRY_OVERHEAD
+}
+
 impl Store {
     pub fn new(name: &str, capacity: usize) -> Store {
         Store {
             name: name.to_string(),
             capacity,
-            inner: Mutex::new(Inner::default()),
+            inner: RwLock::new(Inner::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the map half-written in a way that
-        // matters more than losing the whole dict, so keep serving.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    // A panic while holding the lock cannot leave the map half-written in a way that matters
+    // more than losing the whole dict, so poisoning is ignored and serving goes on.
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, key: &str) -> Option<(Val, u32)> {
-        let now = Instant::now();
-        let g = self.lock();
-        g.map
-            .get(key)
-            .filter(|e| e.live(now))
-            .map(|e| (e.val.clone(), e.flags))
+        let g = self.read();
+        let e = g.map.get(key)?;
+        if e.expires.is_some() && !e.live(Instant::now()) {
+            return None;
+        }
+        Some((e.val.load(), e.flags))
     }
 
     /// Stores `val`; `Ok(forcible)` is always false for now: nothing is evicted, a full dict
@@ -127,21 +166,29 @@ impl Store {
             _ => {}
         }
         let new_cost = cost(key, &val);
-        let old_cost = g.map.get(key).map(|e| cost(key, &e.val)).unwrap_or(0);
+        let old_cost = g
+            .map
+            .get(key)
+            .map(|e| stored_cost(key, &e.val))
+            .unwrap_or(0);
         if g.used - old_cost + new_cost > self.capacity {
             self.purge_expired(&mut g, now);
-            let old_cost = g.map.get(key).map(|e| cost(key, &e.val)).unwrap_or(0);
+            let old_cost = g
+                .map
+                .get(key)
+                .map(|e| stored_cost(key, &e.val))
+                .unwrap_or(0);
             if g.used - old_cost + new_cost > self.capacity {
                 return Err(SetErr::NoMemory);
             }
         }
         let entry = Entry {
-            val,
+            val: Stored::new(val),
             flags,
             expires: ttl.map(|t| now + t),
         };
         if let Some(prev) = g.map.insert(key.to_string(), entry) {
-            g.used -= cost(key, &prev.val);
+            g.used -= stored_cost(key, &prev.val);
         }
         g.used += new_cost;
         Ok(false)
@@ -152,7 +199,7 @@ impl Store {
         g.map.retain(|k, e| {
             let keep = e.live(now);
             if !keep {
-                freed += cost(k, &e.val);
+                freed += stored_cost(k, &e.val);
             }
             keep
         });
@@ -162,7 +209,7 @@ impl Store {
     pub fn delete(&self, key: &str) {
         let mut g = self.lock();
         if let Some(prev) = g.map.remove(key) {
-            g.used -= cost(key, &prev.val);
+            g.used -= stored_cost(key, &prev.val);
         }
     }
 
@@ -176,12 +223,28 @@ impl Store {
         init_ttl: Option<Duration>,
     ) -> Result<Val, SetErr> {
         let now = Instant::now();
+        if let Some(b) = n_int {
+            // Fast path: a live integer under the read lock.
+            let g = self.read();
+            if let Some(e) = g.map.get(key).filter(|e| e.live(now)) {
+                if let Stored::Int(a) = &e.val {
+                    let mut cur = a.load(Ordering::Relaxed);
+                    while let Some(next) = cur.checked_add(b) {
+                        match a.compare_exchange_weak(
+                            cur,
+                            next,
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        ) {
+                            Ok(_) => return Ok(Val::Int(next)),
+                            Err(seen) => cur = seen,
+                        }
+                    }
+                }
+            }
+        }
         let mut g = self.lock();
-        let live = g
-            .map
-            .get(key)
-            .filter(|e| e.live(now))
-            .map(|e| e.val.clone());
+        let live = g.map.get(key).filter(|e| e.live(now)).map(|e| e.val.load());
         let (base, fresh) = match live {
             Some(v) => (v, false),
             None => match init {
@@ -199,11 +262,11 @@ impl Store {
             _ => return Err(SetErr::NotANumber),
         };
         match g.map.get_mut(key) {
-            Some(e) if !fresh => e.val = newval.clone(),
+            Some(e) if !fresh => e.val = Stored::new(newval.clone()),
             _ => {
                 let c = cost(key, &newval);
                 if let Some(prev) = g.map.remove(key) {
-                    g.used -= cost(key, &prev.val);
+                    g.used -= stored_cost(key, &prev.val);
                 }
                 if g.used + c > self.capacity {
                     return Err(SetErr::NoMemory);
@@ -212,7 +275,7 @@ impl Store {
                 g.map.insert(
                     key.to_string(),
                     Entry {
-                        val: newval.clone(),
+                        val: Stored::new(newval.clone()),
                         flags: 0,
                         expires: init_ttl.map(|t| now + t),
                     },
@@ -245,7 +308,7 @@ impl Store {
     }
 
     pub fn free_space(&self) -> usize {
-        self.capacity.saturating_sub(self.lock().used)
+        self.capacity.saturating_sub(self.read().used)
     }
 }
 

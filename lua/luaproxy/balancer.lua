@@ -41,7 +41,7 @@ function _M.new(opts)
             if not dict then return nil, err end
         end
     end
-    local self = setmetatable({ dict = dict, version = -1, list = {} }, mt)
+    local self = setmetatable({ dict = dict, version = -1, list = {}, rr = luaproxy.worker.id() or 0 }, mt)
     if opts.backends and not dict:get("backends") then
         local ok, err = self:set_backends(opts.backends)
         if not ok then return nil, err end
@@ -93,8 +93,10 @@ function _M.pick(self)
     local n = #list
     if n == 0 then return nil, "no backends" end
     local dict = self.dict
-    -- Ties are common (all idle); a counter shared by the workers spreads them round-robin.
-    local start = (self.dict:incr("rr", 1, 0) or 0) % n
+    -- Ties are common (all idle): spread them round-robin. Each worker keeps its own turn,
+    -- starting at its worker id, so consecutive requests alternate whichever worker gets them.
+    local start = self.rr % n
+    self.rr = self.rr + 1
     local best, best_count
     for i = 0, n - 1 do
         local addr = list[(start + i) % n + 1]

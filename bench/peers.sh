@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# bench/peers.sh: the seed workload (POST 5 KB in / 5 KB out, two backends, least connection,
+# X-Api-Key required else 400) and a small GET, through luaproxy and, in the same run, the peers
+# of ../shared/bench (nginx+ngx_lua, nginx+balancer_by_lua, plain nginx, HAProxy).
+#
+# Needs: Debian nginx, libnginx-mod-http-lua, haproxy, wrk (installed here if missing), and
+# luaproxy built (`make install`). Everything listens on 127.0.0.1 and stops by itself.
+#   bench/peers.sh                       all peers, ROUNDS=2
+#   PEERS="nginx-lua" ROUNDS=4 bench/peers.sh
+#   PIN=1 bench/peers.sh                 proxy alone on CPU 1, wrk + backend on CPU 0
+# Results: the markdown table on stdout; raw rows under $BENCH_VAR (see ../shared/bench/README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED_BENCH:-../shared/bench}
+[[ -x $SHARED/peers.sh ]] || { echo "no peer harness at $SHARED" >&2; exit 1; }
+
+need=""
+for p in nginx libnginx-mod-http-lua haproxy wrk; do dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"; done
+if [[ -n $need ]]; then
+    SUDO=$([[ $(id -u) == 0 ]] || echo sudo)
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need
+fi
+# Debian starts an nginx on port 80 after installing it; the harness uses its own instances.
+
+workers=${PROXY_WORKERS:-2}
+[[ ${PIN:-0} == 1 ]] && workers=1
+cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' lua5.4 main.lua --config bench/luaproxy.conf.lua --workers $workers"
+EXTRA_LABEL=luaproxy EXTRA_PORT=8090 exec "$SHARED/peers.sh" "$cmd"
