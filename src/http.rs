@@ -165,7 +165,12 @@ const HOP_BY_HOP: [&str; 7] = [
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, every header it names, and the
 /// fixed list. `Connection` may not remove Host or Content-Length: framing is ours to decide.
+/// One pass over the names first, since most messages carry none of these (it runs twice per
+/// proxied request).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
