@@ -442,6 +442,39 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")
 }
 
+/// An idle deadline for a body stream: armed when a read starts waiting, cleared by progress.
+/// The `Sleep` is only registered with the timer wheel if a read actually has to wait.
+pub struct IdleTimer {
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl IdleTimer {
+    pub fn new(idle: Duration) -> IdleTimer {
+        IdleTimer {
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            waiting: false,
+        }
+    }
+
+    /// Data arrived: the next wait starts a fresh period.
+    pub fn progress(&mut self) {
+        self.waiting = false;
+    }
+
+    /// Called when a read returned `Pending`: true once `idle` has passed without progress.
+    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + self.idle;
+            self.timer.as_mut().reset(deadline);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+}
+
 /// Where a finished connection goes: back to its pool if it is clean.
 pub type Release = Box<dyn FnOnce(Conn)>;
 
@@ -458,9 +491,7 @@ pub struct ResponseBody {
     mode: BodyMode,
     reusable: bool,
     release: Option<Release>,
-    idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
+    idle: IdleTimer,
     done: bool,
 }
 
@@ -477,9 +508,7 @@ impl ResponseBody {
             mode,
             reusable: head.reusable,
             release: Some(release),
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
-            waiting: false,
+            idle: IdleTimer::new(idle),
             done: false,
         };
         if matches!(b.mode, BodyMode::Length(0)) {
@@ -533,17 +562,17 @@ impl Body for ResponseBody {
                         if *left == 0 {
                             this.finish();
                         }
-                        this.waiting = false;
+                        this.idle.progress();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     BodyMode::UntilClose => {
                         let data = conn.buf.split().freeze();
-                        this.waiting = false;
+                        this.idle.progress();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     BodyMode::Chunked(state) => match decode_chunk(state, &mut conn.buf) {
                         Ok(Some(data)) => {
-                            this.waiting = false;
+                            this.idle.progress();
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
                         Ok(None) if *state == Chunk::Done => {
@@ -566,17 +595,12 @@ impl Body for ResponseBody {
                     return this.fail("upstream closed connection before the body ended".into());
                 }
                 Poll::Ready(Ok(_)) => {
-                    this.waiting = false;
+                    this.idle.progress();
                     continue;
                 }
                 Poll::Ready(Err(e)) => return this.fail(io_reason(&e)),
                 Poll::Pending => {
-                    if !this.waiting {
-                        this.waiting = true;
-                        let deadline = tokio::time::Instant::now() + this.idle;
-                        this.timer.as_mut().reset(deadline);
-                    }
-                    if this.timer.as_mut().poll(cx).is_ready() {
+                    if this.idle.expired(cx) {
                         return this.fail("timeout".into());
                     }
                     return Poll::Pending;

@@ -13,7 +13,6 @@ use hyper::{Method, StatusCode, Uri, Version};
 use mlua::prelude::*;
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -123,9 +122,7 @@ pub struct ClientBody {
     inner: Incoming,
     seen: u64,
     limit: u64,
-    idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
+    idle: crate::h1client::IdleTimer,
     failure: Failure,
 }
 
@@ -136,9 +133,7 @@ impl ClientBody {
             inner,
             seen: 0,
             limit: req.limits.max_body,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
-            waiting: false,
+            idle: crate::h1client::IdleTimer::new(idle),
             failure: req.failure.clone(),
         }
     }
@@ -162,7 +157,7 @@ impl Body for ClientBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.waiting = false;
+                this.idle.progress();
                 if let Some(d) = frame.data_ref() {
                     this.seen += d.len() as u64;
                     if this.limit > 0 && this.seen > this.limit {
@@ -182,12 +177,7 @@ impl Body for ClientBody {
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                if !this.waiting {
-                    this.waiting = true;
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    this.timer.as_mut().reset(deadline);
-                }
-                if this.timer.as_mut().poll(cx).is_ready() {
+                if this.idle.expired(cx) {
                     let e = this.fail(StatusCode::REQUEST_TIMEOUT, "timeout");
                     return Poll::Ready(Some(Err(e)));
                 }
