@@ -59,4 +59,19 @@ function _M.get(url, opts)
     return res.status, res.body, res
 end
 
+--- text = util.raw(port, payload, seconds?): send raw bytes over one TCP connection (bash's
+-- /dev/tcp), then read until the server closes or `seconds` (default 2) pass.
+-- `payload` may hold \r\n escapes as printf understands them.
+function _M.raw(port, payload, seconds, pause_then)
+    local script = "exec 3<>/dev/tcp/127.0.0.1/" .. port .. "; printf '" .. payload .. "' >&3; "
+    if pause_then then
+        script = script .. "sleep " .. pause_then[1] .. "; printf '" .. pause_then[2] .. "' >&3; "
+    end
+    script = script .. "timeout " .. (seconds or 2) .. " cat <&3"
+    local p = assert(io.popen("bash -c \"" .. script .. "\" 2>&1"))
+    local out = p:read("a")
+    p:close()
+    return out
+end
+
 return _M
