@@ -135,6 +135,49 @@ describe("upstream failures", function()
     end)
 end)
 
+describe("header rewriting", function()
+    it("sends request headers the policy set, drops hop-by-hop ones, lets it edit the response", function()
+        local policy = util.write_temp("rewrite_policy.lua", [[
+            local backends
+            return {
+                init_worker = function(config) backends = config.backends end,
+                handler = function(req)
+                    req:set_header("X-Added", "yes")
+                    req:clear_header("X-Remove-Me")
+                    local res, err = req:proxy(backends[1])
+                    if not res then return 502, err end
+                    res:set_header("X-Served-By", "luaproxy")
+                    res:set_status(203)
+                    return res
+                end,
+            }
+        ]])
+        with_proxy(function(t)
+            local seen
+            -- replace backend 1 with one that reports the headers it got
+            t.b1:close()
+            t.b1:wait()
+            local probe = assert(luaproxy.serve{ listen = t.b1.addr, handler = function(req)
+                seen = req:get_headers()
+                return 200, "ok", { ["Keep-Alive"] = "timeout=5", ["X-Backend"] = "probe" }
+            end })
+            local status, _, res = util.get(t.url .. "/h", { headers = {
+                ["X-Remove-Me"] = "1", ["Connection"] = "keep-alive, X-Secret", ["X-Secret"] = "s", ["TE"] = "trailers",
+            } })
+            probe:close()
+            assert.are.equal(203, status)
+            assert.are.equal("luaproxy", res.headers["x-served-by"])
+            assert.are.equal("probe", res.headers["x-backend"])
+            assert.is_nil(res.headers["keep-alive"])
+            assert.are.equal("yes", seen["x-added"])
+            assert.is_nil(seen["x-remove-me"])
+            assert.is_nil(seen["x-secret"])
+            assert.is_nil(seen["te"])
+            assert.are.equal("127.0.0.1", seen["x-real-ip"])
+        end, policy)
+    end)
+end)
+
 describe("policy errors", function()
     it("a Lua error gives 500 with a generic body, and the next request is served", function()
         local policy = util.write_temp("error_policy.lua", [[

@@ -224,15 +224,26 @@ fn header_value(lua_value: &LuaValue) -> LuaResult<Vec<HeaderValue>> {
     }
 }
 
+/// Replaces header `name` with `value` (a string, number, list of them, or nil to remove).
+pub fn set_header(map: &mut HeaderMap, name: &str, value: &LuaValue) -> LuaResult<()> {
+    let name = header_name(name)?;
+    let values = if value.is_nil() {
+        Vec::new()
+    } else {
+        header_value(value)?
+    };
+    map.remove(&name);
+    for v in values {
+        map.append(name.clone(), v);
+    }
+    Ok(())
+}
+
 /// Applies a Lua headers table `{name = value | {values}}` to a header map.
 pub fn apply_headers(map: &mut HeaderMap, t: &LuaTable) -> LuaResult<()> {
     for pair in t.pairs::<LuaString, LuaValue>() {
         let (k, v) = pair?;
-        let name = header_name(&k.to_str()?)?;
-        map.remove(&name);
-        for hv in header_value(&v)? {
-            map.append(name.clone(), hv);
-        }
+        set_header(map, &k.to_str()?, &v)?;
     }
     Ok(())
 }
@@ -393,14 +404,7 @@ impl LuaUserData for Request {
         m.add_method(
             "set_header",
             |_, this, (name, value): (String, LuaValue)| {
-                let name = header_name(&name)?;
-                let mut h = this.0.headers.borrow_mut();
-                h.remove(&name);
-                if !value.is_nil() {
-                    for v in header_value(&value)? {
-                        h.append(name.clone(), v);
-                    }
-                }
+                set_header(&mut this.0.headers.borrow_mut(), &name, &value)?;
                 Ok(true)
             },
         );

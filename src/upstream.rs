@@ -293,16 +293,8 @@ impl LuaUserData for Response {
         // res:set_header(name, value | {values} | nil) -> true
         m.add_method(
             "set_header",
-            |lua, this, (name, value): (String, LuaValue)| {
-                let t = lua.create_table()?;
-                t.set(name.as_str(), value.clone())?;
-                if value.is_nil() {
-                    let n = hyper::header::HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|_| LuaError::runtime(format!("invalid header name '{name}'")))?;
-                    this.headers.borrow_mut().remove(n);
-                } else {
-                    crate::request::apply_headers(&mut this.headers.borrow_mut(), &t)?;
-                }
+            |_, this, (name, value): (String, LuaValue)| {
+                crate::request::set_header(&mut this.headers.borrow_mut(), &name, &value)?;
                 *this.headers_table.borrow_mut() = None;
                 Ok(true)
             },
