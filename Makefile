@@ -30,7 +30,7 @@ run: install
 	exec lua main.lua $(ARGS)
 
 cargo-test:
-	cargo test --locked $(RUST_FEATURES)
+	timeout 900 cargo test --locked $(RUST_FEATURES)
 
 lint:
 	cargo fmt --check
@@ -38,7 +38,7 @@ lint:
 
 busted:
 	@set -o pipefail; out=$$(mktemp); \
-	busted -o utfTerminal 2>&1 | tee $$out; rc=$${PIPESTATUS[0]}; \
+	timeout 900 busted -o utfTerminal 2>&1 | tee $$out; rc=$${PIPESTATUS[0]}; \
 	line=$$(grep -aoE '[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' $$out | tail -1); \
 	ok=$$(echo "$$line" | awk '{print $$1}'); bad=$$(echo "$$line" | awk '{print $$4 + $$7}'); \
 	rm -f $$out; echo "busted: $${ok:-0} passed, $${bad:-0} failed"; exit $$rc

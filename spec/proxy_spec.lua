@@ -248,3 +248,28 @@ describe("least-connection leases", function()
         end, policy)
     end)
 end)
+
+describe("upstream keep-alive pool", function()
+    it("survives an upstream that closes idle connections without notice", function()
+        luaproxy.run(function()
+            local n = 0
+            -- header_timeout also bounds idle keep-alive: this backend drops idle connections
+            -- after 0.2 s, while our pool would keep them for 60 s
+            local backend = assert(luaproxy.serve{ listen = "127.0.0.1:0", header_timeout = 0.2,
+                handler = function(req) n = n + 1; return 200, "n=" .. n .. " " .. req:read_body() end })
+            local url = "http://" .. backend.addr .. "/"
+            assert.are.equal(200, (util.get(url)))
+            luaproxy.sleep(0.5)
+            -- a GET on the stale pooled connection is retried on a new one
+            local status, body = util.get(url)
+            assert.are.equal(200, status)
+            assert.are.equal("n=2 ", body)
+            luaproxy.sleep(1.3)
+            -- a POST is not retried blindly: a connection idle this long is probed first
+            status, body = util.get(url, { method = "POST", body = "once" })
+            assert.are.equal(200, status)
+            assert.are.equal("n=3 once", body)
+            backend:close()
+        end)
+    end)
+end)

@@ -64,6 +64,8 @@ pub enum Error {
     /// The connection closed or reset before any response byte: safe to retry elsewhere
     /// when the request can be sent again.
     ClosedBeforeResponse,
+    /// Sending the request failed: the upstream saw at most part of it.
+    WriteFailed(String),
     Io(String),
     Invalid(&'static str),
     RequestBody(String),
@@ -74,7 +76,7 @@ impl Error {
         match self {
             Error::Timeout => "timeout".into(),
             Error::ClosedBeforeResponse => "upstream closed connection".into(),
-            Error::Io(s) => s.clone(),
+            Error::Io(s) | Error::WriteFailed(s) => s.clone(),
             Error::Invalid(s) => format!("invalid upstream response: {s}"),
             Error::RequestBody(s) => s.clone(),
         }
@@ -316,7 +318,7 @@ async fn flush(conn: &mut Conn, out: &mut BytesMut) -> Result<(), Error> {
     conn.stream
         .write_all(out)
         .await
-        .map_err(|e| Error::Io(io_reason(&e)))?;
+        .map_err(|e| Error::WriteFailed(io_reason(&e)))?;
     out.clear();
     Ok(())
 }

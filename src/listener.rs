@@ -258,6 +258,82 @@ async fn handle(
     }))
 }
 
+/// What the idle watchdog of one connection knows: when bytes last moved, and how many
+/// requests are between their head and the end of their response.
+#[derive(Default)]
+struct ConnActivity {
+    last_io: std::cell::Cell<Option<Instant>>,
+    active: std::cell::Cell<usize>,
+}
+
+/// Ends a request's share of `ConnActivity::active` when dropped (response done or abandoned).
+struct ActiveRequest(Rc<ConnActivity>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+        self.0.last_io.set(Some(Instant::now()));
+    }
+}
+
+/// The client socket, noting every read and write that moves bytes.
+struct TrackedStream {
+    inner: tokio::net::TcpStream,
+    activity: Rc<ConnActivity>,
+}
+
+impl tokio::io::AsyncRead for TrackedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.activity.last_io.set(Some(Instant::now()));
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for TrackedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.activity.last_io.set(Some(Instant::now()));
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            self.activity.last_io.set(Some(Instant::now()));
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn serve_conn(
     w: Rc<Worker>,
     stream: tokio::net::TcpStream,
@@ -265,15 +341,21 @@ async fn serve_conn(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let activity = Rc::new(ConnActivity::default());
+    activity.last_io.set(Some(Instant::now()));
     let w2 = w.clone();
     let served = Rc::new(std::cell::Cell::new(0usize));
     let max = w.keepalive_requests;
+    let act2 = activity.clone();
     let svc = service_fn(move |req| {
         let n = served.get() + 1;
         served.set(n);
+        act2.active.set(act2.active.get() + 1);
+        let active = ActiveRequest(act2.clone());
         let fut = handle(w2.clone(), req, peer);
         async move {
             let mut r = fut.await?;
+            r.body_mut()._guards.push(Box::new(active));
             if max > 0 && n >= max {
                 r.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -286,11 +368,31 @@ async fn serve_conn(
         .header_read_timeout(w.header_timeout)
         .max_buf_size(64 * 1024)
         .pipeline_flush(true)
-        .serve_connection(TokioIo::new(stream), svc);
+        .serve_connection(
+            TokioIo::new(TrackedStream {
+                inner: stream,
+                activity: activity.clone(),
+            }),
+            svc,
+        );
     tokio::pin!(conn);
     let mut draining = false;
+    // hyper watches the head of each request, but a connection whose request body was left
+    // unread can sit forever once the response is out (seen: CLOSE-WAIT sockets that kept a
+    // server from ever finishing). With no request in progress and no bytes moving for
+    // `header_timeout`, the connection is dropped.
+    let idle = w.header_timeout;
+    let mut check = tokio::time::Instant::now() + idle;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(check) => {
+                let quiet = activity.last_io.get().map(|t| t.elapsed()).unwrap_or_default();
+                if activity.active.get() == 0 && quiet >= idle {
+                    crate::log::log(crate::log::DEBUG, &format!("closing idle connection from {peer}"));
+                    return;
+                }
+                check = tokio::time::Instant::now() + idle.saturating_sub(quiet).max(Duration::from_millis(10));
+            }
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     if !e.is_incomplete_message() {

@@ -162,8 +162,9 @@ fn seconds_arg(name: &str, v: f64) -> LuaResult<Duration> {
 }
 
 /// `luaproxy.run(fn, ...)` -> the values `fn` returns. Runs the event loop on this thread until
-/// `fn` and every task it started have finished, or `luaproxy.stop()` is called. Errors raised
-/// by `fn` are raised again by `run`, with their traceback.
+/// `fn` and every task it started have finished, or `luaproxy.stop()` is called. An error raised
+/// by `fn` stops the loop at once (pending tasks are dropped) and is raised again by `run`, with
+/// its traceback.
 fn lua_run(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<LuaMultiValue> {
     if in_loop() {
         return Err(LuaError::runtime(
@@ -174,7 +175,16 @@ fn lua_run(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<LuaM
     let guard = LoopGuard::enter();
     let local = LocalSet::new();
     let lua2 = lua.clone();
-    let main = local.spawn_local(async move { call_protected(&lua2, f, args).await });
+    let state = guard.0.clone();
+    let main = local.spawn_local(async move {
+        let r = call_protected(&lua2, f, args).await;
+        // A failing main function is a failing program: stop, rather than keep serving on
+        // behalf of code that is gone (and never return, in a test whose assertion failed).
+        if r.is_err() {
+            state.request_stop();
+        }
+        r
+    });
     let out = drive(&rt, local, main, &guard.0);
     drop(guard);
     match out {

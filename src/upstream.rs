@@ -185,16 +185,23 @@ async fn send(
     opts: &Options,
 ) -> Result<(Head, ResponseBody), String> {
     let replayable = matches!(body, ReqBody::Bytes(_));
+    // RFC 9110 §9.2.2; like nginx, a request that may have reached the upstream is sent again
+    // only if repeating it is harmless.
+    let idempotent = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    );
     while let Some((conn, idle_for)) = pool_take(key) {
         // Upstreams close idle connections after seconds (nginx: keepalive_timeout 75 s), and
-        // announce the other closes with `Connection: close`; so only a streamed body on a
-        // connection idle for a while pays for the extra syscall of a probe.
-        if !replayable && idle_for > PROBE_AFTER && !still_open(&conn) {
+        // announce the other closes with `Connection: close`; so only a request that could not
+        // be retried, on a connection idle for a while, pays for the extra syscall of a probe.
+        if !(replayable && idempotent) && idle_for > PROBE_AFTER && !still_open(&conn) {
             continue;
         }
         match exchange(conn, key, method, uri, headers, &mut body, opts).await {
             Ok(x) => return Ok(x),
-            Err(Error::ClosedBeforeResponse) | Err(Error::Io(_)) if replayable => continue,
+            Err(Error::WriteFailed(_)) if replayable => continue,
+            Err(Error::ClosedBeforeResponse) if replayable && idempotent => continue,
             Err(e) => return Err(e.reason()),
         }
     }
