@@ -40,6 +40,14 @@ local function main(settings)
         return nil, "cannot read policy file '" .. settings.policy .. "'"
     end
 
+    -- Shared dicts declared in the config exist before any worker loads the policy.
+    for name, size in pairs(settings.dicts or {}) do
+        local dict, derr = luaproxy.shared.new(name, size)
+        if not dict then
+            return nil, "dict '" .. tostring(name) .. "': " .. derr
+        end
+    end
+
     local demos = {}
     local backends = settings.backends
     if not backends then

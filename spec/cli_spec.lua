@@ -71,6 +71,39 @@ describe("main.lua start-up errors", function()
 end)
 
 describe("main.lua serving", function()
+    it("creates the shared dicts a --config declares, visible to the policy", function()
+        luaproxy.run(function()
+            local port = util.free_port()
+            local policy = util.write_temp("dict_policy.lua", [[
+                local luaproxy = require "luaproxy"
+                return function(req)
+                    local d = luaproxy.shared.counters
+                    return 200, tostring(d and d:capacity()) .. " " .. tostring(d and d:incr("hits", 1, 0))
+                end
+            ]])
+            local conf = util.write_temp("dicts.conf.lua", ("return { listen = '127.0.0.1:%d', policy = %q, "
+                .. "backends = { '127.0.0.1:9' }, workers = 2, dicts = { counters = '64k' } }"):format(port, policy))
+            local pidfile = util.write_temp("pid", "")
+            os.execute("(" .. MAIN .. "--config " .. conf .. " >/dev/null 2>&1 & echo $! >" .. pidfile .. ")")
+            local pid = io.open(pidfile):read("l")
+            local url = "http://127.0.0.1:" .. port .. "/"
+            util.wait_for(function() return util.get(url) ~= nil end, 5)
+            local _, body1 = util.get(url)
+            local _, body2 = util.get(url)
+            os.execute("kill " .. pid)
+            assert.matches("^65536 %d+$", body1)
+            assert.are.equal(tonumber(body1:match("%d+$")) + 1, tonumber(body2:match("%d+$")))
+        end)
+    end)
+
+    it("refuses a bad dict size in --config with one line", function()
+        local conf = util.write_temp("baddict.conf.lua", "return { dicts = { d = 'lots' }, backends = { '127.0.0.1:9' }, listen = '127.0.0.1:0' }")
+        local out, code = util.sh(MAIN .. "--config " .. conf)
+        assert.are.equal(1, code)
+        one_clear_line(out)
+        assert.matches("bad capacity 'lots'", out, 1, true)
+    end)
+
     local function start(args)
         local pidfile = util.write_temp("pid", "")
         local log = pidfile .. ".log"

@@ -28,7 +28,7 @@ local SETTING_TYPES = {
     listen = "string", backends = "table", workers = "number", policy = "string",
     max_body_size = "number", body_timeout = "number", header_timeout = "number",
     keepalive_requests = "number", api_key_header = "string", log_level = "string",
-    demo_ports = "table",
+    demo_ports = "table", dicts = "table",
 }
 
 local function load_config(path)
