@@ -1,5 +1,6 @@
 //! `luaproxy.json`: a `cjson.safe`-compatible encoder and decoder that goes straight between
-//! Lua values and JSON text (no intermediate tree). Bad input is `nil, err`, never an error.
+//! Lua values and JSON text with the Lua C API (no intermediate tree, no per-value registry
+//! references). Bad input is `nil, err`, never an error.
 //!
 //! Chosen differences from lua-cjson 2.1 (tested in spec/json_spec.lua):
 //! - numbers keep their Lua 5.4 subtype: `1` decodes to the integer 1 (cjson: 1.0); integers
@@ -17,11 +18,6 @@ const MAX_DEPTH: usize = 1000;
 /// and more than twice its element count is refused rather than padded with nulls.
 const SPARSE_RATIO: usize = 2;
 const SPARSE_SAFE: usize = 10;
-
-struct Encoder {
-    array_mt: Option<LuaTable>,
-    out: Vec<u8>,
-}
 
 fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
@@ -60,46 +56,103 @@ fn float_into(out: &mut Vec<u8>, f: f64) -> Result<(), String> {
     Ok(())
 }
 
-impl Encoder {
-    fn value(&mut self, v: &LuaValue, depth: usize) -> Result<(), String> {
-        match v {
-            LuaValue::Nil => self.out.extend_from_slice(b"null"),
-            LuaValue::LightUserData(p) if p.0.is_null() => self.out.extend_from_slice(b"null"),
-            LuaValue::Boolean(b) => self
-                .out
-                .extend_from_slice(if *b { b"true" } else { b"false" }),
-            LuaValue::Integer(i) => self.out.extend_from_slice(i.to_string().as_bytes()),
-            LuaValue::Number(f) => float_into(&mut self.out, *f)?,
-            LuaValue::String(s) => escape_into(&mut self.out, &s.as_bytes()),
-            LuaValue::Table(t) => self.table(t, depth + 1)?,
-            other => return Err(format!("cannot encode a {}", other.type_name())),
+/// The encoder walks values with the C API inside one protected call (same reason as the
+/// decoder: mlua's safe handles cost a registry reference per value read).
+struct RawEncoder {
+    /// Stack index of the array metatable.
+    mt: std::os::raw::c_int,
+    out: Vec<u8>,
+    err: Option<String>,
+}
+
+impl RawEncoder {
+    fn fail(&mut self, why: String) -> bool {
+        if self.err.is_none() {
+            self.err = Some(why);
         }
-        Ok(())
+        false
     }
 
-    fn table(&mut self, t: &LuaTable, depth: usize) -> Result<(), String> {
-        if depth > MAX_DEPTH {
-            return Err("nesting deeper than 1000".into());
+    unsafe fn value(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: std::os::raw::c_int,
+        depth: usize,
+    ) -> bool {
+        match ffi::lua_type(l, idx) {
+            ffi::LUA_TNIL => self.out.extend_from_slice(b"null"),
+            ffi::LUA_TBOOLEAN => {
+                let b = ffi::lua_toboolean(l, idx) != 0;
+                self.out
+                    .extend_from_slice(if b { b"true" } else { b"false" });
+            }
+            ffi::LUA_TNUMBER => {
+                if ffi::lua_isinteger(l, idx) != 0 {
+                    let i = ffi::lua_tointegerx(l, idx, std::ptr::null_mut());
+                    self.out.extend_from_slice(i.to_string().as_bytes());
+                } else if let Err(e) = float_into(
+                    &mut self.out,
+                    ffi::lua_tonumberx(l, idx, std::ptr::null_mut()),
+                ) {
+                    return self.fail(e);
+                }
+            }
+            ffi::LUA_TSTRING => {
+                let mut len = 0usize;
+                let p = ffi::lua_tolstring(l, idx, &mut len);
+                escape_into(
+                    &mut self.out,
+                    std::slice::from_raw_parts(p as *const u8, len),
+                );
+            }
+            ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(l, idx).is_null() => {
+                self.out.extend_from_slice(b"null")
+            }
+            ffi::LUA_TTABLE => return self.table(l, idx, depth + 1),
+            t => {
+                let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t)).to_string_lossy();
+                return self.fail(format!("cannot encode a {name}"));
+            }
         }
-        let marked = match (&self.array_mt, t.metatable()) {
-            (Some(a), Some(m)) => a == &m,
-            _ => false,
-        };
+        true
+    }
+
+    unsafe fn table(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: std::os::raw::c_int,
+        depth: usize,
+    ) -> bool {
+        if depth > MAX_DEPTH {
+            return self.fail("nesting deeper than 1000".into());
+        }
+        if ffi::lua_checkstack(l, 6) == 0 {
+            return self.fail("nesting too deep for the lua stack".into());
+        }
+        let mut marked = false;
+        if ffi::lua_getmetatable(l, idx) != 0 {
+            marked = ffi::lua_rawequal(l, -1, self.mt) != 0;
+            ffi::lua_pop(l, 1);
+        }
         // One pass over the keys decides array or object, as cjson's lua_array_length does.
-        let mut max = 0usize;
-        let mut items = 0usize;
-        let mut is_array = true;
-        for pair in t.pairs::<LuaValue, LuaValue>() {
-            let (k, _) = pair.map_err(|e| e.to_string())?;
+        let (mut max, mut items, mut is_array) = (0usize, 0usize, true);
+        ffi::lua_pushnil(l);
+        while ffi::lua_next(l, idx) != 0 {
             items += 1;
-            let idx = match k {
-                LuaValue::Integer(i) if i >= 1 => Some(i as usize),
-                LuaValue::Number(f) if f >= 1.0 && f == f.trunc() && f < 9.0e15 => Some(f as usize),
-                _ => None,
+            let index = if ffi::lua_type(l, -2) != ffi::LUA_TNUMBER {
+                None
+            } else if ffi::lua_isinteger(l, -2) != 0 {
+                let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
+                (i >= 1).then_some(i as usize)
+            } else {
+                let f = ffi::lua_tonumberx(l, -2, std::ptr::null_mut());
+                (f >= 1.0 && f == f.trunc() && f < 9.0e15).then_some(f as usize)
             };
-            match idx {
+            ffi::lua_pop(l, 1);
+            match index {
                 Some(i) => max = max.max(i),
                 None => {
+                    ffi::lua_pop(l, 1);
                     is_array = false;
                     break;
                 }
@@ -107,59 +160,100 @@ impl Encoder {
         }
         if is_array && (items > 0 || marked) {
             if max > SPARSE_SAFE && max > items * SPARSE_RATIO {
-                return Err("excessively sparse array".into());
+                return self.fail("excessively sparse array".into());
             }
             self.out.push(b'[');
             for i in 1..=max {
                 if i > 1 {
                     self.out.push(b',');
                 }
-                let v: LuaValue = t.raw_get(i).map_err(|e| e.to_string())?;
-                self.value(&v, depth)?;
+                ffi::lua_rawgeti(l, idx, i as _);
+                let ok = self.value(l, ffi::lua_gettop(l), depth);
+                ffi::lua_pop(l, 1);
+                if !ok {
+                    return false;
+                }
             }
             self.out.push(b']');
-            return Ok(());
+            return true;
         }
         self.out.push(b'{');
         let mut first = true;
-        for pair in t.pairs::<LuaValue, LuaValue>() {
-            let (k, v) = pair.map_err(|e| e.to_string())?;
+        ffi::lua_pushnil(l);
+        while ffi::lua_next(l, idx) != 0 {
             if !first {
                 self.out.push(b',');
             }
             first = false;
-            match &k {
-                LuaValue::String(s) => escape_into(&mut self.out, &s.as_bytes()),
-                LuaValue::Integer(i) => escape_into(&mut self.out, i.to_string().as_bytes()),
-                LuaValue::Number(f) => {
+            match ffi::lua_type(l, -2) {
+                ffi::LUA_TSTRING => {
+                    let mut len = 0usize;
+                    let p = ffi::lua_tolstring(l, -2, &mut len);
+                    escape_into(
+                        &mut self.out,
+                        std::slice::from_raw_parts(p as *const u8, len),
+                    );
+                }
+                ffi::LUA_TNUMBER => {
+                    // Format a number key without lua_tolstring, which would turn the key
+                    // into a string in place and break lua_next.
                     let mut tmp = Vec::new();
-                    float_into(&mut tmp, *f)?;
+                    if ffi::lua_isinteger(l, -2) != 0 {
+                        tmp.extend_from_slice(
+                            ffi::lua_tointegerx(l, -2, std::ptr::null_mut())
+                                .to_string()
+                                .as_bytes(),
+                        );
+                    } else if let Err(e) =
+                        float_into(&mut tmp, ffi::lua_tonumberx(l, -2, std::ptr::null_mut()))
+                    {
+                        ffi::lua_pop(l, 2);
+                        return self.fail(e);
+                    }
                     escape_into(&mut self.out, &tmp);
                 }
-                other => {
-                    return Err(format!(
-                        "cannot encode a table key of type {}",
-                        other.type_name()
-                    ))
+                t => {
+                    let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t))
+                        .to_string_lossy()
+                        .into_owned();
+                    ffi::lua_pop(l, 2);
+                    return self.fail(format!("cannot encode a table key of type {name}"));
                 }
             }
             self.out.push(b':');
-            self.value(&v, depth)?;
+            let ok = self.value(l, ffi::lua_gettop(l), depth);
+            ffi::lua_pop(l, 1);
+            if !ok {
+                ffi::lua_pop(l, 1);
+                return false;
+            }
         }
         self.out.push(b'}');
-        Ok(())
+        true
     }
 }
 
 /// Encodes a Lua value as JSON text. Lua strings are bytes, and so is the result: bytes above
 /// 0x7F pass through unchanged, as with cjson.
 pub fn encode_value(lua: &Lua, v: &LuaValue) -> Result<Vec<u8>, String> {
-    let mut enc = Encoder {
-        array_mt: Some(lua.array_metatable()),
-        out: Vec::with_capacity(128),
+    let mut enc = RawEncoder {
+        mt: 1,
+        out: Vec::with_capacity(256),
+        err: None,
     };
-    enc.value(v, 0)?;
-    Ok(enc.out)
+    let res: LuaResult<()> = unsafe {
+        lua.exec_raw((lua.array_metatable(), v.clone()), |l| {
+            enc.mt = ffi::lua_gettop(l) - 1;
+            let top = ffi::lua_gettop(l);
+            enc.value(l, top, 0);
+            ffi::lua_settop(l, enc.mt - 1);
+        })
+    };
+    res.map_err(|e| e.to_string())?;
+    match enc.err {
+        Some(e) => Err(e),
+        None => Ok(enc.out),
+    }
 }
 
 /// The decoder builds Lua values with the C API inside one protected call, as cjson does:
