@@ -32,6 +32,7 @@ impl Val {
 enum Stored {
     Int(AtomicI64),
     Other(Val),
+    List(std::collections::VecDeque<Val>),
 }
 
 impl Stored {
@@ -42,10 +43,12 @@ impl Stored {
         }
     }
 
-    fn load(&self) -> Val {
+    /// The scalar value; `None` for a list.
+    fn load(&self) -> Option<Val> {
         match self {
-            Stored::Int(a) => Val::Int(a.load(Ordering::Relaxed)),
-            Stored::Other(v) => v.clone(),
+            Stored::Int(a) => Some(Val::Int(a.load(Ordering::Relaxed))),
+            Stored::Other(v) => Some(v.clone()),
+            Stored::List(_) => None,
         }
     }
 
@@ -53,6 +56,7 @@ impl Stored {
         match self {
             Stored::Int(_) => 8,
             Stored::Other(v) => v.size(),
+            Stored::List(l) => l.iter().map(|v| v.size() + 16).sum(),
         }
     }
 }
@@ -91,6 +95,9 @@ pub enum SetErr {
     Exists,
     NotFound,
     NotANumber,
+    NotAList,
+    IsList,
+    Changed,
 }
 
 impl SetErr {
@@ -100,6 +107,9 @@ impl SetErr {
             SetErr::Exists => "exists",
             SetErr::NotFound => "not found",
             SetErr::NotANumber => "not a number",
+            SetErr::NotAList => "value not a list",
+            SetErr::IsList => "value is a list",
+            SetErr::Changed => "changed",
         }
     }
 }
@@ -138,13 +148,199 @@ impl Store {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn get(&self, key: &str) -> Option<(Val, u32)> {
+    /// `Ok(None)` when missing or expired; `Err` for a list.
+    pub fn get(&self, key: &str) -> Result<Option<(Val, u32)>, SetErr> {
         let g = self.read();
-        let e = g.map.get(key)?;
+        let Some(e) = g.map.get(key) else {
+            return Ok(None);
+        };
         if e.expires.is_some() && !e.live(Instant::now()) {
-            return None;
+            return Ok(None);
         }
-        Some((e.val.load(), e.flags))
+        match e.val.load() {
+            Some(v) => Ok(Some((v, e.flags))),
+            None => Err(SetErr::IsList),
+        }
+    }
+
+    /// Like `get`, but an expired entry not yet purged is returned too, with `stale = true`.
+    pub fn get_stale(&self, key: &str) -> Result<Option<(Val, u32, bool)>, SetErr> {
+        let g = self.read();
+        let Some(e) = g.map.get(key) else {
+            return Ok(None);
+        };
+        match e.val.load() {
+            Some(v) => Ok(Some((v, e.flags, !e.live(Instant::now())))),
+            None => Err(SetErr::IsList),
+        }
+    }
+
+    /// Seconds left to live (0 = never expires); `Err(NotFound)` when missing or expired.
+    pub fn ttl(&self, key: &str) -> Result<f64, SetErr> {
+        let now = Instant::now();
+        let g = self.read();
+        match g.map.get(key).filter(|e| e.live(now)) {
+            None => Err(SetErr::NotFound),
+            Some(e) => Ok(e.expires.map(|t| (t - now).as_secs_f64()).unwrap_or(0.0)),
+        }
+    }
+
+    /// Sets a new time to live on a live key (`None` = never expires).
+    pub fn expire(&self, key: &str, ttl: Option<Duration>) -> Result<(), SetErr> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        match g.map.get_mut(key).filter(|e| e.live(now)) {
+            None => Err(SetErr::NotFound),
+            Some(e) => {
+                e.expires = ttl.map(|t| now + t);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes expired entries, at most `max` of them (0 = all); returns how many.
+    pub fn flush_expired(&self, max: usize) -> usize {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let dead: Vec<String> = g
+            .map
+            .iter()
+            .filter(|(_, e)| !e.live(now))
+            .map(|(k, _)| k.clone())
+            .take(if max == 0 { usize::MAX } else { max })
+            .collect();
+        for k in &dead {
+            if let Some(e) = g.map.remove(k) {
+                g.used -= stored_cost(k, &e.val);
+            }
+        }
+        dead.len()
+    }
+
+    /// Sets `key` to `new` only if its current value equals `old` (`None` = absent).
+    pub fn cas(
+        &self,
+        key: &str,
+        old: Option<&Val>,
+        new: Val,
+        ttl: Option<Duration>,
+    ) -> Result<(), SetErr> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let cur = g.map.get(key).filter(|e| e.live(now)).map(|e| e.val.load());
+        match (cur, old) {
+            (None, None) => {}
+            (Some(Some(c)), Some(o)) if c == *o => {}
+            (Some(None), _) => return Err(SetErr::IsList),
+            _ => return Err(SetErr::Changed),
+        }
+        let new_cost = cost(key, &new);
+        let old_cost = g
+            .map
+            .get(key)
+            .map(|e| stored_cost(key, &e.val))
+            .unwrap_or(0);
+        if g.used - old_cost + new_cost > self.capacity {
+            return Err(SetErr::NoMemory);
+        }
+        if let Some(prev) = g.map.insert(
+            key.to_string(),
+            Entry {
+                val: Stored::new(new),
+                flags: 0,
+                expires: ttl.map(|t| now + t),
+            },
+        ) {
+            g.used -= stored_cost(key, &prev.val);
+        }
+        g.used += new_cost;
+        Ok(())
+    }
+
+    /// Pushes onto the list at `key` (created if missing); returns the new length.
+    pub fn push(&self, key: &str, v: Val, front: bool) -> Result<usize, SetErr> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let extra = v.size() + 16;
+        let fresh = !g.map.get(key).is_some_and(|e| e.live(now));
+        let base = if fresh { key.len() + ENTRY_OVERHEAD } else { 0 };
+        let old_cost = if fresh {
+            g.map
+                .get(key)
+                .map(|e| stored_cost(key, &e.val))
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        if g.used - old_cost + base + extra > self.capacity {
+            return Err(SetErr::NoMemory);
+        }
+        if fresh {
+            if let Some(prev) = g.map.insert(
+                key.to_string(),
+                Entry {
+                    val: Stored::List(Default::default()),
+                    flags: 0,
+                    expires: None,
+                },
+            ) {
+                g.used -= stored_cost(key, &prev.val);
+            }
+            g.used += base;
+        }
+        let e = g.map.get_mut(key).expect("inserted above");
+        let Stored::List(list) = &mut e.val else {
+            return Err(SetErr::NotAList);
+        };
+        if front {
+            list.push_front(v);
+        } else {
+            list.push_back(v);
+        }
+        let len = list.len();
+        g.used += extra;
+        Ok(len)
+    }
+
+    /// Pops from the list at `key`; `Ok(None)` when missing or empty.
+    pub fn pop(&self, key: &str, front: bool) -> Result<Option<Val>, SetErr> {
+        let now = Instant::now();
+        let mut g = self.lock();
+        let Some(e) = g.map.get_mut(key).filter(|e| e.live(now)) else {
+            return Ok(None);
+        };
+        let Stored::List(list) = &mut e.val else {
+            return Err(SetErr::NotAList);
+        };
+        let v = if front {
+            list.pop_front()
+        } else {
+            list.pop_back()
+        };
+        let empty = list.is_empty();
+        if let Some(v) = &v {
+            g.used -= v.size() + 16;
+        }
+        if empty {
+            if let Some(prev) = g.map.remove(key) {
+                g.used -= stored_cost(key, &prev.val);
+            }
+        }
+        Ok(v)
+    }
+
+    /// Length of the list at `key` (0 when missing).
+    pub fn llen(&self, key: &str) -> Result<usize, SetErr> {
+        let now = Instant::now();
+        let g = self.read();
+        match g.map.get(key).filter(|e| e.live(now)) {
+            None => Ok(0),
+            Some(Entry {
+                val: Stored::List(l),
+                ..
+            }) => Ok(l.len()),
+            Some(_) => Err(SetErr::NotAList),
+        }
     }
 
     /// Stores `val`; `Ok(forcible)` is always false for now: nothing is evicted, a full dict
@@ -246,7 +442,8 @@ impl Store {
         let mut g = self.lock();
         let live = g.map.get(key).filter(|e| e.live(now)).map(|e| e.val.load());
         let (base, fresh) = match live {
-            Some(v) => (v, false),
+            Some(Some(v)) => (v, false),
+            Some(None) => return Err(SetErr::NotANumber),
             None => match init {
                 Some(v) => (v, true),
                 None => return Err(SetErr::NotFound),
@@ -468,7 +665,7 @@ impl LuaUserData for Dict {
                 Err(e) => return Ok((LuaValue::Nil, LuaValue::String(lua.create_string(e)?))),
             };
             match found {
-                Some((v, flags)) => Ok((
+                Ok(Some((v, flags))) => Ok((
                     from_val(lua, v)?,
                     if flags == 0 {
                         LuaValue::Nil
@@ -476,7 +673,11 @@ impl LuaUserData for Dict {
                         LuaValue::Integer(flags as i64)
                     },
                 )),
-                None => Ok((LuaValue::Nil, LuaValue::Nil)),
+                Ok(None) => Ok((LuaValue::Nil, LuaValue::Nil)),
+                Err(e) => Ok((
+                    LuaValue::Nil,
+                    LuaValue::String(lua.create_string(e.as_str())?),
+                )),
             }
         });
         // ok, err, forcible = dict:set(key, value, exptime?, flags?)
@@ -542,6 +743,121 @@ impl LuaUserData for Dict {
         m.add_method("capacity", |_, this, ()| Ok(this.0.capacity));
         // bytes = dict:free_space()
         m.add_method("free_space", |_, this, ()| Ok(this.0.free_space()));
+        // ok, err, forcible = dict:safe_set(key, value, exptime?, flags?): never evicts
+        // (nothing is evicted yet at all; a full dict answers "no memory")
+        m.add_method(
+            "safe_set",
+            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+                store_op(this, k, v, e, f, Mode::Set)
+            },
+        );
+        // ok, err, forcible = dict:safe_add(key, value, exptime?, flags?)
+        m.add_method(
+            "safe_add",
+            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
+                store_op(this, k, v, e, f, Mode::Add)
+            },
+        );
+        // value, flags, stale = dict:get_stale(key): expired values not yet purged too
+        m.add_method("get_stale", |lua, this, key: LuaValue| {
+            let found = match with_key(&key, |k| this.0.get_stale(k)) {
+                Ok(f) => f,
+                Err(e) => {
+                    return Ok((
+                        LuaValue::Nil,
+                        LuaValue::String(lua.create_string(e)?),
+                        LuaValue::Nil,
+                    ))
+                }
+            };
+            match found {
+                Ok(Some((v, flags, stale))) => Ok((
+                    from_val(lua, v)?,
+                    if flags == 0 {
+                        LuaValue::Nil
+                    } else {
+                        LuaValue::Integer(flags as i64)
+                    },
+                    LuaValue::Boolean(stale),
+                )),
+                Ok(None) => Ok((LuaValue::Nil, LuaValue::Nil, LuaValue::Nil)),
+                Err(e) => Ok((
+                    LuaValue::Nil,
+                    LuaValue::String(lua.create_string(e.as_str())?),
+                    LuaValue::Nil,
+                )),
+            }
+        });
+        // ttl, err = dict:ttl(key): seconds left (0 = never expires); nil, "not found"
+        m.add_method("ttl", |_, this, key: LuaValue| {
+            match with_key(&key, |k| this.0.ttl(k)) {
+                Ok(Ok(t)) => Ok((Some(t), None)),
+                Ok(Err(e)) => Ok((None, Some(e.as_str()))),
+                Err(e) => Ok((None, Some(e))),
+            }
+        });
+        // ok, err = dict:expire(key, exptime): 0 = never expires; nil, "not found"
+        m.add_method("expire", |_, this, (key, exptime): (LuaValue, f64)| {
+            let ttl = ttl_arg(Some(exptime))?;
+            match with_key(&key, |k| this.0.expire(k, ttl)) {
+                Ok(Ok(())) => Ok((Some(true), None)),
+                Ok(Err(e)) => Ok((None, Some(e.as_str()))),
+                Err(e) => Ok((None, Some(e))),
+            }
+        });
+        // n = dict:flush_expired(max?): removes expired entries (0 or nil = all), returns the count
+        m.add_method("flush_expired", |_, this, max: Option<usize>| {
+            Ok(this.0.flush_expired(max.unwrap_or(0)))
+        });
+        // ok, err = dict:cas(key, old, new, exptime?): set `new` only if the value is still
+        // `old` (nil = absent); false, "changed" otherwise
+        m.add_method(
+            "cas",
+            |_, this, (key, old, new, exptime): (LuaValue, LuaValue, LuaValue, Option<f64>)| {
+                let old = if old.is_nil() {
+                    None
+                } else {
+                    Some(to_val(&old)?)
+                };
+                let new = to_val(&new)?;
+                let ttl = ttl_arg(exptime)?;
+                match with_key(&key, |k| this.0.cas(k, old.as_ref(), new, ttl)) {
+                    Ok(Ok(())) => Ok((true, None)),
+                    Ok(Err(e)) => Ok((false, Some(e.as_str()))),
+                    Err(e) => Ok((false, Some(e))),
+                }
+            },
+        );
+        // len, err = dict:lpush(key, value) / dict:rpush(key, value)
+        for (name, front) in [("lpush", true), ("rpush", false)] {
+            m.add_method(name, move |_, this, (key, v): (LuaValue, LuaValue)| {
+                let v = to_val(&v)?;
+                match with_key(&key, |k| this.0.push(k, v, front)) {
+                    Ok(Ok(n)) => Ok((Some(n), None)),
+                    Ok(Err(e)) => Ok((None, Some(e.as_str()))),
+                    Err(e) => Ok((None, Some(e))),
+                }
+            });
+        }
+        // value, err = dict:lpop(key) / dict:rpop(key): nil when the list is empty or missing
+        for (name, front) in [("lpop", true), ("rpop", false)] {
+            m.add_method(name, move |lua, this, key: LuaValue| {
+                match with_key(&key, |k| this.0.pop(k, front)) {
+                    Ok(Ok(Some(v))) => Ok((from_val(lua, v)?, None)),
+                    Ok(Ok(None)) => Ok((LuaValue::Nil, None)),
+                    Ok(Err(e)) => Ok((LuaValue::Nil, Some(e.as_str()))),
+                    Err(e) => Ok((LuaValue::Nil, Some(e))),
+                }
+            });
+        }
+        // len, err = dict:llen(key): 0 when missing
+        m.add_method("llen", |_, this, key: LuaValue| {
+            match with_key(&key, |k| this.0.llen(k)) {
+                Ok(Ok(n)) => Ok((Some(n), None)),
+                Ok(Err(e)) => Ok((None, Some(e.as_str()))),
+                Err(e) => Ok((None, Some(e))),
+            }
+        });
         // newval, err = dict:lease(key, req): incr(key, 1) now, and -1 automatically when
         // the request ends however it ends (response sent, error, client abort).
         m.add_method(
@@ -657,13 +973,13 @@ mod tests {
             store: s.clone(),
             key: "up".into(),
         });
-        assert_eq!(s.get("up").unwrap().0, Val::Int(0));
+        assert_eq!(s.get("up").unwrap().unwrap().0, Val::Int(0));
         s.delete("up");
         drop(Lease {
             store: s.clone(),
             key: "up".into(),
         });
-        assert!(s.get("up").is_none());
+        assert!(s.get("up").unwrap().is_none());
     }
 
     #[test]
@@ -683,6 +999,6 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
-        assert_eq!(s.get("n").unwrap().0, Val::Int(40_000));
+        assert_eq!(s.get("n").unwrap().unwrap().0, Val::Int(40_000));
     }
 }

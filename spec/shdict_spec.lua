@@ -1,0 +1,155 @@
+-- luaproxy.shared: the ngx.shared.DICT methods implemented so far, without a loop (dict calls
+-- never yield), plus sharing with worker VMs. Short real TTLs; no mocks of time.
+local luaproxy = require "luaproxy"
+local util = require "support.util"
+
+local n = 0
+local function dict(size)
+    n = n + 1
+    return assert(luaproxy.shared.new("shdict_spec_" .. n, size or "64k"))
+end
+
+local function sleep(s)
+    luaproxy.run(luaproxy.sleep, s)
+end
+
+describe("luaproxy.shared", function()
+    it("new returns the same dict for the same name and capacity, nil, err otherwise", function()
+        local d = dict("1m")
+        assert.are.equal(1024 * 1024, d:capacity())
+        assert.is_truthy(luaproxy.shared.new("shdict_spec_" .. n, "1m"))
+        local none, err = luaproxy.shared.new("shdict_spec_" .. n, "2m")
+        assert.is_nil(none)
+        assert.matches("exists with capacity", err)
+        assert.are.equal(d:capacity(), luaproxy.shared["shdict_spec_" .. n]:capacity())
+        assert.is_nil(luaproxy.shared.no_such_dict)
+        assert.has_error(function() luaproxy.shared.new("x", "lots") end)
+    end)
+
+    it("get/set/add/replace/delete with ngx return values", function()
+        local d = dict()
+        assert.are.same({ true, nil, false }, { d:set("k", "v", 0, 7) })
+        assert.are.same({ "v", 7 }, { d:get("k") })
+        assert.are.same({ false, "exists", false }, { d:add("k", "w") })
+        assert.are.same({ false, "not found", false }, { d:replace("missing", 1) })
+        assert.is_true((d:replace("k", 42)))
+        assert.are.equal("integer", math.type(d:get("k")))
+        assert.is_true((d:set("f", 1.5)))
+        assert.are.equal(1.5, d:get("f"))
+        assert.is_true((d:set("b", false)))
+        assert.is_false(d:get("b"))
+        assert.is_true((d:set("bin", "a\0b")))
+        assert.are.equal("a\0b", d:get("bin"))
+        assert.is_true(d:delete("k"))
+        assert.is_nil(d:get("k"))
+        assert.is_true((d:set("b", nil)))
+        assert.is_nil(d:get("b"))
+        assert.are.same({ false, "empty key", false }, { d:set("", 1) })
+        assert.are.same({ false, "key too long", false }, { d:set(("k"):rep(65536), 1) })
+        assert.has_error(function() d:set("t", {}) end)
+    end)
+
+    it("incr with init and init_ttl, not found, not a number", function()
+        local d = dict()
+        assert.are.same({ nil, "not found", false }, { d:incr("c", 1) })
+        assert.are.equal(5, d:incr("c", 5, 0))
+        assert.are.equal(3, d:incr("c", -2))
+        assert.are.equal(3.5, d:incr("c", 0.5))
+        d:set("s", "x")
+        assert.are.same({ nil, "not a number", false }, { d:incr("s", 1) })
+        assert.are.equal(1, d:incr("t", 1, 0, 0.1))
+        sleep(0.15)
+        assert.is_nil(d:get("t"))
+    end)
+
+    it("expires by TTL; ttl, expire, get_stale, flush_expired", function()
+        local d = dict()
+        d:set("a", "x", 0.1)
+        d:set("b", "y")
+        local ttl = d:ttl("a")
+        assert.is_true(ttl > 0 and ttl <= 0.1)
+        assert.are.equal(0, d:ttl("b"))
+        assert.are.same({ nil, "not found" }, { d:ttl("zz") })
+        assert.is_true((d:expire("b", 0.1)))
+        sleep(0.15)
+        assert.is_nil(d:get("a"))
+        assert.is_nil(d:get("b"))
+        assert.are.same({ "x", nil, true }, { d:get_stale("a") })
+        assert.are.same({ nil, "not found" }, { d:expire("a", 1) })
+        assert.are.equal(2, d:flush_expired())
+        assert.are.same({ nil, nil, nil }, { d:get_stale("a") })
+        d:set("c", 1, 5)
+        assert.is_true((d:expire("c", 0)))
+        assert.are.equal(0, d:ttl("c"))
+    end)
+
+    it("lists: push, pop, llen, type errors", function()
+        local d = dict()
+        assert.are.equal(1, d:lpush("l", "b"))
+        assert.are.equal(2, d:lpush("l", "a"))
+        assert.are.equal(3, d:rpush("l", 3))
+        assert.are.equal(3, d:llen("l"))
+        assert.are.equal("a", d:lpop("l"))
+        assert.are.equal(3, d:rpop("l"))
+        assert.are.equal("b", d:rpop("l"))
+        assert.is_nil(d:lpop("l"))
+        assert.are.equal(0, d:llen("l"))
+        d:set("s", "x")
+        assert.are.same({ nil, "value not a list" }, { d:lpush("s", 1) })
+        assert.are.same({ nil, "value not a list" }, { d:llen("s") })
+        d:rpush("l2", 1)
+        assert.are.same({ nil, "value is a list" }, { d:get("l2") })
+    end)
+
+    it("cas sets only over the expected value", function()
+        local d = dict()
+        assert.are.same({ true, nil }, { d:cas("k", nil, "v1") })
+        assert.are.same({ false, "changed" }, { d:cas("k", nil, "v2") })
+        assert.are.same({ false, "changed" }, { d:cas("k", "nope", "v2") })
+        assert.are.same({ true, nil }, { d:cas("k", "v1", 2) })
+        assert.are.equal(2, d:get("k"))
+    end)
+
+    it("counts bytes: a full dict says no memory and free_space comes back", function()
+        local d = dict(4096)
+        local free = d:free_space()
+        assert.are.equal(4096, free)
+        assert.are.same({ false, "no memory", false }, { d:set("big", ("x"):rep(5000)) })
+        assert.is_true((d:safe_set("a", ("x"):rep(1000))))
+        assert.is_true(d:free_space() < free - 1000)
+        d:delete("a")
+        assert.are.equal(free, d:free_space())
+        local keys = 0
+        for i = 1, 1000 do
+            if not d:safe_add("k" .. i, i) then break end
+            keys = keys + 1
+        end
+        assert.is_true(keys > 10 and keys < 1000)
+        assert.are.same({ false, "no memory", false }, { d:safe_add("one-more-key", 1) })
+        assert.are.equal(keys, #d:get_keys(0))
+        assert.are.equal(10, #d:get_keys(10))
+        d:flush_all()
+        assert.are.equal(0, #d:get_keys(0))
+    end)
+
+    it("is the same dict in every worker VM: concurrent incr from 2 workers sums exactly", function()
+        local name = "shdict_spec_workers"
+        luaproxy.shared.new(name, "64k")
+        local policy = util.write_temp("incr_policy.lua", ([[
+            local luaproxy = require "luaproxy"
+            return {
+                init_worker = function()
+                    local d = luaproxy.shared[%q]
+                    for _ = 1, 50000 do d:incr("n", 1, 0) end
+                end,
+                handler = function() return 200 end,
+            }
+        ]]):format(name))
+        luaproxy.run(function()
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2 })
+            srv:close()
+            srv:wait()
+        end)
+        assert.are.equal(100000, luaproxy.shared[name]:get("n"))
+    end)
+end)
