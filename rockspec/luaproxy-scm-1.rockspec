@@ -34,6 +34,7 @@ build = {
          ["luaproxy.admin"] = "lua/luaproxy/admin.lua",
          ["luaproxy.balancer"] = "lua/luaproxy/balancer.lua",
          ["luaproxy.cli"] = "lua/luaproxy/cli.lua",
+         ["luaproxy.lock"] = "lua/luaproxy/lock.lua",
       },
    },
 }

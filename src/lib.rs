@@ -24,6 +24,27 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     t.set("json", json::register(lua)?)?;
     t.set("http", upstream::register(lua)?)?;
     listener::register(lua, &t)?;
+    // Parts written in Lua (lua/luaproxy/*.lua) are reachable as fields too, loaded on first
+    // use: `luaproxy.lock` is `require "luaproxy.lock"`.
+    let mt = lua.create_table()?;
+    mt.set(
+        "__index",
+        lua.load(
+            r#"
+            local LAZY = { lock = true, balancer = true }
+            return function(t, k)
+                if LAZY[k] then
+                    local m = require("luaproxy." .. k)
+                    rawset(t, k, m)
+                    return m
+                end
+            end
+            "#,
+        )
+        .set_name("=luaproxy")
+        .eval::<LuaFunction>()?,
+    )?;
+    t.set_metatable(Some(mt))?;
     Ok(t)
 }
 
