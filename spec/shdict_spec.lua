@@ -46,7 +46,7 @@ describe("luaproxy.shared", function()
         assert.is_nil(d:get("b"))
         assert.are.same({ false, "empty key", false }, { d:set("", 1) })
         assert.are.same({ false, "key too long", false }, { d:set(("k"):rep(65536), 1) })
-        assert.has_error(function() d:set("t", {}) end)
+        assert.has_error(function() d:set("t", print) end)
     end)
 
     it("incr with init and init_ttl, not found, not a number", function()
@@ -99,6 +99,26 @@ describe("luaproxy.shared", function()
         assert.are.same({ nil, "value not a list" }, { d:llen("s") })
         d:rpush("l2", 1)
         assert.are.same({ nil, "value is a list" }, { d:get("l2") })
+    end)
+
+    it("stores tables by copy, nested, never shared", function()
+        local d = dict()
+        local v = { name = "x", n = 1, list = { 1, 2, { deep = true } }, [10] = "ten" }
+        assert.is_true((d:set("t", v)))
+        local got = d:get("t")
+        assert.are.same(v, got)
+        assert.are_not.equal(v, got)
+        v.name = "changed"
+        got.n = 99
+        assert.are.equal("x", d:get("t").name)
+        assert.are.equal(1, d:get("t").n)
+        assert.is_true((d:set("empty", {})))
+        assert.are.same({}, d:get("empty"))
+        local cycle = {}
+        cycle.self = cycle
+        assert.has_error(function() d:set("c", cycle) end)
+        assert.has_error(function() d:set("k", { [{}] = 1 }) end)
+        assert.has_error(function() d:set("f", { f = print }) end)
     end)
 
     it("cas sets only over the expected value", function()

@@ -16,16 +16,27 @@ pub enum Val {
     Int(i64),
     Num(f64),
     Bool(bool),
+    /// A Lua table copied in (keys and values are themselves `Val`s); copied out on read.
+    Table(Vec<(Val, Val)>),
 }
 
 impl Val {
     fn size(&self) -> usize {
         match self {
             Val::Str(s) => s.len(),
+            Val::Table(kv) => {
+                16 + kv
+                    .iter()
+                    .map(|(k, v)| k.size() + v.size() + 16)
+                    .sum::<usize>()
+            }
             _ => 8,
         }
     }
 }
+
+/// Nesting allowed in table values (deeper, or a cycle, is refused).
+const MAX_TABLE_DEPTH: usize = 100;
 
 /// Integers are stored as atomics so `incr` and `get` (what least-connection counting does on
 /// every request, from every worker) only need the shared read lock.
@@ -594,14 +605,39 @@ fn check_key(key: &LuaValue) -> Result<String, &'static str> {
 }
 
 fn to_val(v: &LuaValue) -> LuaResult<Val> {
+    to_val_depth(v, 0)
+}
+
+fn to_val_depth(v: &LuaValue, depth: usize) -> LuaResult<Val> {
     Ok(match v {
         LuaValue::String(s) => Val::Str(s.as_bytes().to_vec()),
         LuaValue::Integer(i) => Val::Int(*i),
         LuaValue::Number(n) => Val::Num(*n),
         LuaValue::Boolean(b) => Val::Bool(*b),
+        LuaValue::Table(t) => {
+            if depth >= MAX_TABLE_DEPTH {
+                return Err(LuaError::runtime(
+                    "bad value: table nested deeper than 100 (or a cycle)",
+                ));
+            }
+            let mut kv = Vec::new();
+            for pair in t.pairs::<LuaValue, LuaValue>() {
+                let (k, v) = pair?;
+                let k = match k {
+                    LuaValue::Table(_) => {
+                        return Err(LuaError::runtime(
+                            "bad value: table keys must be strings, numbers or booleans",
+                        ))
+                    }
+                    k => to_val_depth(&k, depth + 1)?,
+                };
+                kv.push((k, to_val_depth(&v, depth + 1)?));
+            }
+            Val::Table(kv)
+        }
         other => {
             return Err(LuaError::runtime(format!(
-                "bad value type: {} (strings, numbers and booleans only)",
+                "bad value type: {} (strings, numbers, booleans and tables of them only)",
                 other.type_name()
             )))
         }
@@ -614,6 +650,13 @@ fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
         Val::Int(i) => LuaValue::Integer(i),
         Val::Num(n) => LuaValue::Number(n),
         Val::Bool(b) => LuaValue::Boolean(b),
+        Val::Table(kv) => {
+            let t = lua.create_table_with_capacity(0, kv.len())?;
+            for (k, v) in kv {
+                t.raw_set(from_val(lua, k)?, from_val(lua, v)?)?;
+            }
+            LuaValue::Table(t)
+        }
     })
 }
 
