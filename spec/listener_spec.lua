@@ -76,15 +76,16 @@ describe("listener", function()
                 { "GET / HTTP/1.1\\r\\nHost: a\\r\\nHost: b\\r\\n\\r\\n", "400", "duplicate host" },
                 { "TRACE / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n", "405", "method not allowed" },
                 { "POST / HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 5000\\r\\n\\r\\nxx", "413", "too large" },
-                -- hyper refuses differing lengths itself, closing without an answer (noted in
-                -- docs/api.md); the handler must not run either way
+                -- hyper refuses differing lengths itself: a bare 400, or (when the close wins the
+                -- race with the write) no answer at all (noted in docs/api.md); the handler must
+                -- not run either way
                 { "POST / HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 2\\r\\nContent-Length: 3\\r\\n\\r\\nxxx", "closed" },
                 { "POST / HTTP/1.1\\r\\nHost: a\\r\\nTransfer-Encoding: gzip, chunked\\r\\n\\r\\n0\\r\\n\\r\\n", "501", "transfer-encoding" },
             }
             for _, c in ipairs(cases) do
                 local out = util.raw(port, c[1])
                 if c[2] == "closed" then
-                    assert.are.equal("", out)
+                    assert.is_truthy(out == "" or out:match("^HTTP/1.1 400"), out)
                 else
                     assert.matches("^HTTP/1.1 " .. c[2], out)
                     assert.matches(c[3], out, 1, true)
