@@ -448,7 +448,8 @@ impl RawDecoder<'_> {
         true
     }
 
-    unsafe fn array(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
+    /// Opens a container: checks depth and stack room, skips the bracket, pushes a new table.
+    unsafe fn open(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
         if depth > MAX_DEPTH {
             return self.fail("nesting deeper than 1000");
         }
@@ -457,6 +458,38 @@ impl RawDecoder<'_> {
         }
         self.i += 1;
         ffi::lua_createtable(l, 0, 0);
+        true
+    }
+
+    /// After an item: `Some(true)` at the closing bracket, `None` after a comma (more to come),
+    /// `Some(false)` on anything else (the container is popped).
+    unsafe fn separator(
+        &mut self,
+        l: *mut ffi::lua_State,
+        close: u8,
+        msg: &'static str,
+    ) -> Option<bool> {
+        self.ws();
+        match self.s.get(self.i) {
+            Some(b',') => {
+                self.i += 1;
+                None
+            }
+            Some(&c) if c == close => {
+                self.i += 1;
+                Some(true)
+            }
+            _ => {
+                ffi::lua_pop(l, 1);
+                Some(self.fail(msg))
+            }
+        }
+    }
+
+    unsafe fn array(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
+        if !self.open(l, depth) {
+            return false;
+        }
         ffi::lua_pushvalue(l, self.mt);
         ffi::lua_setmetatable(l, -2);
         self.ws();
@@ -472,30 +505,16 @@ impl RawDecoder<'_> {
             }
             n += 1;
             ffi::lua_rawseti(l, -2, n as _);
-            self.ws();
-            match self.s.get(self.i) {
-                Some(b',') => self.i += 1,
-                Some(b']') => {
-                    self.i += 1;
-                    return true;
-                }
-                _ => {
-                    ffi::lua_pop(l, 1);
-                    return self.fail("expected ',' or ']'");
-                }
+            if let Some(done) = self.separator(l, b']', "expected ',' or ']'") {
+                return done;
             }
         }
     }
 
     unsafe fn object(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
-        if depth > MAX_DEPTH {
-            return self.fail("nesting deeper than 1000");
+        if !self.open(l, depth) {
+            return false;
         }
-        if ffi::lua_checkstack(l, 4) == 0 {
-            return self.fail("nesting too deep for the lua stack");
-        }
-        self.i += 1;
-        ffi::lua_createtable(l, 0, 0);
         self.ws();
         if self.s.get(self.i) == Some(&b'}') {
             self.i += 1;
@@ -519,17 +538,8 @@ impl RawDecoder<'_> {
                 return false;
             }
             ffi::lua_rawset(l, -3);
-            self.ws();
-            match self.s.get(self.i) {
-                Some(b',') => self.i += 1,
-                Some(b'}') => {
-                    self.i += 1;
-                    return true;
-                }
-                _ => {
-                    ffi::lua_pop(l, 1);
-                    return self.fail("expected ',' or '}'");
-                }
+            if let Some(done) = self.separator(l, b'}', "expected ',' or '}'") {
+                return done;
             }
         }
     }
