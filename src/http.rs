@@ -51,7 +51,10 @@ pub fn validate_request(
     if !(path.starts_with('/') || path == "*" && *method == Method::OPTIONS) {
         return Err(reject(StatusCode::BAD_REQUEST, "bad request target"));
     }
-    let mut head = uri.to_string().len() + method.as_str().len() + 12;
+    // Lengths only: this runs on every request, so no formatting of the URI.
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len() + 8);
+    let mut head = target + method.as_str().len() + 12;
     for (name, value) in headers {
         head += name.as_str().len() + value.len() + 4;
     }

@@ -122,7 +122,7 @@ fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<hyper::Response<B
     };
     let status = u16::try_from(code)
         .ok()
-        .filter(|c| (100..=999).contains(c) && *c != 101)
+        .filter(|c| (200..=999).contains(c))
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| format!("invalid response status {code}"))?;
     let mut map = hyper::HeaderMap::new();
