@@ -145,11 +145,64 @@ describe("luaproxy.shared", function()
             keys = keys + 1
         end
         assert.is_true(keys > 10 and keys < 1000)
-        assert.are.same({ false, "no memory", false }, { d:safe_add("one-more-key", 1) })
+        assert.are.same({ false, "no memory" }, { d:safe_add("one-more-key", 1) })
         assert.are.equal(keys, #d:get_keys(0))
         assert.are.equal(10, #d:get_keys(10))
         d:flush_all()
         assert.are.equal(0, #d:get_keys(0))
+    end)
+
+    it("evicts the least recently used entry when full, and says so with forcible", function()
+        local d = dict(8192)
+        local m = 0
+        while d:safe_add("k" .. (m + 1), ("v"):rep(100)) do m = m + 1 end
+        assert.is_true(m > 10)
+        assert.are.equal("string", type(d:get("k1")))      -- k1 is now the most recently used
+        assert.are.same({ true, nil, true }, { d:set("new1", ("n"):rep(100)) })
+        assert.is_nil(d:get("k2"))                          -- the oldest untouched entry went
+        assert.is_truthy(d:get("k1"))
+        assert.is_truthy(d:get("k3"))
+        assert.are.same({ 1, nil, true }, { d:incr("counter", 1, 0) })
+        assert.is_nil(d:get("k4"))
+        assert.is_truthy(d:get("k3"))                       -- read just before
+        assert.are.equal(1, (d:lpush("list", ("x"):rep(100))))
+        assert.is_nil(d:get("k5"))
+        assert.are.same({ false, "no memory" }, { d:safe_set("new2", ("n"):rep(100)) })
+        assert.is_truthy(d:get("k6"))                       -- safe_set evicted nothing
+        assert.are.same({ false, "no memory", false }, { d:set("huge", ("h"):rep(9000)) })
+        assert.is_truthy(d:get("k6"))                       -- nor did a value that can never fit
+        assert.is_true(d:free_space() >= 0)
+    end)
+
+    it("reclaims expired entries first without calling it forcible; safe_set may use them", function()
+        local d = dict(8192)
+        local m = 0
+        while d:safe_add("t" .. (m + 1), ("v"):rep(100), 0.05) do m = m + 1 end
+        sleep(0.1)
+        assert.are.same({ true, nil, false }, { d:set("a", ("a"):rep(100)) })
+        assert.are.same({ true, nil }, { d:safe_set("b", ("b"):rep(100)) })
+        assert.are.same({ true, nil }, { d:safe_add("c", ("c"):rep(100)) })
+        assert.are.same({ "b" .. ("b"):rep(99), nil }, { d:get("b") })
+    end)
+
+    it("get_keys and flush_expired walk dicts bigger than one chunk, each key once", function()
+        local d = dict("8m")
+        for i = 1, 5000 do assert.is_true((d:set("p" .. i, i))) end
+        for i = 1, 3000 do assert.is_true((d:set("e" .. i, i, 0.05))) end
+        assert.are.equal(1024, #d:get_keys())
+        assert.are.equal(8000, #d:get_keys(0))
+        sleep(0.1)
+        local keys, seen = d:get_keys(0), {}
+        assert.are.equal(5000, #keys)
+        for _, k in ipairs(keys) do
+            assert.is_nil(seen[k])
+            seen[k] = true
+        end
+        assert.are.equal("p1", keys[1])                    -- least recently written first
+        assert.are.equal(30, d:flush_expired(30))
+        assert.are.equal(2970, d:flush_expired())
+        assert.are.equal(0, d:flush_expired())
+        assert.are.equal(5000, #d:get_keys(0))
     end)
 
     it("is the same dict in every worker VM: concurrent incr from 2 workers sums exactly", function()

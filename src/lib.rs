@@ -2,6 +2,7 @@
 //!
 //! This file only wires the bindings together; each binding lives in its own file.
 
+pub mod cache;
 pub mod h1client;
 pub mod http;
 pub mod json;
@@ -22,6 +23,7 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     log::register(lua, &t)?;
     t.set("shared", shdict::register(lua)?)?;
     t.set("json", json::register(lua)?)?;
+    t.set("cache", cache::register(lua)?)?;
     t.set("http", upstream::register(lua)?)?;
     listener::register(lua, &t)?;
     // Parts written in Lua (lua/luaproxy/*.lua) are reachable as fields too, loaded on first

@@ -3,10 +3,15 @@
 //!
 //! The store itself (`Store`) is plain Rust; this file adds the Lua surface. Operations never
 //! yield, so they work anywhere, with or without a running loop.
+//!
+//! Eviction is exact LRU without making reads exclusive: a read stamps the entry with a tick
+//! from the store's clock (an atomic store under the shared lock); the ordered index of ticks
+//! only catches up under the write lock, when an eviction walks it from the oldest end and
+//! moves any entry read since it was indexed to its real place before judging it.
 
 use mlua::prelude::*;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,10 +23,12 @@ pub enum Val {
     Bool(bool),
     /// A Lua table copied in (keys and values are themselves `Val`s); copied out on read.
     Table(Vec<(Val, Val)>),
+    /// A buffered upstream response (only `luaproxy.cache` stores these); shared, not copied.
+    Resp(Arc<crate::cache::CachedResponse>),
 }
 
 impl Val {
-    fn size(&self) -> usize {
+    pub fn size(&self) -> usize {
         match self {
             Val::Str(s) => s.len(),
             Val::Table(kv) => {
@@ -30,6 +37,7 @@ impl Val {
                     .map(|(k, v)| k.size() + v.size() + 16)
                     .sum::<usize>()
             }
+            Val::Resp(r) => r.size(),
             _ => 8,
         }
     }
@@ -37,6 +45,14 @@ impl Val {
 
 /// Nesting allowed in table values (deeper, or a cycle, is refused).
 const MAX_TABLE_DEPTH: usize = 100;
+
+/// Entries examined per lock hold by `get_keys` and `flush_expired`, so a big dict never holds
+/// other workers up for long.
+const SCAN_CHUNK: usize = 1024;
+
+/// Live entries a `safe_*` write steps over while looking for expired ones to reclaim before it
+/// gives up with "no memory".
+const SAFE_SCAN: usize = 256;
 
 /// Integers are stored as atomics so `incr` and `get` (what least-connection counting does on
 /// every request, from every worker) only need the shared read lock.
@@ -62,20 +78,18 @@ impl Stored {
             Stored::List(_) => None,
         }
     }
-
-    fn size(&self) -> usize {
-        match self {
-            Stored::Int(_) => 8,
-            Stored::Other(v) => v.size(),
-            Stored::List(l) => l.iter().map(|v| v.size() + 16).sum(),
-        }
-    }
 }
 
 struct Entry {
     val: Stored,
     flags: u32,
     expires: Option<Instant>,
+    /// Bytes charged against capacity.
+    cost: usize,
+    /// This entry's key in `Inner::lru`.
+    order: u64,
+    /// Tick of the last access (>= `order`); bumped by reads under the shared lock.
+    touched: AtomicU64,
 }
 
 impl Entry {
@@ -84,13 +98,110 @@ impl Entry {
     }
 }
 
-/// Fixed per-entry overhead counted against capacity, so capacity bounds real memory.
+/// Fixed per-entry overhead counted against capacity (map slot, index node, key header), so
+/// capacity bounds real memory.
 const ENTRY_OVERHEAD: usize = 64;
+/// Per-element overhead of a list.
+const LIST_ITEM_OVERHEAD: usize = 16;
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<String, Entry, ahash::RandomState>,
+    map: HashMap<Arc<str>, Entry, ahash::RandomState>,
+    /// Entries by `order`, oldest first.
+    lru: BTreeMap<u64, Arc<str>>,
     used: usize,
+}
+
+impl Inner {
+    fn remove(&mut self, key: &str) -> Option<(Arc<str>, Entry)> {
+        let (k, e) = self.map.remove_entry(key)?;
+        self.lru.remove(&e.order);
+        self.used -= e.cost;
+        Some((k, e))
+    }
+
+    /// Inserts an entry for a key that is not in the map (the caller removed it and made room).
+    fn insert(
+        &mut self,
+        key: Arc<str>,
+        val: Stored,
+        flags: u32,
+        exp: Option<Instant>,
+        cost: usize,
+        tick: u64,
+    ) {
+        self.lru.insert(tick, key.clone());
+        self.used += cost;
+        self.map.insert(
+            key,
+            Entry {
+                val,
+                flags,
+                expires: exp,
+                cost,
+                order: tick,
+                touched: AtomicU64::new(tick),
+            },
+        );
+    }
+
+    /// Frees space, least recently used first, until `need` more bytes fit in `cap` once
+    /// `credit` bytes (the entry being overwritten) are given back. `keep` is never evicted.
+    /// With `force` live entries may go (then `Ok(true)`: ngx's `forcible`); without it only
+    /// expired ones do, and "no memory" comes back when that is not enough.
+    fn make_room(
+        &mut self,
+        cap: usize,
+        need: usize,
+        credit: usize,
+        keep: &str,
+        now: Instant,
+        force: bool,
+    ) -> Result<bool, SetErr> {
+        if need > cap {
+            return Err(SetErr::NoMemory);
+        }
+        let mut forcible = false;
+        let mut cursor = 0u64;
+        let mut stepped_over = 0;
+        while self.used + need > cap + credit {
+            let Some((&order, key)) = self.lru.range(cursor..).next() else {
+                return Err(SetErr::NoMemory);
+            };
+            cursor = order + 1;
+            if &**key == keep {
+                continue;
+            }
+            let key = key.clone();
+            let e = self.map.get_mut(&*key).expect("lru index and map agree");
+            let touched = *e.touched.get_mut();
+            if touched > order {
+                // Read since it was indexed: move it to where it really belongs and go on.
+                e.order = touched;
+                self.lru.remove(&order);
+                self.lru.insert(touched, key);
+                continue;
+            }
+            let live = e.live(now);
+            if live && !force {
+                stepped_over += 1;
+                if stepped_over >= SAFE_SCAN {
+                    return Err(SetErr::NoMemory);
+                }
+                continue;
+            }
+            forcible |= live;
+            self.remove(&key);
+        }
+        Ok(forcible)
+    }
+}
+
+/// What a lookup found.
+pub struct Found {
+    pub val: Val,
+    pub flags: u32,
+    pub expires: Option<Instant>,
 }
 
 /// A named dictionary with a byte capacity.
@@ -98,6 +209,7 @@ pub struct Store {
     pub name: String,
     pub capacity: usize,
     inner: RwLock<Inner>,
+    clock: AtomicU64,
 }
 
 #[derive(Debug, PartialEq)]
@@ -136,16 +248,13 @@ fn cost(key: &str, v: &Val) -> usize {
     key.len() + v.size() + ENTRY_OVERHEAD
 }
 
-fn stored_cost(key: &str, v: &Stored) -> usize {
-    key.len() + v.size() + ENTRY_OVERHEAD
-}
-
 impl Store {
     pub fn new(name: &str, capacity: usize) -> Store {
         Store {
             name: name.to_string(),
             capacity,
             inner: RwLock::new(Inner::default()),
+            clock: AtomicU64::new(1),
         }
     }
 
@@ -159,6 +268,31 @@ impl Store {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn touch(&self, e: &Entry) {
+        e.touched.store(self.tick(), Ordering::Relaxed);
+    }
+
+    /// The entry at `key`, expired or not (`Ok(None)` when missing); `Err` for a list.
+    pub fn lookup(&self, key: &str) -> Result<Option<Found>, SetErr> {
+        let g = self.read();
+        let Some(e) = g.map.get(key) else {
+            return Ok(None);
+        };
+        self.touch(e);
+        match e.val.load() {
+            Some(val) => Ok(Some(Found {
+                val,
+                flags: e.flags,
+                expires: e.expires,
+            })),
+            None => Err(SetErr::IsList),
+        }
+    }
+
     /// `Ok(None)` when missing or expired; `Err` for a list.
     pub fn get(&self, key: &str) -> Result<Option<(Val, u32)>, SetErr> {
         let g = self.read();
@@ -168,6 +302,7 @@ impl Store {
         if e.expires.is_some() && !e.live(Instant::now()) {
             return Ok(None);
         }
+        self.touch(e);
         match e.val.load() {
             Some(v) => Ok(Some((v, e.flags))),
             None => Err(SetErr::IsList),
@@ -176,14 +311,10 @@ impl Store {
 
     /// Like `get`, but an expired entry not yet purged is returned too, with `stale = true`.
     pub fn get_stale(&self, key: &str) -> Result<Option<(Val, u32, bool)>, SetErr> {
-        let g = self.read();
-        let Some(e) = g.map.get(key) else {
-            return Ok(None);
-        };
-        match e.val.load() {
-            Some(v) => Ok(Some((v, e.flags, !e.live(Instant::now())))),
-            None => Err(SetErr::IsList),
-        }
+        let now = Instant::now();
+        Ok(self
+            .lookup(key)?
+            .map(|f| (f.val, f.flags, f.expires.is_some_and(|e| e <= now))))
     }
 
     /// Seconds left to live (0 = never expires); `Err(NotFound)` when missing or expired.
@@ -209,23 +340,51 @@ impl Store {
         }
     }
 
-    /// Removes expired entries, at most `max` of them (0 = all); returns how many.
-    pub fn flush_expired(&self, max: usize) -> usize {
+    /// Hands `f` up to `SCAN_CHUNK` keys from index position `cursor` on, oldest first, with
+    /// whether each is live, under one hold of the shared lock. `f` returns false to stop.
+    /// Returns where the next chunk starts, or `None` when the walk is over.
+    fn scan_chunk(&self, cursor: u64, mut f: impl FnMut(&Arc<str>, bool) -> bool) -> Option<u64> {
         let now = Instant::now();
-        let mut g = self.lock();
-        let dead: Vec<String> = g
-            .map
-            .iter()
-            .filter(|(_, e)| !e.live(now))
-            .map(|(k, _)| k.clone())
-            .take(if max == 0 { usize::MAX } else { max })
-            .collect();
-        for k in &dead {
-            if let Some(e) = g.map.remove(k) {
-                g.used -= stored_cost(k, &e.val);
+        let g = self.read();
+        let mut next = cursor;
+        for (seen, (&order, k)) in g.lru.range(cursor..).enumerate() {
+            if seen == SCAN_CHUNK {
+                return Some(next);
+            }
+            next = order + 1;
+            let live = g.map.get(&**k).is_some_and(|e| e.live(now));
+            if !f(k, live) {
+                return None;
             }
         }
-        dead.len()
+        None
+    }
+
+    /// Removes expired entries, at most `max` of them (0 = all); returns how many. Works a
+    /// chunk at a time so other workers are never held up for a whole-dict walk.
+    pub fn flush_expired(&self, max: usize) -> usize {
+        let max = if max == 0 { usize::MAX } else { max };
+        let mut removed = 0;
+        let mut cursor = Some(0);
+        let mut dead: Vec<Arc<str>> = Vec::new();
+        while let Some(c) = cursor {
+            cursor = self.scan_chunk(c, |k, live| {
+                if !live {
+                    dead.push(k.clone());
+                }
+                removed + dead.len() < max
+            });
+            let now = Instant::now();
+            let mut g = self.lock();
+            for k in dead.drain(..) {
+                // Checked again: it may have been rewritten since the walk saw it.
+                if g.map.get(&*k).is_some_and(|e| !e.live(now)) {
+                    g.remove(&k);
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Sets `key` to `new` only if its current value equals `old` (`None` = absent).
@@ -245,63 +404,75 @@ impl Store {
             (Some(None), _) => return Err(SetErr::IsList),
             _ => return Err(SetErr::Changed),
         }
-        let new_cost = cost(key, &new);
-        let old_cost = g
-            .map
-            .get(key)
-            .map(|e| stored_cost(key, &e.val))
-            .unwrap_or(0);
-        if g.used - old_cost + new_cost > self.capacity {
-            return Err(SetErr::NoMemory);
-        }
-        if let Some(prev) = g.map.insert(
-            key.to_string(),
-            Entry {
-                val: Stored::new(new),
-                flags: 0,
-                expires: ttl.map(|t| now + t),
-            },
-        ) {
-            g.used -= stored_cost(key, &prev.val);
-        }
-        g.used += new_cost;
+        self.put(
+            &mut g,
+            key,
+            Stored::new(new.clone()),
+            cost(key, &new),
+            0,
+            ttl,
+            now,
+            true,
+        )?;
         Ok(())
     }
 
-    /// Pushes onto the list at `key` (created if missing); returns the new length.
-    pub fn push(&self, key: &str, v: Val, front: bool) -> Result<usize, SetErr> {
-        let now = Instant::now();
-        let mut g = self.lock();
-        let extra = v.size() + 16;
-        let fresh = !g.map.get(key).is_some_and(|e| e.live(now));
-        let base = if fresh { key.len() + ENTRY_OVERHEAD } else { 0 };
-        let old_cost = if fresh {
-            g.map
-                .get(key)
-                .map(|e| stored_cost(key, &e.val))
-                .unwrap_or(0)
-        } else {
-            0
+    /// Makes room for and writes one entry, replacing whatever `key` held; `Ok(forcible)`.
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &self,
+        g: &mut Inner,
+        key: &str,
+        val: Stored,
+        new_cost: usize,
+        flags: u32,
+        ttl: Option<Duration>,
+        now: Instant,
+        force: bool,
+    ) -> Result<bool, SetErr> {
+        let credit = g.map.get(key).map_or(0, |e| e.cost);
+        let forcible = g.make_room(self.capacity, new_cost, credit, key, now, force)?;
+        let k = match g.remove(key) {
+            Some((k, _)) => k,
+            None => Arc::from(key),
         };
-        if g.used - old_cost + base + extra > self.capacity {
-            return Err(SetErr::NoMemory);
-        }
-        if fresh {
-            if let Some(prev) = g.map.insert(
-                key.to_string(),
-                Entry {
-                    val: Stored::List(Default::default()),
-                    flags: 0,
-                    expires: None,
-                },
-            ) {
-                g.used -= stored_cost(key, &prev.val);
+        let tick = self.tick();
+        g.insert(k, val, flags, ttl.map(|t| now + t), new_cost, tick);
+        Ok(forcible)
+    }
+
+    /// Pushes onto the list at `key` (created if missing); returns the new length and forcible.
+    pub fn push(&self, key: &str, v: Val, front: bool) -> Result<(usize, bool), SetErr> {
+        let now = Instant::now();
+        let extra = v.size() + LIST_ITEM_OVERHEAD;
+        let mut g = self.lock();
+        let live = g.map.get(key).filter(|e| e.live(now));
+        let forcible = match live {
+            Some(e) if !matches!(e.val, Stored::List(_)) => return Err(SetErr::NotAList),
+            Some(_) => g.make_room(self.capacity, extra, 0, key, now, true)?,
+            None => {
+                let base = key.len() + ENTRY_OVERHEAD;
+                self.put(
+                    &mut g,
+                    key,
+                    Stored::List(Default::default()),
+                    base,
+                    0,
+                    None,
+                    now,
+                    true,
+                )?;
+                // Room for the first element too (the list itself is the newest entry).
+                g.make_room(self.capacity, extra, 0, key, now, true)
+                    .inspect_err(|_| {
+                        g.remove(key);
+                    })?
             }
-            g.used += base;
-        }
-        let e = g.map.get_mut(key).expect("inserted above");
+        };
+        let tick = self.tick();
+        let e = g.map.get_mut(key).expect("present above");
         let Stored::List(list) = &mut e.val else {
-            return Err(SetErr::NotAList);
+            unreachable!("checked above")
         };
         if front {
             list.push_front(v);
@@ -309,13 +480,16 @@ impl Store {
             list.push_back(v);
         }
         let len = list.len();
+        e.cost += extra;
+        *e.touched.get_mut() = tick;
         g.used += extra;
-        Ok(len)
+        Ok((len, forcible))
     }
 
     /// Pops from the list at `key`; `Ok(None)` when missing or empty.
     pub fn pop(&self, key: &str, front: bool) -> Result<Option<Val>, SetErr> {
         let now = Instant::now();
+        let tick = self.tick();
         let mut g = self.lock();
         let Some(e) = g.map.get_mut(key).filter(|e| e.live(now)) else {
             return Ok(None);
@@ -329,13 +503,12 @@ impl Store {
             list.pop_back()
         };
         let empty = list.is_empty();
-        if let Some(v) = &v {
-            g.used -= v.size() + 16;
-        }
+        let freed = v.as_ref().map_or(0, |v| v.size() + LIST_ITEM_OVERHEAD);
+        e.cost -= freed;
+        *e.touched.get_mut() = tick;
+        g.used -= freed;
         if empty {
-            if let Some(prev) = g.map.remove(key) {
-                g.used -= stored_cost(key, &prev.val);
-            }
+            g.remove(key);
         }
         Ok(v)
     }
@@ -346,16 +519,16 @@ impl Store {
         let g = self.read();
         match g.map.get(key).filter(|e| e.live(now)) {
             None => Ok(0),
-            Some(Entry {
-                val: Stored::List(l),
-                ..
-            }) => Ok(l.len()),
-            Some(_) => Err(SetErr::NotAList),
+            Some(e) => match &e.val {
+                Stored::List(l) => Ok(l.len()),
+                _ => Err(SetErr::NotAList),
+            },
         }
     }
 
-    /// Stores `val`; `Ok(forcible)` is always false for now: nothing is evicted, a full dict
-    /// answers "no memory".
+    /// Stores `val`; when the dict is full, least recently used entries are evicted and
+    /// `Ok(true)` (forcible) says live ones went. `force = false` (`safe_*`) only reclaims
+    /// expired entries and answers "no memory" instead.
     pub fn store(
         &self,
         key: &str,
@@ -363,8 +536,10 @@ impl Store {
         ttl: Option<Duration>,
         flags: u32,
         mode: Mode,
+        force: bool,
     ) -> Result<bool, SetErr> {
         let now = Instant::now();
+        let new_cost = cost(key, &val);
         let mut g = self.lock();
         let old = g.map.get(key).filter(|e| e.live(now)).is_some();
         match mode {
@@ -372,55 +547,24 @@ impl Store {
             Mode::Replace if !old => return Err(SetErr::NotFound),
             _ => {}
         }
-        let new_cost = cost(key, &val);
-        let old_cost = g
-            .map
-            .get(key)
-            .map(|e| stored_cost(key, &e.val))
-            .unwrap_or(0);
-        if g.used - old_cost + new_cost > self.capacity {
-            self.purge_expired(&mut g, now);
-            let old_cost = g
-                .map
-                .get(key)
-                .map(|e| stored_cost(key, &e.val))
-                .unwrap_or(0);
-            if g.used - old_cost + new_cost > self.capacity {
-                return Err(SetErr::NoMemory);
-            }
-        }
-        let entry = Entry {
-            val: Stored::new(val),
+        self.put(
+            &mut g,
+            key,
+            Stored::new(val),
+            new_cost,
             flags,
-            expires: ttl.map(|t| now + t),
-        };
-        if let Some(prev) = g.map.insert(key.to_string(), entry) {
-            g.used -= stored_cost(key, &prev.val);
-        }
-        g.used += new_cost;
-        Ok(false)
-    }
-
-    fn purge_expired(&self, g: &mut Inner, now: Instant) {
-        let mut freed = 0;
-        g.map.retain(|k, e| {
-            let keep = e.live(now);
-            if !keep {
-                freed += stored_cost(k, &e.val);
-            }
-            keep
-        });
-        g.used -= freed;
+            ttl,
+            now,
+            force,
+        )
     }
 
     pub fn delete(&self, key: &str) {
-        let mut g = self.lock();
-        if let Some(prev) = g.map.remove(key) {
-            g.used -= stored_cost(key, &prev.val);
-        }
+        self.lock().remove(key);
     }
 
-    /// Adds `n` to a number; a missing key starts from `init` when given.
+    /// Adds `n` to a number; a missing key starts from `init` when given. Returns the new
+    /// value and whether live entries were evicted to create it.
     pub fn incr(
         &self,
         key: &str,
@@ -428,7 +572,7 @@ impl Store {
         n_int: Option<i64>,
         init: Option<Val>,
         init_ttl: Option<Duration>,
-    ) -> Result<Val, SetErr> {
+    ) -> Result<(Val, bool), SetErr> {
         let now = Instant::now();
         if let Some(b) = n_int {
             // Fast path: a live integer under the read lock.
@@ -443,7 +587,10 @@ impl Store {
                             Ordering::AcqRel,
                             Ordering::Relaxed,
                         ) {
-                            Ok(_) => return Ok(Val::Int(next)),
+                            Ok(_) => {
+                                self.touch(e);
+                                return Ok((Val::Int(next), false));
+                            }
                             Err(seen) => cur = seen,
                         }
                     }
@@ -469,49 +616,51 @@ impl Store {
             (Val::Num(a), _) => Val::Num(a + n),
             _ => return Err(SetErr::NotANumber),
         };
-        match g.map.get_mut(key) {
-            Some(e) if !fresh => e.val = Stored::new(newval.clone()),
-            _ => {
-                let c = cost(key, &newval);
-                if let Some(prev) = g.map.remove(key) {
-                    g.used -= stored_cost(key, &prev.val);
-                }
-                if g.used + c > self.capacity {
-                    return Err(SetErr::NoMemory);
-                }
-                g.used += c;
-                g.map.insert(
-                    key.to_string(),
-                    Entry {
-                        val: Stored::new(newval.clone()),
-                        flags: 0,
-                        expires: init_ttl.map(|t| now + t),
-                    },
-                );
-            }
+        if fresh {
+            let c = cost(key, &newval);
+            let forcible = self.put(
+                &mut g,
+                key,
+                Stored::new(newval.clone()),
+                c,
+                0,
+                init_ttl,
+                now,
+                true,
+            )?;
+            return Ok((newval, forcible));
         }
-        Ok(newval)
+        let tick = self.tick();
+        let e = g.map.get_mut(key).expect("live above");
+        e.val = Stored::new(newval.clone());
+        *e.touched.get_mut() = tick;
+        Ok((newval, false))
     }
 
-    /// Live keys, at most `max` (0 = all).
+    /// Live keys, at most `max` (0 = all), least recently written first. Collected a chunk
+    /// at a time so a big dict never holds other workers up for long; every key live for the
+    /// whole walk is listed, keys written during it may or may not be.
     pub fn keys(&self, max: usize) -> Vec<String> {
-        let now = Instant::now();
-        let g = self.lock();
-        let it = g
-            .map
-            .iter()
-            .filter(|(_, e)| e.live(now))
-            .map(|(k, _)| k.clone());
-        if max == 0 {
-            it.collect()
-        } else {
-            it.take(max).collect()
+        let max = if max == 0 { usize::MAX } else { max };
+        let mut out = Vec::new();
+        let mut seen: HashSet<Arc<str>, ahash::RandomState> = HashSet::default();
+        let mut cursor = Some(0);
+        while let Some(c) = cursor {
+            cursor = self.scan_chunk(c, |k, live| {
+                // An entry rewritten between chunks moves forward and can come round twice.
+                if live && seen.insert(k.clone()) {
+                    out.push(k.to_string());
+                }
+                out.len() < max
+            });
         }
+        out
     }
 
     pub fn flush_all(&self) {
         let mut g = self.lock();
         g.map.clear();
+        g.lru.clear();
         g.used = 0;
     }
 
@@ -578,7 +727,7 @@ impl Drop for Lease {
 pub struct Dict(pub Arc<Store>);
 
 /// Validates a key and hands it to `f` without copying it (every dict call goes through here).
-fn with_key<R>(key: &LuaValue, f: impl FnOnce(&str) -> R) -> Result<R, &'static str> {
+pub fn with_key<R>(key: &LuaValue, f: impl FnOnce(&str) -> R) -> Result<R, &'static str> {
     match key {
         LuaValue::String(s) => {
             let b = s.as_bytes();
@@ -600,11 +749,11 @@ fn with_key<R>(key: &LuaValue, f: impl FnOnce(&str) -> R) -> Result<R, &'static 
     }
 }
 
-fn check_key(key: &LuaValue) -> Result<String, &'static str> {
+pub fn check_key(key: &LuaValue) -> Result<String, &'static str> {
     with_key(key, str::to_string)
 }
 
-fn to_val(v: &LuaValue) -> LuaResult<Val> {
+pub fn to_val(v: &LuaValue) -> LuaResult<Val> {
     to_val_depth(v, 0)
 }
 
@@ -644,7 +793,7 @@ fn to_val_depth(v: &LuaValue, depth: usize) -> LuaResult<Val> {
     })
 }
 
-fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
+pub fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
     Ok(match v {
         Val::Str(s) => LuaValue::String(lua.create_string(&s)?),
         Val::Int(i) => LuaValue::Integer(i),
@@ -657,10 +806,11 @@ fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
             }
             LuaValue::Table(t)
         }
+        Val::Resp(r) => crate::cache::response_to_lua(lua, &r)?,
     })
 }
 
-fn ttl_arg(t: Option<f64>) -> LuaResult<Option<Duration>> {
+pub fn ttl_arg(t: Option<f64>) -> LuaResult<Option<Duration>> {
     match t {
         None => Ok(None),
         Some(0.0) => Ok(None),
@@ -680,6 +830,7 @@ fn store_op(
     exptime: Option<f64>,
     flags: Option<u32>,
     mode: Mode,
+    force: bool,
 ) -> LuaResult<SetResult> {
     let key = match check_key(&key) {
         Ok(k) => k,
@@ -692,7 +843,7 @@ fn store_op(
     let v = to_val(&val)?;
     match this
         .0
-        .store(&key, v, ttl_arg(exptime)?, flags.unwrap_or(0), mode)
+        .store(&key, v, ttl_arg(exptime)?, flags.unwrap_or(0), mode, force)
     {
         Ok(forcible) => Ok((true, None, forcible)),
         Err(e) => Ok((false, Some(e.as_str()), false)),
@@ -727,21 +878,21 @@ impl LuaUserData for Dict {
         m.add_method(
             "set",
             |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Set)
+                store_op(this, k, v, e, f, Mode::Set, true)
             },
         );
         // ok, err, forcible = dict:add(key, value, exptime?, flags?)  ("exists")
         m.add_method(
             "add",
             |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Add)
+                store_op(this, k, v, e, f, Mode::Add, true)
             },
         );
         // ok, err, forcible = dict:replace(key, value, exptime?, flags?)  ("not found")
         m.add_method(
             "replace",
             |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Replace)
+                store_op(this, k, v, e, f, Mode::Replace, true)
             },
         );
         // ok = dict:delete(key)
@@ -769,7 +920,7 @@ impl LuaUserData for Dict {
                 Some(_) => return Err(LuaError::runtime("dict:incr: init must be a number")),
             };
             match this.0.incr(&key, nf, ni, init, ttl_arg(init_ttl)?) {
-                Ok(v) => Ok((from_val(lua, v)?, None, false)),
+                Ok((v, forcible)) => Ok((from_val(lua, v)?, None, forcible)),
                 Err(e) => Ok((LuaValue::Nil, Some(e.as_str()), false)),
             }
         });
@@ -786,19 +937,19 @@ impl LuaUserData for Dict {
         m.add_method("capacity", |_, this, ()| Ok(this.0.capacity));
         // bytes = dict:free_space()
         m.add_method("free_space", |_, this, ()| Ok(this.0.free_space()));
-        // ok, err, forcible = dict:safe_set(key, value, exptime?, flags?): never evicts
-        // (nothing is evicted yet at all; a full dict answers "no memory")
+        // ok, err = dict:safe_set(key, value, exptime?, flags?): never evicts a live entry;
+        // false, "no memory" instead
         m.add_method(
             "safe_set",
             |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Set)
+                store_op(this, k, v, e, f, Mode::Set, false).map(|(ok, err, _)| (ok, err))
             },
         );
-        // ok, err, forcible = dict:safe_add(key, value, exptime?, flags?)
+        // ok, err = dict:safe_add(key, value, exptime?, flags?)
         m.add_method(
             "safe_add",
             |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Add)
+                store_op(this, k, v, e, f, Mode::Add, false).map(|(ok, err, _)| (ok, err))
             },
         );
         // value, flags, stale = dict:get_stale(key): expired values not yet purged too
@@ -876,7 +1027,7 @@ impl LuaUserData for Dict {
             m.add_method(name, move |_, this, (key, v): (LuaValue, LuaValue)| {
                 let v = to_val(&v)?;
                 match with_key(&key, |k| this.0.push(k, v, front)) {
-                    Ok(Ok(n)) => Ok((Some(n), None)),
+                    Ok(Ok((n, _))) => Ok((Some(n), None)),
                     Ok(Err(e)) => Ok((None, Some(e.as_str()))),
                     Err(e) => Ok((None, Some(e))),
                 }
@@ -914,7 +1065,7 @@ impl LuaUserData for Dict {
                     .borrow::<crate::request::Request>()
                     .map_err(|_| LuaError::runtime("dict:lease: argument #2 must be a request"))?;
                 match this.0.incr(&key, 1.0, Some(1), None, None) {
-                    Ok(v) => {
+                    Ok((v, _)) => {
                         req.0.guards.borrow_mut().push(Box::new(Lease {
                             store: this.0.clone(),
                             key,
@@ -928,7 +1079,7 @@ impl LuaUserData for Dict {
     }
 }
 
-fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
+pub fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
     match v {
         LuaValue::Integer(n) if n > 0 => Ok(n as usize),
         LuaValue::Number(n) if n > 0.0 => Ok(n as usize),
@@ -987,30 +1138,61 @@ mod tests {
     #[test]
     fn add_replace_incr_and_capacity() {
         let s = Store::new("t", 1000);
-        assert_eq!(s.store("a", Val::Int(1), None, 0, Mode::Add), Ok(false));
         assert_eq!(
-            s.store("a", Val::Int(1), None, 0, Mode::Add),
+            s.store("a", Val::Int(1), None, 0, Mode::Add, true),
+            Ok(false)
+        );
+        assert_eq!(
+            s.store("a", Val::Int(1), None, 0, Mode::Add, true),
             Err(SetErr::Exists)
         );
         assert_eq!(
-            s.store("b", Val::Int(1), None, 0, Mode::Replace),
+            s.store("b", Val::Int(1), None, 0, Mode::Replace, true),
             Err(SetErr::NotFound)
         );
-        assert_eq!(s.incr("a", 2.0, Some(2), None, None), Ok(Val::Int(3)));
+        assert_eq!(
+            s.incr("a", 2.0, Some(2), None, None),
+            Ok((Val::Int(3), false))
+        );
         assert_eq!(
             s.incr("zz", 1.0, Some(1), None, None),
             Err(SetErr::NotFound)
         );
         let big = Val::Str(vec![0; 2000]);
-        assert_eq!(s.store("c", big, None, 0, Mode::Set), Err(SetErr::NoMemory));
+        assert_eq!(
+            s.store("c", big, None, 0, Mode::Set, true),
+            Err(SetErr::NoMemory)
+        );
         s.delete("a");
         assert_eq!(s.free_space(), 1000);
     }
 
     #[test]
+    fn evicts_exactly_the_least_recently_used() {
+        let s = Store::new("t", 10 * cost("k0", &Val::Int(0)));
+        for i in 0..10 {
+            s.store(&format!("k{i}"), Val::Int(i), None, 0, Mode::Set, true)
+                .unwrap();
+        }
+        for i in [3, 0, 7, 1, 9, 2, 8, 4, 6, 5] {
+            s.get(&format!("k{i}")).unwrap();
+        }
+        for j in 0..3 {
+            let r = s.store(&format!("n{j}"), Val::Int(j), None, 0, Mode::Set, true);
+            assert_eq!(r, Ok(true));
+        }
+        let left: Vec<i64> = (0..10)
+            .filter(|i| s.get(&format!("k{i}")).unwrap().is_some())
+            .collect();
+        assert_eq!(left, vec![1, 2, 4, 5, 6, 8, 9]);
+        assert_eq!(s.free_space(), 0);
+    }
+
+    #[test]
     fn lease_decrements_on_drop_and_skips_deleted_keys() {
         let s = Arc::new(Store::new("t", 10_000));
-        s.store("up", Val::Int(0), None, 0, Mode::Set).unwrap();
+        s.store("up", Val::Int(0), None, 0, Mode::Set, true)
+            .unwrap();
         s.incr("up", 1.0, Some(1), None, None).unwrap();
         drop(Lease {
             store: s.clone(),
@@ -1028,7 +1210,7 @@ mod tests {
     #[test]
     fn concurrent_incr_is_exact() {
         let s = Arc::new(Store::new("t", 10_000));
-        s.store("n", Val::Int(0), None, 0, Mode::Set).unwrap();
+        s.store("n", Val::Int(0), None, 0, Mode::Set, true).unwrap();
         let hs: Vec<_> = (0..4)
             .map(|_| {
                 let s = s.clone();

@@ -228,6 +228,29 @@ pub struct Response {
 }
 
 impl Response {
+    /// A response replayed from `luaproxy.cache`: its body is already read.
+    pub fn from_cached(c: &crate::cache::CachedResponse) -> Response {
+        Response {
+            status: RefCell::new(StatusCode::from_u16(c.status).unwrap_or(StatusCode::OK)),
+            headers: RefCell::new(c.headers.clone()),
+            body: RefCell::new(ResBody::Read(c.body.clone())),
+            headers_table: RefCell::new(None),
+        }
+    }
+
+    /// A copy fit for `luaproxy.cache`; the body must have been read (`res:read_body()`).
+    pub fn to_cached(&self) -> Result<crate::cache::CachedResponse, &'static str> {
+        match &*self.body.borrow() {
+            ResBody::Read(b) => Ok(crate::cache::CachedResponse {
+                status: self.status.borrow().as_u16(),
+                headers: self.headers.borrow().clone(),
+                body: b.clone(),
+            }),
+            ResBody::Stream(_) => Err("response body not read yet (call res:read_body() first)"),
+            ResBody::Taken => Err("response body was already sent"),
+        }
+    }
+
     pub fn take_body(&self) -> BoxBody {
         match std::mem::replace(&mut *self.body.borrow_mut(), ResBody::Taken) {
             ResBody::Stream(b) => b,
