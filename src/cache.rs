@@ -7,6 +7,7 @@
 //! request was aborted), the channel closes and a waiter claims the key in its place.
 
 use crate::shdict::{self, Mode, Store, Val};
+use crate::shdict_lua;
 use bytes::Bytes;
 use hyper::header::HeaderMap;
 use mlua::prelude::*;
@@ -52,7 +53,7 @@ type Outcome = Option<Result<Val, String>>;
 
 pub struct Cache {
     pub store: Store,
-    flights: Mutex<HashMap<String, watch::Receiver<Outcome>, ahash::RandomState>>,
+    flights: Mutex<HashMap<Vec<u8>, watch::Receiver<Outcome>, ahash::RandomState>>,
 }
 
 /// What a lookup means for `get` and `get_or_fetch`.
@@ -69,7 +70,7 @@ pub enum Hit {
 /// The right to fetch one key; dropping it (owner aborted) lets a waiter take over.
 pub struct Flight {
     cache: Arc<Cache>,
-    key: String,
+    key: Vec<u8>,
     tx: watch::Sender<Outcome>,
 }
 
@@ -100,11 +101,11 @@ impl Cache {
 
     fn flights(
         &self,
-    ) -> MutexGuard<'_, HashMap<String, watch::Receiver<Outcome>, ahash::RandomState>> {
+    ) -> MutexGuard<'_, HashMap<Vec<u8>, watch::Receiver<Outcome>, ahash::RandomState>> {
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn lookup(&self, key: &str) -> Hit {
+    pub fn lookup(&self, key: &[u8]) -> Hit {
         let Ok(Some(f)) = self.store.lookup(key) else {
             return Hit::Miss;
         };
@@ -118,14 +119,14 @@ impl Cache {
         }
     }
 
-    pub fn set(&self, key: &str, v: Val, ttl: Option<Duration>) -> Result<(), shdict::SetErr> {
+    pub fn set(&self, key: &[u8], v: Val, ttl: Option<Duration>) -> Result<(), shdict::SetErr> {
         self.store
             .store(key, v, ttl, 0, Mode::Set, true)
             .map(|_| ())
     }
 
     /// Remembers a failure for `ttl`, so callers get it back without fetching.
-    pub fn set_failed(&self, key: &str, err: &str, ttl: Duration) {
+    pub fn set_failed(&self, key: &[u8], err: &str, ttl: Duration) {
         let v = Val::Str(err.as_bytes().to_vec());
         let _ = self
             .store
@@ -133,16 +134,16 @@ impl Cache {
     }
 
     /// Becomes the one fetcher of `key`, or gets a receiver for the fetch already running.
-    pub fn claim(self: &Arc<Self>, key: &str) -> Claim {
+    pub fn claim(self: &Arc<Self>, key: &[u8]) -> Claim {
         let mut f = self.flights();
         if let Some(rx) = f.get(key) {
             return Claim::Waiter(rx.clone());
         }
         let (tx, rx) = watch::channel(None);
-        f.insert(key.to_string(), rx);
+        f.insert(key.to_vec(), rx);
         Claim::Owner(Flight {
             cache: self.clone(),
-            key: key.to_string(),
+            key: key.to_vec(),
             tx,
         })
     }
@@ -203,15 +204,15 @@ fn to_val(v: &LuaValue) -> LuaResult<Val> {
                 .map_err(LuaError::runtime);
         }
     }
-    shdict::to_val(v)
+    shdict_lua::to_val(v)
 }
 
-fn key_arg(name: &str, key: &LuaValue) -> LuaResult<String> {
-    shdict::check_key(key).map_err(|e| LuaError::runtime(format!("cache:{name}: {e}")))
+fn key_arg(lua: &Lua, name: &str, key: &LuaValue) -> LuaResult<Vec<u8>> {
+    shdict_lua::key_bytes(lua, key)?.map_err(|e| LuaError::runtime(format!("cache:{name}: {e}")))
 }
 
 fn seconds(name: &str, v: Option<f64>) -> LuaResult<Option<Duration>> {
-    shdict::ttl_arg(v)
+    shdict_lua::ttl_arg(v)
         .map_err(|_| LuaError::runtime(format!("cache:{name}: seconds must be a number >= 0")))
 }
 
@@ -244,7 +245,7 @@ async fn run_fetch(
     lua: &Lua,
     cache: &Cache,
     f: LuaFunction,
-    key: &str,
+    key: &[u8],
     ttl: Option<Duration>,
     neg_ttl: Option<Duration>,
 ) -> Result<Val, String> {
@@ -277,8 +278,9 @@ async fn run_fetch(
                             crate::log::log(
                                 crate::log::WARN,
                                 &format!(
-                                    "cache '{}': not caching '{key}': {}",
+                                    "cache '{}': not caching '{}': {}",
                                     cache.store.name,
+                                    String::from_utf8_lossy(key),
                                     e.as_str()
                                 ),
                             );
@@ -293,8 +295,9 @@ async fn run_fetch(
             crate::log::log(
                 crate::log::ERR,
                 &format!(
-                    "cache '{}': fetch for '{key}' failed: {msg}",
-                    cache.store.name
+                    "cache '{}': fetch for '{}' failed: {msg}",
+                    cache.store.name,
+                    String::from_utf8_lossy(key)
                 ),
             );
             Err(msg.lines().next().unwrap_or("fetch failed").to_string())
@@ -310,12 +313,13 @@ async fn run_fetch(
 async fn get_or_fetch(
     lua: Lua,
     cache: Arc<Cache>,
-    key: String,
+    key: Vec<u8>,
     ttl: Option<Duration>,
     f: LuaFunction,
     opts: FetchOpts,
 ) -> LuaResult<(LuaValue, Option<String>, Option<&'static str>)> {
-    let done = |v: Val, how| -> LuaResult<_> { Ok((shdict::from_val(&lua, v)?, None, Some(how))) };
+    let done =
+        |v: Val, how| -> LuaResult<_> { Ok((shdict_lua::from_val(&lua, v)?, None, Some(how))) };
     loop {
         match cache.lookup(&key) {
             Hit::Fresh(v) => return done(v, "hit"),
@@ -334,7 +338,11 @@ async fn get_or_fetch(
                         if let Err(e) = &r {
                             crate::log::log(
                                 crate::log::WARN,
-                                &format!("cache '{}': refresh of '{key2}' failed, still serving the stale value: {e}", cache2.store.name),
+                                &format!(
+                                    "cache '{}': refresh of '{}' failed, still serving the stale value: {e}",
+                                    cache2.store.name,
+                                    String::from_utf8_lossy(&key2)
+                                ),
                             );
                         }
                         flight.finish(r);
@@ -374,10 +382,10 @@ impl LuaUserData for CacheHandle {
         // value, stale_value = cache:get(key): `value` while fresh; after expiry `nil, stale`
         // until the entry is evicted; `nil` when missing.
         m.add_method("get", |lua, this, key: LuaValue| {
-            let key = key_arg("get", &key)?;
+            let key = key_arg(lua, "get", &key)?;
             Ok(match this.0.lookup(&key) {
-                Hit::Fresh(v) => (shdict::from_val(lua, v)?, LuaValue::Nil),
-                Hit::Stale(v, _) => (LuaValue::Nil, shdict::from_val(lua, v)?),
+                Hit::Fresh(v) => (shdict_lua::from_val(lua, v)?, LuaValue::Nil),
+                Hit::Stale(v, _) => (LuaValue::Nil, shdict_lua::from_val(lua, v)?),
                 Hit::Failed(_) | Hit::Miss => (LuaValue::Nil, LuaValue::Nil),
             })
         });
@@ -385,8 +393,8 @@ impl LuaUserData for CacheHandle {
         // least recently used entries to make room; nil, "no memory" if it can never fit.
         m.add_method(
             "set",
-            |_, this, (key, v, ttl): (LuaValue, LuaValue, Option<f64>)| {
-                let key = key_arg("set", &key)?;
+            |lua, this, (key, v, ttl): (LuaValue, LuaValue, Option<f64>)| {
+                let key = key_arg(lua, "set", &key)?;
                 let ttl = seconds("set", ttl)?;
                 if v.is_nil() {
                     this.0.store.delete(&key);
@@ -399,8 +407,8 @@ impl LuaUserData for CacheHandle {
             },
         );
         // ok = cache:delete(key)
-        m.add_method("delete", |_, this, key: LuaValue| {
-            this.0.store.delete(&key_arg("delete", &key)?);
+        m.add_method("delete", |lua, this, key: LuaValue| {
+            this.0.store.delete(&key_arg(lua, "delete", &key)?);
             Ok(true)
         });
         // ok = cache:flush_all()
@@ -417,7 +425,7 @@ impl LuaUserData for CacheHandle {
             "get_or_fetch",
             |lua, this, (key, ttl, f, opts): (LuaValue, Option<f64>, LuaFunction, Option<LuaTable>)| async move {
                 crate::runtime::check_loop("cache:get_or_fetch")?;
-                let key = key_arg("get_or_fetch", &key)?;
+                let key = key_arg(&lua, "get_or_fetch", &key)?;
                 let ttl = seconds("get_or_fetch", ttl)?;
                 let opts = FetchOpts::from_lua(opts)?;
                 get_or_fetch(lua, this.0.clone(), key, ttl, f, opts).await
@@ -438,7 +446,7 @@ fn lua_new(
     }
     let cap = match opts.map(|t| t.get::<LuaValue>("capacity")).transpose()? {
         None | Some(LuaValue::Nil) => 64 * 1024 * 1024,
-        Some(v) => shdict::capacity_arg(v)?,
+        Some(v) => shdict_lua::capacity_arg(v)?,
     };
     match create(&name, cap) {
         Ok(c) => Ok((Some(CacheHandle(c)), None)),
@@ -465,38 +473,38 @@ mod tests {
     #[test]
     fn fresh_stale_failed_and_miss() {
         let c = Cache::new("t", 10_000);
-        assert_eq!(c.lookup("k"), Hit::Miss);
-        c.set("k", Val::Int(1), Some(Duration::from_millis(20)))
+        assert_eq!(c.lookup(b"k"), Hit::Miss);
+        c.set(b"k", Val::Int(1), Some(Duration::from_millis(20)))
             .unwrap();
-        assert_eq!(c.lookup("k"), Hit::Fresh(Val::Int(1)));
+        assert_eq!(c.lookup(b"k"), Hit::Fresh(Val::Int(1)));
         std::thread::sleep(Duration::from_millis(30));
-        assert!(matches!(c.lookup("k"), Hit::Stale(Val::Int(1), _)));
-        c.set_failed("f", "boom", Duration::from_millis(20));
-        assert_eq!(c.lookup("f"), Hit::Failed("boom".into()));
+        assert!(matches!(c.lookup(b"k"), Hit::Stale(Val::Int(1), _)));
+        c.set_failed(b"f", "boom", Duration::from_millis(20));
+        assert_eq!(c.lookup(b"f"), Hit::Failed("boom".into()));
         std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(c.lookup("f"), Hit::Miss);
+        assert_eq!(c.lookup(b"f"), Hit::Miss);
     }
 
     #[test]
     fn one_owner_per_key_until_it_finishes_or_vanishes() {
         let c = Arc::new(Cache::new("t", 10_000));
-        let Claim::Owner(owner) = c.claim("k") else {
+        let Claim::Owner(owner) = c.claim(b"k") else {
             panic!("first claim owns")
         };
-        let Claim::Waiter(rx) = c.claim("k") else {
+        let Claim::Waiter(rx) = c.claim(b"k") else {
             panic!("second claim waits")
         };
-        assert!(matches!(c.claim("other"), Claim::Owner(_)));
+        assert!(matches!(c.claim(b"other"), Claim::Owner(_)));
         owner.finish(Ok(Val::Int(7)));
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         assert_eq!(rt.block_on(wait(rx)), Some(Ok(Val::Int(7))));
         // Finished: the next claim owns again. Dropped without an outcome: waiters get None.
-        let Claim::Owner(owner) = c.claim("k") else {
+        let Claim::Owner(owner) = c.claim(b"k") else {
             panic!("claim after finish owns")
         };
-        let Claim::Waiter(rx) = c.claim("k") else {
+        let Claim::Waiter(rx) = c.claim(b"k") else {
             panic!("waits")
         };
         drop(owner);

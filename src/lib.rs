@@ -11,6 +11,7 @@ pub mod log;
 pub mod request;
 pub mod runtime;
 pub mod shdict;
+pub mod shdict_lua;
 pub mod upstream;
 
 use mlua::prelude::*;
@@ -21,7 +22,7 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     t.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     runtime::register(lua, &t)?;
     log::register(lua, &t)?;
-    t.set("shared", shdict::register(lua)?)?;
+    t.set("shared", shdict_lua::register(lua)?)?;
     t.set("json", json::register(lua)?)?;
     t.set("cache", cache::register(lua)?)?;
     t.set("http", upstream::register(lua)?)?;

@@ -20,6 +20,7 @@ use mlua::LuaSerdeExt;
 use std::any::Any;
 use std::cell::RefCell;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -264,6 +265,10 @@ async fn handle(
 struct ConnActivity {
     last_io: std::cell::Cell<Option<Instant>>,
     active: std::cell::Cell<usize>,
+    /// A response asked for the connection to close: the client may still be sending (a
+    /// refused body), so the close lingers. Idle keep-alive connections closed at shutdown
+    /// do not.
+    linger: std::cell::Cell<bool>,
 }
 
 /// Ends a request's share of `ConnActivity::active` when dropped (response done or abandoned).
@@ -280,7 +285,18 @@ impl Drop for ActiveRequest {
 struct TrackedStream {
     inner: tokio::net::TcpStream,
     activity: Rc<ConnActivity>,
+    /// The client closed its side.
+    eof: bool,
+    /// Our side is shut down; `poll_shutdown` is draining what the client still sends.
+    write_closed: bool,
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How long a connection we close keeps reading (and discarding) what the client still sends,
+/// like nginx's lingering close: closing a socket with unread bytes sends a reset, which can
+/// destroy the error response still on its way (seen: a 501 for a refused request body lost
+/// about one time in three on loopback).
+const LINGER: Duration = Duration::from_secs(2);
 
 impl tokio::io::AsyncRead for TrackedStream {
     fn poll_read(
@@ -288,9 +304,13 @@ impl tokio::io::AsyncRead for TrackedStream {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if r.is_ready() {
+        if let Poll::Ready(res) = &r {
             self.activity.last_io.set(Some(Instant::now()));
+            if res.is_ok() && buf.filled().len() == before && buf.remaining() > 0 {
+                self.eof = true;
+            }
         }
         r
     }
@@ -330,7 +350,29 @@ impl tokio::io::AsyncWrite for TrackedStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if !this.write_closed {
+            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.write_closed = true;
+            if this.eof || !this.activity.linger.get() {
+                return Poll::Ready(Ok(()));
+            }
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            if let Some(t) = this.linger.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+            match tokio::io::AsyncRead::poll_read(Pin::new(&mut this.inner), cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -352,6 +394,7 @@ async fn serve_conn(
         served.set(n);
         act2.active.set(act2.active.get() + 1);
         let active = ActiveRequest(act2.clone());
+        let act3 = act2.clone();
         let fut = handle(w2.clone(), req, peer);
         async move {
             let mut r = fut.await?;
@@ -359,6 +402,12 @@ async fn serve_conn(
             if max > 0 && n >= max {
                 r.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            if r.headers()
+                .get(header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+            {
+                act3.linger.set(true);
             }
             Ok::<_, Infallible>(r)
         }
@@ -372,6 +421,9 @@ async fn serve_conn(
             TokioIo::new(TrackedStream {
                 inner: stream,
                 activity: activity.clone(),
+                eof: false,
+                write_closed: false,
+                linger: None,
             }),
             svc,
         );

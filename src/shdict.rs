@@ -1,15 +1,14 @@
 //! `luaproxy.shared`: dictionaries shared by every Lua VM of the process (the main program
 //! and every worker), in the shape of `ngx.shared.DICT`.
 //!
-//! The store itself (`Store`) is plain Rust; this file adds the Lua surface. Operations never
-//! yield, so they work anywhere, with or without a running loop.
+//! This file is the store itself, plain Rust (tested by `cargo test`); `shdict_lua.rs` is the
+//! Lua surface. Operations never yield, so they work anywhere, with or without a running loop.
 //!
 //! Eviction is exact LRU without making reads exclusive: a read stamps the entry with a tick
 //! from the store's clock (an atomic store under the shared lock); the ordered index of ticks
 //! only catches up under the write lock, when an eviction walks it from the oldest end and
 //! moves any entry read since it was indexed to its real place before judging it.
 
-use mlua::prelude::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -42,9 +41,6 @@ impl Val {
         }
     }
 }
-
-/// Nesting allowed in table values (deeper, or a cycle, is refused).
-const MAX_TABLE_DEPTH: usize = 100;
 
 /// Entries examined per lock hold by `get_keys` and `flush_expired`, so a big dict never holds
 /// other workers up for long.
@@ -106,14 +102,14 @@ const LIST_ITEM_OVERHEAD: usize = 16;
 
 #[derive(Default)]
 struct Inner {
-    map: HashMap<Arc<str>, Entry, ahash::RandomState>,
+    map: HashMap<Arc<[u8]>, Entry, ahash::RandomState>,
     /// Entries by `order`, oldest first.
-    lru: BTreeMap<u64, Arc<str>>,
+    lru: BTreeMap<u64, Arc<[u8]>>,
     used: usize,
 }
 
 impl Inner {
-    fn remove(&mut self, key: &str) -> Option<(Arc<str>, Entry)> {
+    fn remove(&mut self, key: &[u8]) -> Option<(Arc<[u8]>, Entry)> {
         let (k, e) = self.map.remove_entry(key)?;
         self.lru.remove(&e.order);
         self.used -= e.cost;
@@ -123,7 +119,7 @@ impl Inner {
     /// Inserts an entry for a key that is not in the map (the caller removed it and made room).
     fn insert(
         &mut self,
-        key: Arc<str>,
+        key: Arc<[u8]>,
         val: Stored,
         flags: u32,
         exp: Option<Instant>,
@@ -154,7 +150,7 @@ impl Inner {
         cap: usize,
         need: usize,
         credit: usize,
-        keep: &str,
+        keep: &[u8],
         now: Instant,
         force: bool,
     ) -> Result<bool, SetErr> {
@@ -197,6 +193,12 @@ impl Inner {
     }
 }
 
+/// A value seen in place by [`Store::peek`].
+pub enum ValRef<'a> {
+    Int(i64),
+    Val(&'a Val),
+}
+
 /// What a lookup found.
 pub struct Found {
     pub val: Val,
@@ -208,6 +210,8 @@ pub struct Found {
 pub struct Store {
     pub name: String,
     pub capacity: usize,
+    /// Its index in `SLOTS` (`usize::MAX` for a store not registered as a dict).
+    pub slot: usize,
     inner: RwLock<Inner>,
     clock: AtomicU64,
 }
@@ -244,7 +248,7 @@ pub enum Mode {
     Replace,
 }
 
-fn cost(key: &str, v: &Val) -> usize {
+fn cost(key: &[u8], v: &Val) -> usize {
     key.len() + v.size() + ENTRY_OVERHEAD
 }
 
@@ -253,6 +257,7 @@ impl Store {
         Store {
             name: name.to_string(),
             capacity,
+            slot: usize::MAX,
             inner: RwLock::new(Inner::default()),
             clock: AtomicU64::new(1),
         }
@@ -277,7 +282,7 @@ impl Store {
     }
 
     /// The entry at `key`, expired or not (`Ok(None)` when missing); `Err` for a list.
-    pub fn lookup(&self, key: &str) -> Result<Option<Found>, SetErr> {
+    pub fn lookup(&self, key: &[u8]) -> Result<Option<Found>, SetErr> {
         let g = self.read();
         let Some(e) = g.map.get(key) else {
             return Ok(None);
@@ -293,8 +298,34 @@ impl Store {
         }
     }
 
+    /// Hands `f` the value at `key` without copying it (under the shared lock: `f` must not
+    /// block or call into Lua), with its flags and whether it has expired. Expired entries are
+    /// only seen with `stale`. `Ok(None)` when missing; `Err` for a list.
+    pub fn peek<R>(
+        &self,
+        key: &[u8],
+        stale: bool,
+        f: impl FnOnce(ValRef<'_>, u32, bool) -> R,
+    ) -> Result<Option<R>, SetErr> {
+        let g = self.read();
+        let Some(e) = g.map.get(key) else {
+            return Ok(None);
+        };
+        let expired = e.expires.is_some() && !e.live(Instant::now());
+        if expired && !stale {
+            return Ok(None);
+        }
+        self.touch(e);
+        let v = match &e.val {
+            Stored::Int(a) => ValRef::Int(a.load(Ordering::Relaxed)),
+            Stored::Other(v) => ValRef::Val(v),
+            Stored::List(_) => return Err(SetErr::IsList),
+        };
+        Ok(Some(f(v, e.flags, expired)))
+    }
+
     /// `Ok(None)` when missing or expired; `Err` for a list.
-    pub fn get(&self, key: &str) -> Result<Option<(Val, u32)>, SetErr> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<(Val, u32)>, SetErr> {
         let g = self.read();
         let Some(e) = g.map.get(key) else {
             return Ok(None);
@@ -310,7 +341,7 @@ impl Store {
     }
 
     /// Like `get`, but an expired entry not yet purged is returned too, with `stale = true`.
-    pub fn get_stale(&self, key: &str) -> Result<Option<(Val, u32, bool)>, SetErr> {
+    pub fn get_stale(&self, key: &[u8]) -> Result<Option<(Val, u32, bool)>, SetErr> {
         let now = Instant::now();
         Ok(self
             .lookup(key)?
@@ -318,7 +349,7 @@ impl Store {
     }
 
     /// Seconds left to live (0 = never expires); `Err(NotFound)` when missing or expired.
-    pub fn ttl(&self, key: &str) -> Result<f64, SetErr> {
+    pub fn ttl(&self, key: &[u8]) -> Result<f64, SetErr> {
         let now = Instant::now();
         let g = self.read();
         match g.map.get(key).filter(|e| e.live(now)) {
@@ -328,7 +359,7 @@ impl Store {
     }
 
     /// Sets a new time to live on a live key (`None` = never expires).
-    pub fn expire(&self, key: &str, ttl: Option<Duration>) -> Result<(), SetErr> {
+    pub fn expire(&self, key: &[u8], ttl: Option<Duration>) -> Result<(), SetErr> {
         let now = Instant::now();
         let mut g = self.lock();
         match g.map.get_mut(key).filter(|e| e.live(now)) {
@@ -343,7 +374,7 @@ impl Store {
     /// Hands `f` up to `SCAN_CHUNK` keys from index position `cursor` on, oldest first, with
     /// whether each is live, under one hold of the shared lock. `f` returns false to stop.
     /// Returns where the next chunk starts, or `None` when the walk is over.
-    fn scan_chunk(&self, cursor: u64, mut f: impl FnMut(&Arc<str>, bool) -> bool) -> Option<u64> {
+    fn scan_chunk(&self, cursor: u64, mut f: impl FnMut(&Arc<[u8]>, bool) -> bool) -> Option<u64> {
         let now = Instant::now();
         let g = self.read();
         let mut next = cursor;
@@ -366,7 +397,7 @@ impl Store {
         let max = if max == 0 { usize::MAX } else { max };
         let mut removed = 0;
         let mut cursor = Some(0);
-        let mut dead: Vec<Arc<str>> = Vec::new();
+        let mut dead: Vec<Arc<[u8]>> = Vec::new();
         while let Some(c) = cursor {
             cursor = self.scan_chunk(c, |k, live| {
                 if !live {
@@ -390,7 +421,7 @@ impl Store {
     /// Sets `key` to `new` only if its current value equals `old` (`None` = absent).
     pub fn cas(
         &self,
-        key: &str,
+        key: &[u8],
         old: Option<&Val>,
         new: Val,
         ttl: Option<Duration>,
@@ -422,7 +453,7 @@ impl Store {
     fn put(
         &self,
         g: &mut Inner,
-        key: &str,
+        key: &[u8],
         val: Stored,
         new_cost: usize,
         flags: u32,
@@ -442,7 +473,7 @@ impl Store {
     }
 
     /// Pushes onto the list at `key` (created if missing); returns the new length and forcible.
-    pub fn push(&self, key: &str, v: Val, front: bool) -> Result<(usize, bool), SetErr> {
+    pub fn push(&self, key: &[u8], v: Val, front: bool) -> Result<(usize, bool), SetErr> {
         let now = Instant::now();
         let extra = v.size() + LIST_ITEM_OVERHEAD;
         let mut g = self.lock();
@@ -487,7 +518,7 @@ impl Store {
     }
 
     /// Pops from the list at `key`; `Ok(None)` when missing or empty.
-    pub fn pop(&self, key: &str, front: bool) -> Result<Option<Val>, SetErr> {
+    pub fn pop(&self, key: &[u8], front: bool) -> Result<Option<Val>, SetErr> {
         let now = Instant::now();
         let tick = self.tick();
         let mut g = self.lock();
@@ -514,7 +545,7 @@ impl Store {
     }
 
     /// Length of the list at `key` (0 when missing).
-    pub fn llen(&self, key: &str) -> Result<usize, SetErr> {
+    pub fn llen(&self, key: &[u8]) -> Result<usize, SetErr> {
         let now = Instant::now();
         let g = self.read();
         match g.map.get(key).filter(|e| e.live(now)) {
@@ -531,7 +562,7 @@ impl Store {
     /// expired entries and answers "no memory" instead.
     pub fn store(
         &self,
-        key: &str,
+        key: &[u8],
         val: Val,
         ttl: Option<Duration>,
         flags: u32,
@@ -559,7 +590,7 @@ impl Store {
         )
     }
 
-    pub fn delete(&self, key: &str) {
+    pub fn delete(&self, key: &[u8]) {
         self.lock().remove(key);
     }
 
@@ -567,7 +598,7 @@ impl Store {
     /// value and whether live entries were evicted to create it.
     pub fn incr(
         &self,
-        key: &str,
+        key: &[u8],
         n: f64,
         n_int: Option<i64>,
         init: Option<Val>,
@@ -640,16 +671,16 @@ impl Store {
     /// Live keys, at most `max` (0 = all), least recently written first. Collected a chunk
     /// at a time so a big dict never holds other workers up for long; every key live for the
     /// whole walk is listed, keys written during it may or may not be.
-    pub fn keys(&self, max: usize) -> Vec<String> {
+    pub fn keys(&self, max: usize) -> Vec<Arc<[u8]>> {
         let max = if max == 0 { usize::MAX } else { max };
         let mut out = Vec::new();
-        let mut seen: HashSet<Arc<str>, ahash::RandomState> = HashSet::default();
+        let mut seen: HashSet<Arc<[u8]>, ahash::RandomState> = HashSet::default();
         let mut cursor = Some(0);
         while let Some(c) = cursor {
             cursor = self.scan_chunk(c, |k, live| {
                 // An entry rewritten between chunks moves forward and can come round twice.
                 if live && seen.insert(k.clone()) {
-                    out.push(k.to_string());
+                    out.push(k.clone());
                 }
                 out.len() < max
             });
@@ -682,6 +713,17 @@ pub fn find(name: &str) -> Option<Arc<Store>> {
         .cloned()
 }
 
+/// Dicts by number, so a Lua dict object can name its store with a plain integer that is
+/// checked on every call (a forged number finds nothing) and needs no lock to resolve.
+/// Dicts are never destroyed, so a slot, once filled, stays valid for the process.
+const MAX_DICTS: usize = 4096;
+static SLOTS: [OnceLock<Arc<Store>>; MAX_DICTS] = [const { OnceLock::new() }; MAX_DICTS];
+
+/// The dict in `slot`.
+pub fn slot(i: usize) -> Option<&'static Store> {
+    SLOTS.get(i)?.get().map(|s| &**s)
+}
+
 /// Creates a dict, or returns the existing one when the capacity matches.
 pub fn create(name: &str, capacity: usize) -> Result<Arc<Store>, String> {
     let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
@@ -691,7 +733,14 @@ pub fn create(name: &str, capacity: usize) -> Result<Arc<Store>, String> {
         }
         return Err(format!("dict '{name}' exists with capacity {}", d.capacity));
     }
-    let d = Arc::new(Store::new(name, capacity));
+    let i = r.len();
+    if i >= MAX_DICTS {
+        return Err(format!("too many dicts (at most {MAX_DICTS})"));
+    }
+    let mut d = Store::new(name, capacity);
+    d.slot = i;
+    let d = Arc::new(d);
+    let _ = SLOTS[i].set(d.clone());
     r.insert(name.to_string(), d.clone());
     Ok(d)
 }
@@ -710,8 +759,8 @@ pub fn parse_size(s: &str) -> Option<usize> {
 
 /// Releases a least-connection lease: decrements the counter when the request ends.
 pub struct Lease {
-    store: Arc<Store>,
-    key: String,
+    pub store: Arc<Store>,
+    pub key: Vec<u8>,
 }
 
 impl Drop for Lease {
@@ -720,407 +769,6 @@ impl Drop for Lease {
         // request was in flight must not come back as a stray counter.
         let _ = self.store.incr(&self.key, -1.0, Some(-1), None, None);
     }
-}
-
-/// The Lua handle of one dict.
-#[derive(Clone)]
-pub struct Dict(pub Arc<Store>);
-
-/// Validates a key and hands it to `f` without copying it (every dict call goes through here).
-pub fn with_key<R>(key: &LuaValue, f: impl FnOnce(&str) -> R) -> Result<R, &'static str> {
-    match key {
-        LuaValue::String(s) => {
-            let b = s.as_bytes();
-            if b.is_empty() {
-                Err("empty key")
-            } else if b.len() > 65535 {
-                Err("key too long")
-            } else {
-                match std::str::from_utf8(&b) {
-                    Ok(k) => Ok(f(k)),
-                    Err(_) => Ok(f(&String::from_utf8_lossy(&b))),
-                }
-            }
-        }
-        LuaValue::Integer(i) => Ok(f(&i.to_string())),
-        LuaValue::Number(n) => Ok(f(&n.to_string())),
-        LuaValue::Nil => Err("nil key"),
-        _ => Err("bad key type"),
-    }
-}
-
-pub fn check_key(key: &LuaValue) -> Result<String, &'static str> {
-    with_key(key, str::to_string)
-}
-
-pub fn to_val(v: &LuaValue) -> LuaResult<Val> {
-    to_val_depth(v, 0)
-}
-
-fn to_val_depth(v: &LuaValue, depth: usize) -> LuaResult<Val> {
-    Ok(match v {
-        LuaValue::String(s) => Val::Str(s.as_bytes().to_vec()),
-        LuaValue::Integer(i) => Val::Int(*i),
-        LuaValue::Number(n) => Val::Num(*n),
-        LuaValue::Boolean(b) => Val::Bool(*b),
-        LuaValue::Table(t) => {
-            if depth >= MAX_TABLE_DEPTH {
-                return Err(LuaError::runtime(
-                    "bad value: table nested deeper than 100 (or a cycle)",
-                ));
-            }
-            let mut kv = Vec::new();
-            for pair in t.pairs::<LuaValue, LuaValue>() {
-                let (k, v) = pair?;
-                let k = match k {
-                    LuaValue::Table(_) => {
-                        return Err(LuaError::runtime(
-                            "bad value: table keys must be strings, numbers or booleans",
-                        ))
-                    }
-                    k => to_val_depth(&k, depth + 1)?,
-                };
-                kv.push((k, to_val_depth(&v, depth + 1)?));
-            }
-            Val::Table(kv)
-        }
-        other => {
-            return Err(LuaError::runtime(format!(
-                "bad value type: {} (strings, numbers, booleans and tables of them only)",
-                other.type_name()
-            )))
-        }
-    })
-}
-
-pub fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
-    Ok(match v {
-        Val::Str(s) => LuaValue::String(lua.create_string(&s)?),
-        Val::Int(i) => LuaValue::Integer(i),
-        Val::Num(n) => LuaValue::Number(n),
-        Val::Bool(b) => LuaValue::Boolean(b),
-        Val::Table(kv) => {
-            let t = lua.create_table_with_capacity(0, kv.len())?;
-            for (k, v) in kv {
-                t.raw_set(from_val(lua, k)?, from_val(lua, v)?)?;
-            }
-            LuaValue::Table(t)
-        }
-        Val::Resp(r) => crate::cache::response_to_lua(lua, &r)?,
-    })
-}
-
-pub fn ttl_arg(t: Option<f64>) -> LuaResult<Option<Duration>> {
-    match t {
-        None => Ok(None),
-        Some(0.0) => Ok(None),
-        Some(t) if t.is_finite() && t > 0.0 => Ok(Some(Duration::from_secs_f64(t))),
-        Some(_) => Err(LuaError::runtime(
-            "exptime must be a number of seconds >= 0",
-        )),
-    }
-}
-
-type SetResult = (bool, Option<&'static str>, bool);
-
-fn store_op(
-    this: &Dict,
-    key: LuaValue,
-    val: LuaValue,
-    exptime: Option<f64>,
-    flags: Option<u32>,
-    mode: Mode,
-    force: bool,
-) -> LuaResult<SetResult> {
-    let key = match check_key(&key) {
-        Ok(k) => k,
-        Err(e) => return Ok((false, Some(e), false)),
-    };
-    if val.is_nil() && mode == Mode::Set {
-        this.0.delete(&key);
-        return Ok((true, None, false));
-    }
-    let v = to_val(&val)?;
-    match this
-        .0
-        .store(&key, v, ttl_arg(exptime)?, flags.unwrap_or(0), mode, force)
-    {
-        Ok(forcible) => Ok((true, None, forcible)),
-        Err(e) => Ok((false, Some(e.as_str()), false)),
-    }
-}
-
-impl LuaUserData for Dict {
-    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
-        // value, flags = dict:get(key)
-        m.add_method("get", |lua, this, key: LuaValue| {
-            let found = match with_key(&key, |k| this.0.get(k)) {
-                Ok(found) => found,
-                Err(e) => return Ok((LuaValue::Nil, LuaValue::String(lua.create_string(e)?))),
-            };
-            match found {
-                Ok(Some((v, flags))) => Ok((
-                    from_val(lua, v)?,
-                    if flags == 0 {
-                        LuaValue::Nil
-                    } else {
-                        LuaValue::Integer(flags as i64)
-                    },
-                )),
-                Ok(None) => Ok((LuaValue::Nil, LuaValue::Nil)),
-                Err(e) => Ok((
-                    LuaValue::Nil,
-                    LuaValue::String(lua.create_string(e.as_str())?),
-                )),
-            }
-        });
-        // ok, err, forcible = dict:set(key, value, exptime?, flags?)
-        m.add_method(
-            "set",
-            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Set, true)
-            },
-        );
-        // ok, err, forcible = dict:add(key, value, exptime?, flags?)  ("exists")
-        m.add_method(
-            "add",
-            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Add, true)
-            },
-        );
-        // ok, err, forcible = dict:replace(key, value, exptime?, flags?)  ("not found")
-        m.add_method(
-            "replace",
-            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Replace, true)
-            },
-        );
-        // ok = dict:delete(key)
-        m.add_method("delete", |_, this, key: LuaValue| {
-            if let Ok(k) = check_key(&key) {
-                this.0.delete(&k);
-            }
-            Ok(true)
-        });
-        // newval, err, forcible = dict:incr(key, n, init?, init_ttl?)
-        m.add_method("incr", |lua, this, (key, n, init, init_ttl): (LuaValue, LuaValue, Option<LuaValue>, Option<f64>)| {
-            let key = match check_key(&key) {
-                Ok(k) => k,
-                Err(e) => return Ok((LuaValue::Nil, Some(e), false)),
-            };
-            let (nf, ni) = match n {
-                LuaValue::Integer(i) => (i as f64, Some(i)),
-                LuaValue::Number(f) => (f, None),
-                _ => return Err(LuaError::runtime("dict:incr: n must be a number")),
-            };
-            let init = match init {
-                None | Some(LuaValue::Nil) => None,
-                Some(LuaValue::Integer(i)) => Some(Val::Int(i)),
-                Some(LuaValue::Number(f)) => Some(Val::Num(f)),
-                Some(_) => return Err(LuaError::runtime("dict:incr: init must be a number")),
-            };
-            match this.0.incr(&key, nf, ni, init, ttl_arg(init_ttl)?) {
-                Ok((v, forcible)) => Ok((from_val(lua, v)?, None, forcible)),
-                Err(e) => Ok((LuaValue::Nil, Some(e.as_str()), false)),
-            }
-        });
-        // keys = dict:get_keys(max?)  (default 1024, 0 = all)
-        m.add_method("get_keys", |_, this, max: Option<usize>| {
-            Ok(this.0.keys(max.unwrap_or(1024)))
-        });
-        // ok = dict:flush_all()
-        m.add_method("flush_all", |_, this, ()| {
-            this.0.flush_all();
-            Ok(true)
-        });
-        // bytes = dict:capacity()
-        m.add_method("capacity", |_, this, ()| Ok(this.0.capacity));
-        // bytes = dict:free_space()
-        m.add_method("free_space", |_, this, ()| Ok(this.0.free_space()));
-        // ok, err = dict:safe_set(key, value, exptime?, flags?): never evicts a live entry;
-        // false, "no memory" instead
-        m.add_method(
-            "safe_set",
-            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Set, false).map(|(ok, err, _)| (ok, err))
-            },
-        );
-        // ok, err = dict:safe_add(key, value, exptime?, flags?)
-        m.add_method(
-            "safe_add",
-            |_, this, (k, v, e, f): (LuaValue, LuaValue, Option<f64>, Option<u32>)| {
-                store_op(this, k, v, e, f, Mode::Add, false).map(|(ok, err, _)| (ok, err))
-            },
-        );
-        // value, flags, stale = dict:get_stale(key): expired values not yet purged too
-        m.add_method("get_stale", |lua, this, key: LuaValue| {
-            let found = match with_key(&key, |k| this.0.get_stale(k)) {
-                Ok(f) => f,
-                Err(e) => {
-                    return Ok((
-                        LuaValue::Nil,
-                        LuaValue::String(lua.create_string(e)?),
-                        LuaValue::Nil,
-                    ))
-                }
-            };
-            match found {
-                Ok(Some((v, flags, stale))) => Ok((
-                    from_val(lua, v)?,
-                    if flags == 0 {
-                        LuaValue::Nil
-                    } else {
-                        LuaValue::Integer(flags as i64)
-                    },
-                    LuaValue::Boolean(stale),
-                )),
-                Ok(None) => Ok((LuaValue::Nil, LuaValue::Nil, LuaValue::Nil)),
-                Err(e) => Ok((
-                    LuaValue::Nil,
-                    LuaValue::String(lua.create_string(e.as_str())?),
-                    LuaValue::Nil,
-                )),
-            }
-        });
-        // ttl, err = dict:ttl(key): seconds left (0 = never expires); nil, "not found"
-        m.add_method("ttl", |_, this, key: LuaValue| {
-            match with_key(&key, |k| this.0.ttl(k)) {
-                Ok(Ok(t)) => Ok((Some(t), None)),
-                Ok(Err(e)) => Ok((None, Some(e.as_str()))),
-                Err(e) => Ok((None, Some(e))),
-            }
-        });
-        // ok, err = dict:expire(key, exptime): 0 = never expires; nil, "not found"
-        m.add_method("expire", |_, this, (key, exptime): (LuaValue, f64)| {
-            let ttl = ttl_arg(Some(exptime))?;
-            match with_key(&key, |k| this.0.expire(k, ttl)) {
-                Ok(Ok(())) => Ok((Some(true), None)),
-                Ok(Err(e)) => Ok((None, Some(e.as_str()))),
-                Err(e) => Ok((None, Some(e))),
-            }
-        });
-        // n = dict:flush_expired(max?): removes expired entries (0 or nil = all), returns the count
-        m.add_method("flush_expired", |_, this, max: Option<usize>| {
-            Ok(this.0.flush_expired(max.unwrap_or(0)))
-        });
-        // ok, err = dict:cas(key, old, new, exptime?): set `new` only if the value is still
-        // `old` (nil = absent); false, "changed" otherwise
-        m.add_method(
-            "cas",
-            |_, this, (key, old, new, exptime): (LuaValue, LuaValue, LuaValue, Option<f64>)| {
-                let old = if old.is_nil() {
-                    None
-                } else {
-                    Some(to_val(&old)?)
-                };
-                let new = to_val(&new)?;
-                let ttl = ttl_arg(exptime)?;
-                match with_key(&key, |k| this.0.cas(k, old.as_ref(), new, ttl)) {
-                    Ok(Ok(())) => Ok((true, None)),
-                    Ok(Err(e)) => Ok((false, Some(e.as_str()))),
-                    Err(e) => Ok((false, Some(e))),
-                }
-            },
-        );
-        // len, err = dict:lpush(key, value) / dict:rpush(key, value)
-        for (name, front) in [("lpush", true), ("rpush", false)] {
-            m.add_method(name, move |_, this, (key, v): (LuaValue, LuaValue)| {
-                let v = to_val(&v)?;
-                match with_key(&key, |k| this.0.push(k, v, front)) {
-                    Ok(Ok((n, _))) => Ok((Some(n), None)),
-                    Ok(Err(e)) => Ok((None, Some(e.as_str()))),
-                    Err(e) => Ok((None, Some(e))),
-                }
-            });
-        }
-        // value, err = dict:lpop(key) / dict:rpop(key): nil when the list is empty or missing
-        for (name, front) in [("lpop", true), ("rpop", false)] {
-            m.add_method(name, move |lua, this, key: LuaValue| {
-                match with_key(&key, |k| this.0.pop(k, front)) {
-                    Ok(Ok(Some(v))) => Ok((from_val(lua, v)?, None)),
-                    Ok(Ok(None)) => Ok((LuaValue::Nil, None)),
-                    Ok(Err(e)) => Ok((LuaValue::Nil, Some(e.as_str()))),
-                    Err(e) => Ok((LuaValue::Nil, Some(e))),
-                }
-            });
-        }
-        // len, err = dict:llen(key): 0 when missing
-        m.add_method("llen", |_, this, key: LuaValue| {
-            match with_key(&key, |k| this.0.llen(k)) {
-                Ok(Ok(n)) => Ok((Some(n), None)),
-                Ok(Err(e)) => Ok((None, Some(e.as_str()))),
-                Err(e) => Ok((None, Some(e))),
-            }
-        });
-        // newval, err = dict:lease(key, req): incr(key, 1) now, and -1 automatically when
-        // the request ends however it ends (response sent, error, client abort).
-        m.add_method(
-            "lease",
-            |lua, this, (key, req): (LuaValue, LuaAnyUserData)| {
-                let key = match check_key(&key) {
-                    Ok(k) => k,
-                    Err(e) => return Ok((LuaValue::Nil, Some(e))),
-                };
-                let req = req
-                    .borrow::<crate::request::Request>()
-                    .map_err(|_| LuaError::runtime("dict:lease: argument #2 must be a request"))?;
-                match this.0.incr(&key, 1.0, Some(1), None, None) {
-                    Ok((v, _)) => {
-                        req.0.guards.borrow_mut().push(Box::new(Lease {
-                            store: this.0.clone(),
-                            key,
-                        }));
-                        Ok((from_val(lua, v)?, None))
-                    }
-                    Err(e) => Ok((LuaValue::Nil, Some(e.as_str()))),
-                }
-            },
-        );
-    }
-}
-
-pub fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
-    match v {
-        LuaValue::Integer(n) if n > 0 => Ok(n as usize),
-        LuaValue::Number(n) if n > 0.0 => Ok(n as usize),
-        LuaValue::String(s) => parse_size(&s.to_str()?).filter(|n| *n > 0).ok_or_else(|| {
-            LuaError::runtime(format!(
-                "bad capacity '{}' (bytes, or like \"512k\" / \"10m\")",
-                s.to_string_lossy()
-            ))
-        }),
-        _ => Err(LuaError::runtime(
-            "capacity must be bytes or a size like \"10m\"",
-        )),
-    }
-}
-
-/// `dict = luaproxy.shared.new(name, capacity)`; then `luaproxy.shared[name]` in every VM.
-fn lua_new(
-    _: &Lua,
-    (name, capacity): (String, LuaValue),
-) -> LuaResult<(Option<Dict>, Option<String>)> {
-    if name.is_empty() {
-        return Err(LuaError::runtime(
-            "luaproxy.shared.new: name must not be empty",
-        ));
-    }
-    match create(&name, capacity_arg(capacity)?) {
-        Ok(d) => Ok((Some(Dict(d)), None)),
-        Err(e) => Ok((None, Some(e))),
-    }
-}
-
-pub fn register(lua: &Lua) -> LuaResult<LuaTable> {
-    let t = lua.create_table()?;
-    t.raw_set("new", lua.create_function(lua_new)?)?;
-    let mt = lua.create_table()?;
-    mt.set(
-        "__index",
-        lua.create_function(|_, (_t, name): (LuaTable, String)| Ok(find(&name).map(Dict)))?,
-    )?;
-    t.set_metatable(Some(mt))?;
-    Ok(t)
 }
 
 #[cfg(test)]
@@ -1139,50 +787,64 @@ mod tests {
     fn add_replace_incr_and_capacity() {
         let s = Store::new("t", 1000);
         assert_eq!(
-            s.store("a", Val::Int(1), None, 0, Mode::Add, true),
+            s.store(b"a", Val::Int(1), None, 0, Mode::Add, true),
             Ok(false)
         );
         assert_eq!(
-            s.store("a", Val::Int(1), None, 0, Mode::Add, true),
+            s.store(b"a", Val::Int(1), None, 0, Mode::Add, true),
             Err(SetErr::Exists)
         );
         assert_eq!(
-            s.store("b", Val::Int(1), None, 0, Mode::Replace, true),
+            s.store(b"b", Val::Int(1), None, 0, Mode::Replace, true),
             Err(SetErr::NotFound)
         );
         assert_eq!(
-            s.incr("a", 2.0, Some(2), None, None),
+            s.incr(b"a", 2.0, Some(2), None, None),
             Ok((Val::Int(3), false))
         );
         assert_eq!(
-            s.incr("zz", 1.0, Some(1), None, None),
+            s.incr(b"zz", 1.0, Some(1), None, None),
             Err(SetErr::NotFound)
         );
         let big = Val::Str(vec![0; 2000]);
         assert_eq!(
-            s.store("c", big, None, 0, Mode::Set, true),
+            s.store(b"c", big, None, 0, Mode::Set, true),
             Err(SetErr::NoMemory)
         );
-        s.delete("a");
+        s.delete(b"a");
         assert_eq!(s.free_space(), 1000);
     }
 
     #[test]
     fn evicts_exactly_the_least_recently_used() {
-        let s = Store::new("t", 10 * cost("k0", &Val::Int(0)));
+        let s = Store::new("t", 10 * cost(b"k0", &Val::Int(0)));
         for i in 0..10 {
-            s.store(&format!("k{i}"), Val::Int(i), None, 0, Mode::Set, true)
-                .unwrap();
+            s.store(
+                format!("k{i}").as_bytes(),
+                Val::Int(i),
+                None,
+                0,
+                Mode::Set,
+                true,
+            )
+            .unwrap();
         }
         for i in [3, 0, 7, 1, 9, 2, 8, 4, 6, 5] {
-            s.get(&format!("k{i}")).unwrap();
+            s.get(format!("k{i}").as_bytes()).unwrap();
         }
         for j in 0..3 {
-            let r = s.store(&format!("n{j}"), Val::Int(j), None, 0, Mode::Set, true);
+            let r = s.store(
+                format!("n{j}").as_bytes(),
+                Val::Int(j),
+                None,
+                0,
+                Mode::Set,
+                true,
+            );
             assert_eq!(r, Ok(true));
         }
         let left: Vec<i64> = (0..10)
-            .filter(|i| s.get(&format!("k{i}")).unwrap().is_some())
+            .filter(|i| s.get(format!("k{i}").as_bytes()).unwrap().is_some())
             .collect();
         assert_eq!(left, vec![1, 2, 4, 5, 6, 8, 9]);
         assert_eq!(s.free_space(), 0);
@@ -1191,32 +853,33 @@ mod tests {
     #[test]
     fn lease_decrements_on_drop_and_skips_deleted_keys() {
         let s = Arc::new(Store::new("t", 10_000));
-        s.store("up", Val::Int(0), None, 0, Mode::Set, true)
+        s.store(b"up", Val::Int(0), None, 0, Mode::Set, true)
             .unwrap();
-        s.incr("up", 1.0, Some(1), None, None).unwrap();
+        s.incr(b"up", 1.0, Some(1), None, None).unwrap();
         drop(Lease {
             store: s.clone(),
-            key: "up".into(),
+            key: b"up".to_vec(),
         });
-        assert_eq!(s.get("up").unwrap().unwrap().0, Val::Int(0));
-        s.delete("up");
+        assert_eq!(s.get(b"up").unwrap().unwrap().0, Val::Int(0));
+        s.delete(b"up");
         drop(Lease {
             store: s.clone(),
-            key: "up".into(),
+            key: b"up".to_vec(),
         });
-        assert!(s.get("up").unwrap().is_none());
+        assert!(s.get(b"up").unwrap().is_none());
     }
 
     #[test]
     fn concurrent_incr_is_exact() {
         let s = Arc::new(Store::new("t", 10_000));
-        s.store("n", Val::Int(0), None, 0, Mode::Set, true).unwrap();
+        s.store(b"n", Val::Int(0), None, 0, Mode::Set, true)
+            .unwrap();
         let hs: Vec<_> = (0..4)
             .map(|_| {
                 let s = s.clone();
                 std::thread::spawn(move || {
                     for _ in 0..10_000 {
-                        s.incr("n", 1.0, Some(1), None, None).unwrap();
+                        s.incr(b"n", 1.0, Some(1), None, None).unwrap();
                     }
                 })
             })
@@ -1224,6 +887,6 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
-        assert_eq!(s.get("n").unwrap().unwrap().0, Val::Int(40_000));
+        assert_eq!(s.get(b"n").unwrap().unwrap().0, Val::Int(40_000));
     }
 }
