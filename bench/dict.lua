@@ -23,4 +23,6 @@ local out = {}
 for _, op in ipairs(ops.OPS) do
     out[#out + 1] = string.format("%s=%.0f", op, ctl:get("ops:" .. op) or 0)
 end
+-- the hot counter, to check the incr figure (it should be close to incr ops/s x seconds)
+out[#out + 1] = string.format("counter=%d", luaproxy.shared.bench:get("counter"))
 print(table.concat(out, " "))

