@@ -575,32 +575,99 @@ pub fn decode_value(lua: &Lua, text: &[u8]) -> LuaResult<Result<LuaValue, String
     })
 }
 
+thread_local! {
+    /// The encoder's output buffer, reused between calls. Taken out while in use, so a Lua
+    /// memory error in between loses the buffer, nothing else.
+    static ENCODE_BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+// `encode` and `decode` are plain C functions, as cjson's are: going through mlua's function
+// call and protected call cost ~100 ns per call, which is most of the time for a small object
+// (measured: small decode 0.82x cjson, encode 0.80x, before). Upvalue 1 is the array
+// metatable. Memory errors raised by Lua unwind past them leaking only a buffer.
+
 /// `text, err = luaproxy.json.encode(value)`
-fn lua_encode(lua: &Lua, v: LuaValue) -> LuaResult<(Option<LuaString>, Option<String>)> {
-    match encode_value(lua, &v) {
-        Ok(s) => Ok((Some(lua.create_string(s)?), None)),
-        Err(e) => Ok((None, Some(e))),
+unsafe extern "C-unwind" fn raw_encode(l: *mut ffi::lua_State) -> std::os::raw::c_int {
+    ffi::lua_settop(l, 1);
+    ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+    let mut out = ENCODE_BUF.take();
+    out.clear();
+    let mut enc = RawEncoder {
+        mt: 2,
+        out,
+        err: None,
+    };
+    enc.value(l, 1, 0);
+    ffi::lua_settop(l, 0);
+    let n = match &enc.err {
+        None => {
+            ffi::lua_pushlstring(l, enc.out.as_ptr() as *const _, enc.out.len());
+            1
+        }
+        Some(e) => {
+            ffi::lua_pushnil(l);
+            ffi::lua_pushlstring(l, e.as_ptr() as *const _, e.len());
+            2
+        }
+    };
+    if enc.out.capacity() <= 1 << 20 {
+        ENCODE_BUF.set(std::mem::take(&mut enc.out));
     }
+    n
 }
 
 /// `value, err = luaproxy.json.decode(text)`; JSON null decodes to `luaproxy.json.null`.
-fn lua_decode(lua: &Lua, text: LuaValue) -> LuaResult<(LuaValue, Option<String>)> {
-    let LuaValue::String(text) = text else {
-        return Ok((
-            LuaValue::Nil,
-            Some(format!("expected a string, got a {}", text.type_name())),
-        ));
+unsafe extern "C-unwind" fn raw_decode(l: *mut ffi::lua_State) -> std::os::raw::c_int {
+    ffi::lua_settop(l, 1);
+    let t = ffi::lua_type(l, 1);
+    if t != ffi::LUA_TSTRING {
+        let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t)).to_string_lossy();
+        let msg = format!("expected a string, got a {name}");
+        ffi::lua_pushnil(l);
+        ffi::lua_pushlstring(l, msg.as_ptr() as *const _, msg.len());
+        return 2;
+    }
+    let mut len = 0;
+    let p = ffi::lua_tolstring(l, 1, &mut len);
+    // The text stays on the stack (index 1) for as long as this slice is used.
+    let text = std::slice::from_raw_parts(p as *const u8, len);
+    ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+    let mut d = RawDecoder {
+        s: text,
+        i: 0,
+        mt: 2,
+        err: None,
+        buf: Vec::new(),
     };
-    match decode_value(lua, &text.as_bytes())? {
-        Ok(v) => Ok((v, None)),
-        Err(e) => Ok((LuaValue::Nil, Some(format!("invalid json: {e}")))),
+    let ok = d.value(l, 0) && {
+        d.ws();
+        d.i == text.len() || d.fail("trailing garbage")
+    };
+    if ok {
+        return 1;
+    }
+    ffi::lua_settop(l, 2);
+    ffi::lua_pushnil(l);
+    let (what, at) = d.err.unwrap_or(("invalid json", 0));
+    let msg = format!("invalid json: {what} at character {at}");
+    ffi::lua_pushlstring(l, msg.as_ptr() as *const _, msg.len());
+    2
+}
+
+/// A C closure over `f` with the array metatable as its upvalue.
+fn c_closure(lua: &Lua, f: ffi::lua_CFunction) -> LuaResult<LuaFunction> {
+    // SAFETY: pushes the upvalue and makes the closure, nothing else.
+    unsafe {
+        lua.exec_raw(lua.array_metatable(), |l| {
+            ffi::lua_pushcclosure(l, f, 1);
+        })
     }
 }
 
 pub fn register(lua: &Lua) -> LuaResult<LuaTable> {
     let t = lua.create_table()?;
-    t.set("encode", lua.create_function(lua_encode)?)?;
-    t.set("decode", lua.create_function(lua_decode)?)?;
+    t.set("encode", c_closure(lua, raw_encode)?)?;
+    t.set("decode", c_closure(lua, raw_decode)?)?;
     t.set("null", lua.null())?;
     t.set("array_mt", lua.array_metatable())?;
     let empty = lua.create_table()?;
