@@ -11,6 +11,7 @@ pub mod log;
 pub mod request;
 pub mod runtime;
 pub mod shdict;
+pub mod shdict_ffi;
 pub mod shdict_lua;
 pub mod upstream;
 

@@ -704,7 +704,9 @@ fn metatable(lua: &Lua) -> LuaResult<LuaTable> {
         return Ok(mt);
     }
     let mt = lua.create_table()?;
-    mt.raw_set("__index", methods(lua)?)?;
+    let m = methods(lua)?;
+    crate::shdict_ffi::install(lua, &m)?;
+    mt.raw_set("__index", m)?;
     mt.raw_set("__name", METATABLE_KEY)?;
     lua.set_named_registry_value(METATABLE_KEY, &mt)?;
     Ok(mt)
