@@ -85,6 +85,31 @@ describe("dict methods on LuaJIT", function()
         assert.are.same({ false, "no memory", false }, { d:set("huge", ("h"):rep(9000)) })
     end)
 
+    it("worker VMs have the ffi library and the FFI methods too", function()
+        local d = dict()
+        local path = os.tmpname()
+        local f = assert(io.open(path, "w"))
+        f:write([[
+            local luaproxy = require "luaproxy"
+            return function()
+                local d = luaproxy.shared["]] .. "ffi_spec_" .. n .. [["]
+                d:incr("hits", 1, 0)
+                return 200, type(require("ffi").new) .. " " .. debug.getinfo(d.incr, "S").what
+            end
+        ]])
+        f:close()
+        local body = luaproxy.run(function()
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = path, workers = 1 })
+            local res = assert(luaproxy.http.request_uri("http://127.0.0.1:" .. srv.port .. "/"))
+            srv:close()
+            srv:wait()
+            return res.body
+        end)
+        os.remove(path)
+        assert.are.equal("function Lua", body)
+        assert.are.equal(1, d:get("hits"))
+    end)
+
     it("a compiled loop sums exactly", function()
         local d = dict()
         d:set("n", 0)

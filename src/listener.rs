@@ -558,6 +558,16 @@ async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunction, String
     Ok(handler)
 }
 
+#[cfg(feature = "luajit")]
+fn jit_libs() -> LuaStdLib {
+    LuaStdLib::FFI | LuaStdLib::JIT
+}
+
+#[cfg(not(feature = "luajit"))]
+fn jit_libs() -> LuaStdLib {
+    LuaStdLib::NONE
+}
+
 fn worker_thread(
     id: usize,
     std_listener: StdListener,
@@ -575,10 +585,11 @@ fn worker_thread(
         }
     };
     // SAFETY: unsafe_new lets policies `require` C modules (lua-cjson, ...) exactly like the
-    // main program can; the VM never leaves this thread.
+    // main program can; the VM never leaves this thread. On LuaJIT the `ffi` library is
+    // opened too: OpenResty-style policies use it, and so do the dict methods.
     let lua = unsafe {
         Lua::unsafe_new_with(
-            LuaStdLib::ALL_SAFE | LuaStdLib::DEBUG,
+            LuaStdLib::ALL_SAFE | LuaStdLib::DEBUG | jit_libs(),
             LuaOptions::new().thread_pool_size(256),
         )
     };

@@ -3,7 +3,10 @@
 -- Whatever the FFI path does not take (table values, number keys, bad arguments, a list, an
 -- unknown dict) goes to the C API method, which gives ngx_lua's exact results and errors.
 local methods, ptrs, ERRORS = ...
-local ffi = require "ffi"
+local has_ffi, ffi = pcall(require, "ffi")
+if not has_ffi then
+    return -- a VM opened without the ffi library keeps the C API methods
+end
 
 local type, ffi_string = type, ffi.string
 
