@@ -53,18 +53,45 @@ const SCAN_CHUNK: usize = 1024;
 /// gives up with "no memory".
 const SAFE_SCAN: usize = 256;
 
-/// Integers are stored as atomics so `incr` and `get` (what least-connection counting does on
-/// every request, from every worker) only need the shared read lock.
 enum Stored {
-    Int(AtomicI64),
+    Int(Arc<Counter>),
     Other(Val),
     List(std::collections::VecDeque<Val>),
+}
+
+/// An integer value. `incr` on a counter that never expires does not take the dict lock
+/// after its first use on a thread: the thread keeps a handle to the counter (`HANDLES`) and
+/// adds with a compare-and-swap. When the entry lets go of the counter (deleted, overwritten,
+/// evicted, turned into a float) the value is swapped for `DEAD`, so every add lands either
+/// before that (and is part of what the entry had) or fails and goes the locked way: none is
+/// lost or counted twice. This is what two workers counting connections on one backend do.
+pub struct Counter {
+    value: AtomicI64,
+    /// False once the entry has a time to live, which the lock-free path cannot check.
+    no_ttl: AtomicBool,
+    /// Last use through the lock-free path, for the LRU order (see `Entry::touched`).
+    touched: AtomicU64,
+}
+
+const DEAD: i64 = i64::MIN;
+/// The lock-free path leaves counters this large, and adds this large, to the locked path,
+/// where overflow turns the value into a float.
+const FAST_LIMIT: u64 = 1 << 62;
+
+impl Counter {
+    fn get(&self) -> i64 {
+        self.value.load(Ordering::SeqCst)
+    }
 }
 
 impl Stored {
     fn new(v: Val) -> Stored {
         match v {
-            Val::Int(i) => Stored::Int(AtomicI64::new(i)),
+            Val::Int(i) => Stored::Int(Arc::new(Counter {
+                value: AtomicI64::new(i),
+                no_ttl: AtomicBool::new(true),
+                touched: AtomicU64::new(0),
+            })),
             v => Stored::Other(v),
         }
     }
@@ -72,11 +99,30 @@ impl Stored {
     /// The scalar value; `None` for a list.
     fn load(&self) -> Option<Val> {
         match self {
-            Stored::Int(a) => Some(Val::Int(a.load(Ordering::Relaxed))),
+            Stored::Int(c) => Some(Val::Int(c.get())),
             Stored::Other(v) => Some(v.clone()),
             Stored::List(_) => None,
         }
     }
+}
+
+impl Drop for Stored {
+    fn drop(&mut self) {
+        if let Stored::Int(c) = self {
+            c.value.swap(DEAD, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Per thread: the counters it incremented last, most recent first, by store address and key.
+/// A short list scanned in order beats a hash map here: the hot counters are few (one per
+/// backend) and the scan needs no hashing.
+type Handles = Vec<(usize, Box<[u8]>, Arc<Counter>)>;
+
+const MAX_HANDLES: usize = 16;
+
+thread_local! {
+    static HANDLES: std::cell::RefCell<Handles> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Entry {
@@ -196,7 +242,10 @@ impl Inner {
             }
             let key = key.clone();
             let e = self.map.get_mut(&*key).expect("lru index and map agree");
-            let touched = *e.touched.get_mut();
+            let mut touched = *e.touched.get_mut();
+            if let Stored::Int(c) = &e.val {
+                touched = touched.max(c.touched.load(Ordering::Relaxed));
+            }
             if touched > order {
                 // Read since it was indexed: move it to where it really belongs and go on.
                 e.order = touched;
@@ -382,11 +431,9 @@ impl Store {
         self.inner.lock()
     }
 
-    /// The next tick; only called with the lock held, so a plain load and store suffice.
+    /// The next tick (the lock-free `incr` path takes ticks too, so this is atomic).
     fn tick(&self) -> u64 {
-        let t = self.clock.load(Ordering::Relaxed);
-        self.clock.store(t + 1, Ordering::Relaxed);
-        t
+        self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Marks a read. An entry that is already the most recently used one is left alone, so a
@@ -433,7 +480,7 @@ impl Store {
         }
         self.touch(e);
         let v = match &e.val {
-            Stored::Int(a) => ValRef::Int(a.load(Ordering::Relaxed)),
+            Stored::Int(c) => ValRef::Int(c.get()),
             Stored::Other(v) => ValRef::Val(v),
             Stored::List(_) => return Err(SetErr::IsList),
         };
@@ -482,6 +529,9 @@ impl Store {
             None => Err(SetErr::NotFound),
             Some(e) => {
                 e.expires = ttl.map(|t| now + t);
+                if let (Stored::Int(c), Some(_)) = (&e.val, ttl) {
+                    c.no_ttl.store(false, Ordering::SeqCst);
+                }
                 Ok(())
             }
         }
@@ -585,6 +635,9 @@ impl Store {
         let forcible = g.make_room(self.capacity, new_cost, credit, key, now, force)?;
         let tick = self.tick();
         let expires = ttl.map(|t| now.get() + t);
+        if let (Stored::Int(c), Some(_)) = (&val, expires) {
+            c.no_ttl.store(false, Ordering::SeqCst);
+        }
         let Inner { map, used, .. } = g;
         match map.get_mut(key) {
             // Overwritten in place: the index keeps its old position and catches up lazily
@@ -734,16 +787,27 @@ impl Store {
         init: Option<Val>,
         init_ttl: Option<Duration>,
     ) -> Result<(Val, bool), SetErr> {
+        if let Some(b) = n_int.filter(|b| b.unsigned_abs() < FAST_LIMIT) {
+            if let Some(v) = self.incr_unlocked(key, b) {
+                return Ok((Val::Int(v), false));
+            }
+        }
         let now = Now::default();
         let mut g = self.lock();
         if let Some(b) = n_int {
-            // The common case: an integer counter, changed in place.
+            // An integer counter, changed in place (an add, as lock-free adds may race it).
             if let Some(e) = g.map.get(key).filter(|e| e.live_at(&now)) {
-                if let Stored::Int(a) = &e.val {
-                    if let Some(next) = a.load(Ordering::Relaxed).checked_add(b) {
-                        a.store(next, Ordering::Relaxed);
+                if let Stored::Int(c) = &e.val {
+                    let add = |v: i64| if v == DEAD { None } else { v.checked_add(b) };
+                    if let Ok(prev) = c
+                        .value
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, add)
+                    {
                         self.touch(e);
-                        return Ok((Val::Int(next), false));
+                        if e.expires.is_none() {
+                            self.remember(key, c);
+                        }
+                        return Ok((Val::Int(prev + b), false));
                     }
                 }
             }
@@ -786,9 +850,71 @@ impl Store {
         }
         let tick = self.tick();
         let e = g.map.get_mut(key).expect("live above");
+        // An integer becoming a float: its counter is retired first (swapped for DEAD, so a
+        // lock-free add either made it into the value read here or goes the locked way).
+        let newval = match (&e.val, n_int) {
+            (Stored::Int(c), _) => match c.value.swap(DEAD, Ordering::SeqCst) {
+                DEAD => newval,
+                a => match n_int.and_then(|b| a.checked_add(b)) {
+                    Some(s) => Val::Int(s),
+                    None => Val::Num(a as f64 + n),
+                },
+            },
+            _ => newval,
+        };
         e.val = Stored::new(newval.clone());
         *e.touched.get_mut() = tick;
         Ok((newval, false))
+    }
+
+    /// `incr` by `b` without the lock, through this thread's handle to the counter; `None`
+    /// when there is no usable handle (the caller takes the locked way).
+    fn incr_unlocked(&self, key: &[u8], b: i64) -> Option<i64> {
+        let me = self as *const Store as usize;
+        HANDLES.with(|h| {
+            let mut h = h.borrow_mut();
+            let i = h.iter().position(|(s, k, _)| *s == me && **k == *key)?;
+            let c = &h[i].2;
+            if c.no_ttl.load(Ordering::SeqCst) {
+                let mut cur = c.value.load(Ordering::SeqCst);
+                while cur != DEAD && cur.unsigned_abs() < FAST_LIMIT {
+                    match c.value.compare_exchange_weak(
+                        cur,
+                        cur + b,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    ) {
+                        Ok(_) => {
+                            self.touch_counter(c);
+                            if i > 0 {
+                                h.swap(0, i);
+                            }
+                            return Some(cur + b);
+                        }
+                        Err(seen) => cur = seen,
+                    }
+                }
+            }
+            h.remove(i);
+            None
+        })
+    }
+
+    /// Keeps a handle to `key`'s counter for this thread's next `incr`.
+    fn remember(&self, key: &[u8], c: &Arc<Counter>) {
+        let me = self as *const Store as usize;
+        HANDLES.with(|h| {
+            let mut h = h.borrow_mut();
+            h.retain(|(s, k, _)| !(*s == me && **k == *key));
+            h.truncate(MAX_HANDLES - 1);
+            h.insert(0, (me, key.into(), c.clone()));
+        })
+    }
+
+    fn touch_counter(&self, c: &Counter) {
+        if c.touched.load(Ordering::Relaxed) + 1 < self.clock.load(Ordering::Relaxed) {
+            c.touched.store(self.tick(), Ordering::Relaxed);
+        }
     }
 
     /// Live keys, at most `max` (0 = all), least recently written first. Collected a chunk
@@ -990,6 +1116,51 @@ mod tests {
             key: b"up".to_vec(),
         });
         assert!(s.get(b"up").unwrap().is_none());
+    }
+
+    #[test]
+    fn lock_free_incr_never_loses_or_doubles_an_add() {
+        let s = Arc::new(Store::new("t", 10_000));
+        s.store(b"n", Val::Int(0), None, 0, Mode::Set, true)
+            .unwrap();
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        s.incr(b"n", 1.0, Some(1), None, None).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Midway, the counter becomes a float under the adders' feet.
+        std::thread::sleep(Duration::from_millis(2));
+        s.incr(b"n", 0.5, None, None, None).unwrap();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(s.get(b"n").unwrap().unwrap().0, Val::Num(80_000.5));
+        // A deleted counter is not brought back by a thread's handle to it.
+        s.store(b"m", Val::Int(1), None, 0, Mode::Set, true)
+            .unwrap();
+        s.incr(b"m", 1.0, Some(1), None, None).unwrap();
+        assert_eq!(
+            s.incr(b"m", 1.0, Some(1), None, None),
+            Ok((Val::Int(3), false))
+        );
+        s.delete(b"m");
+        let r = s.incr(b"m", 1.0, Some(1), None, None);
+        assert_eq!(r, Err(SetErr::NotFound));
+        // Nor does an overwrite leave adds on the old counter.
+        s.store(b"m", Val::Int(10), None, 0, Mode::Set, true)
+            .unwrap();
+        s.incr(b"m", 1.0, Some(1), None, None).unwrap();
+        s.store(b"m", Val::Int(100), None, 0, Mode::Set, true)
+            .unwrap();
+        assert_eq!(
+            s.incr(b"m", 1.0, Some(1), None, None),
+            Ok((Val::Int(101), false))
+        );
     }
 
     #[test]
