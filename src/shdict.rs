@@ -61,22 +61,25 @@ enum Stored {
 
 /// An integer value. `incr` on a counter that never expires does not take the dict lock
 /// after its first use on a thread: the thread keeps a handle to the counter (`HANDLES`) and
-/// adds with a compare-and-swap. When the entry lets go of the counter (deleted, overwritten,
-/// evicted, turned into a float) the value is swapped for `DEAD`, so every add lands either
-/// before that (and is part of what the entry had) or fails and goes the locked way: none is
-/// lost or counted twice. This is what two workers counting connections on one backend do.
+/// adds atomically. When the entry lets go of the counter (deleted, overwritten, evicted,
+/// turned into a float, or about to leave the range the lock-free path works in) the value is
+/// swapped for `DEAD`, so every add lands either before that (and is part of what the entry
+/// had) or on `DEAD`, where its thread sees it and goes the locked way: none is lost or counted
+/// twice. This is what two workers counting connections on one backend do.
 pub struct Counter {
     value: AtomicI64,
-    /// False once the entry has a time to live, which the lock-free path cannot check.
-    no_ttl: AtomicBool,
     /// Last use through the lock-free path, for the LRU order (see `Entry::touched`).
     touched: AtomicU64,
 }
 
-const DEAD: i64 = i64::MIN;
-/// The lock-free path leaves counters this large, and adds this large, to the locked path,
-/// where overflow turns the value into a float.
-const FAST_LIMIT: u64 = 1 << 62;
+/// A retired counter's value. Live counters stay within ±`LIVE_LIMIT` (the locked path moves
+/// a value beyond it to a new counter), so a value below `DEAD_BELOW` can only be `DEAD` plus
+/// the few adds that landed on it after retirement.
+const DEAD: i64 = -(1 << 62);
+const DEAD_BELOW: i64 = -(3 << 60);
+const LIVE_LIMIT: u64 = 1 << 61;
+/// Adds at least this large go the locked way.
+const FAST_ADD_LIMIT: u64 = 1 << 32;
 
 impl Counter {
     fn get(&self) -> i64 {
@@ -89,7 +92,6 @@ impl Stored {
         match v {
             Val::Int(i) => Stored::Int(Arc::new(Counter {
                 value: AtomicI64::new(i),
-                no_ttl: AtomicBool::new(true),
                 touched: AtomicU64::new(0),
             })),
             v => Stored::Other(v),
@@ -530,7 +532,10 @@ impl Store {
             Some(e) => {
                 e.expires = ttl.map(|t| now + t);
                 if let (Stored::Int(c), Some(_)) = (&e.val, ttl) {
-                    c.no_ttl.store(false, Ordering::SeqCst);
+                    // Lock-free adds cannot see a time to live: move the value to a counter
+                    // no thread has a handle to.
+                    let v = c.value.swap(DEAD, Ordering::SeqCst);
+                    e.val = Stored::new(Val::Int(v));
                 }
                 Ok(())
             }
@@ -635,9 +640,6 @@ impl Store {
         let forcible = g.make_room(self.capacity, new_cost, credit, key, now, force)?;
         let tick = self.tick();
         let expires = ttl.map(|t| now.get() + t);
-        if let (Stored::Int(c), Some(_)) = (&val, expires) {
-            c.no_ttl.store(false, Ordering::SeqCst);
-        }
         let Inner { map, used, .. } = g;
         match map.get_mut(key) {
             // Overwritten in place: the index keeps its old position and catches up lazily
@@ -787,7 +789,7 @@ impl Store {
         init: Option<Val>,
         init_ttl: Option<Duration>,
     ) -> Result<(Val, bool), SetErr> {
-        if let Some(b) = n_int.filter(|b| b.unsigned_abs() < FAST_LIMIT) {
+        if let Some(b) = n_int.filter(|b| b.unsigned_abs() < FAST_ADD_LIMIT) {
             if let Some(v) = self.incr_unlocked(key, b) {
                 return Ok((Val::Int(v), false));
             }
@@ -798,7 +800,12 @@ impl Store {
             // An integer counter, changed in place (an add, as lock-free adds may race it).
             if let Some(e) = g.map.get(key).filter(|e| e.live_at(&now)) {
                 if let Stored::Int(c) = &e.val {
-                    let add = |v: i64| if v == DEAD { None } else { v.checked_add(b) };
+                    // Values the lock-free path must not add to (see LIVE_LIMIT) get a new
+                    // counter below instead.
+                    let add = |v: i64| {
+                        v.checked_add(b)
+                            .filter(|s| v >= DEAD_BELOW && s.unsigned_abs() < LIVE_LIMIT)
+                    };
                     if let Ok(prev) = c
                         .value
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, add)
@@ -875,25 +882,16 @@ impl Store {
             let mut h = h.borrow_mut();
             let i = h.iter().position(|(s, k, _)| *s == me && **k == *key)?;
             let c = &h[i].2;
-            if c.no_ttl.load(Ordering::SeqCst) {
-                let mut cur = c.value.load(Ordering::SeqCst);
-                while cur != DEAD && cur.unsigned_abs() < FAST_LIMIT {
-                    match c.value.compare_exchange_weak(
-                        cur,
-                        cur + b,
-                        Ordering::SeqCst,
-                        Ordering::SeqCst,
-                    ) {
-                        Ok(_) => {
-                            self.touch_counter(c);
-                            if i > 0 {
-                                h.swap(0, i);
-                            }
-                            return Some(cur + b);
-                        }
-                        Err(seen) => cur = seen,
-                    }
+            // An add, not a compare-and-swap, and no look at the value first: under contention
+            // either would cost the cache line twice. An add that lands on a retired counter
+            // finds DEAD and goes the locked way; nobody reads a retired counter.
+            let prev = c.value.fetch_add(b, Ordering::SeqCst);
+            if prev >= DEAD_BELOW {
+                self.touch_counter(c);
+                if i > 0 {
+                    h.swap(0, i);
                 }
+                return Some(prev + b);
             }
             h.remove(i);
             None
