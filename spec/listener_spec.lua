@@ -178,3 +178,40 @@ describe("idle connections", function()
         end)
     end)
 end)
+
+describe("memory", function()
+    it("stays flat under requests whose bodies the handler never reads", function()
+        local function rss_kb()
+            local f = assert(io.open("/proc/self/status"))
+            local kb = tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
+            f:close()
+            return kb
+        end
+        local policy = util.write_temp("unread_body.lua", "return function(req) return 200, 'ok' end")
+        local body = ("x"):rep(5120)
+        local function hammer(port, n)
+            local tasks = {}
+            for t = 1, 8 do
+                tasks[t] = luaproxy.spawn(function()
+                    for _ = 1, n / 8 do
+                        local res = assert(luaproxy.http.request_uri("http://127.0.0.1:" .. port .. "/",
+                            { method = "POST", body = body }))
+                        assert(res.status == 200)
+                    end
+                end)
+            end
+            for _, t in ipairs(tasks) do assert(t:wait()) end
+        end
+        luaproxy.run(function()
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2 })
+            hammer(srv.port, 4000)                 -- warm up pools and allocator
+            collectgarbage()
+            local before = rss_kb()
+            hammer(srv.port, 40000)                -- unread 5 KB bodies: ~200 MB pinned before
+            local grown = rss_kb() - before
+            srv:close()
+            srv:wait()
+            assert.is_true(grown < 20 * 1024, "RSS grew by " .. grown .. " KB")
+        end)
+    end)
+end)

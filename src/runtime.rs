@@ -407,6 +407,19 @@ fn lua_worker_cpus(_: &Lua, (): ()) -> LuaResult<usize> {
     Ok(default_workers())
 }
 
+/// Tells Lua's collector about `kb` of memory that Lua objects hold outside its heap (bodies and
+/// buffers behind a request or response userdata): one incremental step as if that much had been
+/// allocated. Without it the collector, which only counts the userdata's own bytes, falls far
+/// behind under load.
+pub fn gc_pressure(lua: &Lua, kb: i32) {
+    // SAFETY: a GC step inside mlua's protected call; finalizers that fail are caught there.
+    let _ = unsafe {
+        lua.exec_raw::<()>((), |l| {
+            mlua::ffi::lua_gc(l, mlua::ffi::LUA_GCSTEP, kb);
+        })
+    };
+}
+
 pub fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())

@@ -470,12 +470,16 @@ async fn client_request(
     match send(&key, &method, &uri, &headers, body, &opts).await {
         Ok((head, body)) => {
             let r = make_response(head, body);
+            let mut held = 2;
             if read_all {
-                if let Err(e) = r.read_body().await {
-                    return Ok((None, Some(e)));
+                match r.read_body().await {
+                    Ok(b) => held += (b.len() / 1024) as i32,
+                    Err(e) => return Ok((None, Some(e))),
                 }
             }
-            Ok((Some(lua.create_userdata(r)?), None))
+            let ud = lua.create_userdata(r)?;
+            crate::runtime::gc_pressure(lua, held);
+            Ok((Some(ud), None))
         }
         Err(e) => Ok((None, Some(e))),
     }
