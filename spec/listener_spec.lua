@@ -215,3 +215,30 @@ describe("memory", function()
         end)
     end)
 end)
+
+describe("after the handler returns", function()
+    it("the request's body is gone: read_body gives nil, \"request has ended\"", function()
+        local d = luaproxy.shared.new("listener_spec_ended", "64k")
+        local policy = util.write_temp("ended.lua", [[
+            local luaproxy = require "luaproxy"
+            return function(req)
+                luaproxy.spawn(function()
+                    luaproxy.sleep(0.05)
+                    local body, err = req:read_body()
+                    luaproxy.shared.listener_spec_ended:set("late", tostring(body) .. " " .. tostring(err))
+                end)
+                return 200, "ok"
+            end
+        ]])
+        luaproxy.run(function()
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 1 })
+            local res = assert(luaproxy.http.request_uri("http://127.0.0.1:" .. srv.port .. "/",
+                { method = "POST", body = "unread" }))
+            assert.are.equal(200, res.status)
+            assert.is_true(util.wait_for(function() return d:get("late") end, 2))
+            srv:close()
+            srv:wait()
+        end)
+        assert.are.equal("nil request has ended", d:get("late"))
+    end)
+end)

@@ -81,7 +81,7 @@ struct DrainOnDrop(Rc<ReqInner>);
 impl Drop for DrainOnDrop {
     fn drop(&mut self) {
         self.0.guards.borrow_mut().clear();
-        *self.0.body.borrow_mut() = crate::request::BodyState::Taken;
+        *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
     }
 }
 

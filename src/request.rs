@@ -30,6 +30,8 @@ pub enum BodyState {
     Stream(Incoming),
     Buffered(Bytes),
     Taken,
+    /// The handler has returned: the body (read or not) is gone.
+    Ended,
 }
 
 pub struct ReqInner {
@@ -64,6 +66,10 @@ impl ReqInner {
                 Ok(ReqBody::Bytes(bytes))
             }
             BodyState::Taken => Err("request body was already streamed upstream"),
+            BodyState::Ended => {
+                *b = BodyState::Ended;
+                Err("request has ended")
+            }
         }
     }
 
@@ -76,6 +82,10 @@ impl ReqInner {
                 Ok(b)
             }
             BodyState::Taken => Err("request body was already streamed upstream"),
+            BodyState::Ended => {
+                *self.body.borrow_mut() = BodyState::Ended;
+                Err("request has ended")
+            }
             BodyState::Stream(inc) => {
                 let mut body = ClientBody::new(inc, self);
                 let mut buf = BytesMut::new();
