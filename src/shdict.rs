@@ -135,7 +135,7 @@ struct Entry {
     cost: usize,
     /// This entry's key in `Inner::lru`.
     order: u64,
-    /// Tick of the last access (>= `order`); bumped by reads under the shared lock.
+    /// Tick of the last access (>= `order`); bumped by reads.
     touched: AtomicU64,
 }
 
@@ -463,7 +463,7 @@ impl Store {
         }
     }
 
-    /// Hands `f` the value at `key` without copying it (under the shared lock: `f` must not
+    /// Hands `f` the value at `key` without copying it (under the dict lock: `f` must not
     /// block or call into Lua), with its flags and whether it has expired. Expired entries are
     /// only seen with `stale`. `Ok(None)` when missing; `Err` for a list.
     pub fn peek<R>(
@@ -543,7 +543,7 @@ impl Store {
     }
 
     /// Hands `f` up to `SCAN_CHUNK` keys from index position `cursor` on, oldest first, with
-    /// whether each is live, under one hold of the shared lock. `f` returns false to stop.
+    /// whether each is live, under one hold of the dict lock. `f` returns false to stop.
     /// Returns where the next chunk starts, or `None` when the walk is over.
     fn scan_chunk(&self, cursor: u64, mut f: impl FnMut(&Arc<[u8]>, bool) -> bool) -> Option<u64> {
         let now = Instant::now();

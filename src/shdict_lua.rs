@@ -4,8 +4,9 @@
 //! methods per Lua state. The hot methods (`get`, `get_stale`, `set`, `add`, `replace`,
 //! `safe_set`, `safe_add`, `incr`, `delete`) are plain C functions on the Lua stack: no
 //! userdata borrow, no registry references for arguments, and a string value goes from the
-//! store to Lua with one copy (measured: 240 ns per `get` through mlua's conversions, ~60 ns
-//! this way). The rest go through mlua.
+//! store to Lua with one copy (measured on Lua 5.4, 32-byte value: 240 ns per `get` through
+//! mlua's conversions, 80 ns this way). The rest go through mlua. On LuaJIT the hot methods are
+//! replaced again, by FFI wrappers (`shdict_ffi.rs`), and these become their fallback.
 //!
 //! The raw functions follow two rules. Nothing with a destructor that matters is alive across
 //! a Lua API call that can raise (only memory errors can): a lock guard never is, and a raise
@@ -25,7 +26,7 @@ const MAX_KEY_LEN: usize = 65535;
 const METATABLE_KEY: &str = "luaproxy.shared.DICT";
 
 thread_local! {
-    /// Where a string value is copied under the store's read lock before Lua gets it. Taken
+    /// Where a string value is copied under the store's lock before Lua gets it. Taken
     /// out of the cell while in use, so a Lua error in between loses the buffer, nothing else.
     static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
