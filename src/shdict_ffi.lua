@@ -99,7 +99,7 @@ local function store_method(name, mode, force)
         local slot = slot_of(self)
         if slot and type(key) == "string"
             and (exptime == nil or type(exptime) == "number")
-            and (flags == nil or type(flags) == "number") then
+            and (flags == nil or type(flags) == "number" and flags >= 0 and flags <= 4294967295) then
             local vtype, s, slen, num = vtype_of(v, mode)
             if vtype then
                 local rc = store_c(slot, key, #key, vtype, s, slen, num, exptime or 0, flags or 0,
