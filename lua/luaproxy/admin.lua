@@ -6,7 +6,7 @@
 local luaproxy = require "luaproxy"
 
 local json = luaproxy.json
-local type = type
+local type, find = type, string.find
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -21,7 +21,7 @@ end
 
 --- bool = admin.is_admin(req): true for paths under /admin/
 function _M.is_admin(req)
-    return req:get_path():sub(1, #PREFIX) == PREFIX
+    return find(req:get_path(), PREFIX, 1, true) == 1
 end
 
 -- mlua's array metatable is protected, so only bare empty tables get it.

@@ -17,6 +17,14 @@ local DEFAULT_DICT = "luaproxy_upstreams"
 local DEFAULT_SIZE = "1m"
 local COUNT_PREFIX = "conn:"
 
+-- "conn:" .. addr, made once per address rather than on every request (bounded by the
+-- addresses ever configured).
+local count_keys = setmetatable({}, { __index = function(t, addr)
+    local k = COUNT_PREFIX .. addr
+    t[addr] = k
+    return k
+end })
+
 --- ok = balancer.valid_addr(addr): "host:port" with a port from 1 to 65535
 function _M.valid_addr(addr)
     if type(addr) ~= "string" or #addr > 300 then return false end
@@ -100,7 +108,7 @@ function _M.pick(self)
     local best, best_count
     for i = 0, n - 1 do
         local addr = list[(start + i) % n + 1]
-        local c = dict:get(COUNT_PREFIX .. addr) or 0
+        local c = dict:get(count_keys[addr]) or 0
         if not best_count or c < best_count then
             best, best_count = addr, c
         end
@@ -112,7 +120,7 @@ end
 function _M.take(self, req)
     local addr, err = self:pick()
     if not addr then return nil, err end
-    local _, lerr = self.dict:lease(COUNT_PREFIX .. addr, req)
+    local _, lerr = self.dict:lease(count_keys[addr], req)
     if lerr then return nil, lerr end
     return addr
 end
