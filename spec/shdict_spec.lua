@@ -81,6 +81,12 @@ describe("luaproxy.shared", function()
         d:set("c", 1, 5)
         assert.is_true((d:expire("c", 0)))
         assert.are.equal(0, d:ttl("c"))
+        -- absurd lifetimes are clamped (to 100 years), never a crash; NaN is misuse
+        assert.is_true((d:set("far", "v", 1e300)))
+        assert.is_true(d:ttl("far") > 3e9)
+        assert.is_true((d:expire("far", 1e19)))
+        assert.are.equal(1, (d:incr("farc", 1, 0, 1e30)))
+        assert.has_error(function() d:set("nan", 1, 0 / 0) end)
     end)
 
     it("lists: push, pop, llen, type errors", function()

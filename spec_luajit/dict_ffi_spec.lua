@@ -48,6 +48,8 @@ describe("dict methods on LuaJIT", function()
         assert.are.same({ nil, "nil key" }, { d:get(nil) })
         assert.are.same({ false, "key too long", false }, { d:set(("k"):rep(65536), 1) })
         assert.has_error(function() d:set("x", print) end)
+        assert.is_true((d:set("far", "v", 1e300)))            -- clamped, not a crash
+        assert.is_true(d:ttl("far") > 3e9)
         assert.has_error(function() d:set("x", 1, -1) end)
         assert.has_error(function() d:set("x", 1, 0, -1) end)
         assert.has_error(function() d:set("x", 1, 0, 2 ^ 32) end)

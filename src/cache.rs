@@ -257,12 +257,8 @@ async fn run_fetch(
             let v = vals.pop_front().unwrap_or(LuaValue::Nil);
             let err = vals.pop_front().unwrap_or(LuaValue::Nil);
             let ttl_override = match vals.pop_front() {
-                Some(LuaValue::Integer(i)) if i >= 0 => {
-                    Some(Some(Duration::from_secs(i as u64)).filter(|d| !d.is_zero()))
-                }
-                Some(LuaValue::Number(n)) if n.is_finite() && n >= 0.0 => {
-                    Some(Some(Duration::from_secs_f64(n)).filter(|d| !d.is_zero()))
-                }
+                Some(LuaValue::Integer(i)) => shdict_lua::ttl_secs(i as f64).ok(),
+                Some(LuaValue::Number(n)) => shdict_lua::ttl_secs(n).ok(),
                 _ => None,
             };
             if v.is_nil() {

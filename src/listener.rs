@@ -766,7 +766,8 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
         limits.max_body = n as u64;
     }
     limits.body_timeout = opt_secs(&opts, "body_timeout", limits.body_timeout)?;
-    let header_timeout = Duration::from_secs_f64(opt_secs(&opts, "header_timeout", 30.0)?);
+    let header_timeout =
+        runtime::seconds(opt_secs(&opts, "header_timeout", 30.0)?).unwrap_or_default();
     let keepalive_requests = opts
         .get::<Option<usize>>("keepalive_requests")?
         .unwrap_or(1000);

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bodies stay on the worker thread that made them, so they need not be `Send`.
@@ -138,7 +138,7 @@ pub struct ClientBody {
 
 impl ClientBody {
     fn new(inner: Incoming, req: &ReqInner) -> ClientBody {
-        let idle = Duration::from_secs_f64(req.limits.body_timeout.max(0.001));
+        let idle = crate::runtime::seconds(req.limits.body_timeout.max(0.001)).unwrap_or_default();
         ClientBody {
             inner,
             seen: 0,

@@ -151,13 +151,22 @@ pub async fn call_protected(
     }
 }
 
+/// The longest time a number of seconds from Lua stands for (100 years): larger values mean
+/// the same, so no conversion or time arithmetic on them can overflow and panic.
+pub const MAX_SECONDS: f64 = 100.0 * 365.25 * 86400.0;
+
+/// Seconds from Lua as a `Duration`, clamped to `MAX_SECONDS`; `None` for NaN, infinities and
+/// negative numbers. Every timeout, sleep and time to live goes through here.
+pub fn seconds(v: f64) -> Option<Duration> {
+    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v.min(MAX_SECONDS)))
+}
+
 fn seconds_arg(name: &str, v: f64) -> LuaResult<Duration> {
-    if v.is_finite() && v >= 0.0 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(LuaError::runtime(format!(
+    match seconds(v) {
+        Some(d) => Ok(d),
+        None => Err(LuaError::runtime(format!(
             "{name}: seconds must be a finite number >= 0"
-        )))
+        ))),
     }
 }
 

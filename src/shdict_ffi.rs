@@ -69,13 +69,7 @@ fn number(n: f64) -> Val {
 }
 
 fn ttl(t: f64) -> Option<Option<Duration>> {
-    if t == 0.0 {
-        Some(None)
-    } else if t.is_finite() && t > 0.0 {
-        Some(Some(Duration::from_secs_f64(t)))
-    } else {
-        None
-    }
+    crate::shdict_lua::ttl_secs(t).ok()
 }
 
 /// `get`/`get_stale`: 0 missing, 1 string (`str`, `len`), 2 number (`num`), 3 boolean

@@ -107,13 +107,12 @@ pub fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
     })
 }
 
-fn ttl_secs(t: f64) -> Result<Option<Duration>, &'static str> {
-    if t == 0.0 {
-        Ok(None)
-    } else if t.is_finite() && t > 0.0 {
-        Ok(Some(Duration::from_secs_f64(t)))
-    } else {
-        Err("exptime must be a number of seconds >= 0")
+/// An exptime: `Ok(None)` for 0 (never expires), clamped like every number of seconds.
+pub(crate) fn ttl_secs(t: f64) -> Result<Option<Duration>, &'static str> {
+    match crate::runtime::seconds(t) {
+        Some(d) if d.is_zero() => Ok(None),
+        Some(d) => Ok(Some(d)),
+        None => Err("exptime must be a number of seconds >= 0"),
     }
 }
 

@@ -44,7 +44,8 @@ impl Default for Options {
 fn secs(t: &LuaTable, key: &str, default: Duration) -> LuaResult<Duration> {
     match t.get::<Option<f64>>(key)? {
         None => Ok(default),
-        Some(v) if v.is_finite() && v > 0.0 => Ok(Duration::from_secs_f64(v)),
+        Some(v) if v > 0.0 => crate::runtime::seconds(v)
+            .ok_or_else(|| LuaError::runtime(format!("{key} must be a number of seconds > 0"))),
         Some(_) => Err(LuaError::runtime(format!(
             "{key} must be a number of seconds > 0"
         ))),
