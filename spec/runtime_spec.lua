@@ -46,6 +46,12 @@ describe("luaproxy.run", function()
         assert.is_true(done)
     end)
 
+    it("a timer cancelled before it first ran does not keep the loop alive", function()
+        local t0 = os.time()
+        luaproxy.run(function() luaproxy.timer.at(3, function() end):cancel() end)
+        assert.is_true(os.time() - t0 < 2)
+    end)
+
     it("fires timers, repeats every, and cancels", function()
         local fired, ticks, args = false, 0, nil
         luaproxy.run(function()

@@ -361,6 +361,10 @@ fn start_timer(
     tokio::task::spawn_local(async move {
         let mut next = tokio::time::Instant::now() + d;
         loop {
+            // Cancelled before this task first ran: `notify_waiters` had no one to wake.
+            if c2.get() {
+                return;
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = w2.notified() => {}
