@@ -1006,7 +1006,8 @@ pub fn parse_size(s: &str) -> Option<usize> {
 
 /// Releases a least-connection lease: decrements the counter when the request ends.
 pub struct Lease {
-    pub store: Arc<Store>,
+    /// Dicts live as long as the process (see `SLOTS`), so a plain reference does.
+    pub store: &'static Store,
     pub key: Vec<u8>,
 }
 
@@ -1099,18 +1100,18 @@ mod tests {
 
     #[test]
     fn lease_decrements_on_drop_and_skips_deleted_keys() {
-        let s = Arc::new(Store::new("t", 10_000));
+        let s = slot(create("lease_test", 10_000).unwrap().slot).unwrap();
         s.store(b"up", Val::Int(0), None, 0, Mode::Set, true)
             .unwrap();
         s.incr(b"up", 1.0, Some(1), None, None).unwrap();
         drop(Lease {
-            store: s.clone(),
+            store: s,
             key: b"up".to_vec(),
         });
         assert_eq!(s.get(b"up").unwrap().unwrap().0, Val::Int(0));
         s.delete(b"up");
         drop(Lease {
-            store: s.clone(),
+            store: s,
             key: b"up".to_vec(),
         });
         assert!(s.get(b"up").unwrap().is_none());

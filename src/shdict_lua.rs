@@ -680,15 +680,12 @@ fn methods(lua: &Lua) -> LuaResult<LuaTable> {
                 Err(e) => return err2(e),
                 Ok(k) => k,
             };
-            let Some(store) = shdict::find(&s.name) else {
-                return err2("dict not found");
-            };
             match s.incr(&k, 1.0, Some(1), None, None) {
                 Ok((v, _)) => {
                     req.0
                         .guards
                         .borrow_mut()
-                        .push(Box::new(Lease { store, key: k }));
+                        .push(Box::new(Lease { store: s, key: k }));
                     Ok((from_val(lua, v)?, None))
                 }
                 Err(e) => err2(e.as_str()),
