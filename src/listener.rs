@@ -62,20 +62,16 @@ impl Body for GuardedBody {
     }
 }
 
-/// Drops a request's guards if the service future is dropped before it returns (client abort).
 /// What a finished request may still pin outside Lua's heap until its request object is
 /// collected: hyper parses the head in place, so the header values and the path are slices of
-/// the connection's read buffer (which held the body bytes that followed). Lua's collector
-/// only counts the userdata's own few bytes, so left alone it ran far behind (measured: +1 GB
-/// after 5 s of 5 KB POSTs at 95k req/s, growing on; with this step, RSS flat at 17 MB, and
-/// the same handler serves 155k req/s, a proxying one 49k instead of 37k). 1 to 4 KB per
-/// request measured the same; 64 KB cost a third of the throughput.
+/// the connection's read buffer (which also held the body bytes that followed). Lua's collector
+/// only counts the userdata's own few bytes, so each request steps it by this much; without
+/// the step the process grew without bound under load (BENCHMARKS.md, "Memory under load").
 const GC_STEP_KB: i32 = 2;
 
-/// Ends what a request holds when its handling ends, instead of when Lua's collector gets to
-/// the request object: the collector only sees the few bytes of the userdata, not the body
-/// and buffers behind it (measured: an unread 5 KB request body per request grew the process
-/// by 1 GB in 5 s of load).
+/// Ends a request's guards (leases) and its body when handling ends, even when the service
+/// future is dropped first (client abort), rather than when Lua's collector reaches the
+/// request object. Later `req:read_body()` calls get "request has ended".
 struct DrainOnDrop(Rc<ReqInner>);
 
 impl Drop for DrainOnDrop {
