@@ -12,7 +12,7 @@ use bytes::Bytes;
 use hyper::header::HeaderMap;
 use mlua::prelude::*;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -157,34 +157,20 @@ pub async fn wait(mut rx: watch::Receiver<Outcome>) -> Option<Result<Val, String
     got
 }
 
-fn registry() -> &'static Mutex<HashMap<String, Arc<Cache>>> {
-    static R: OnceLock<Mutex<HashMap<String, Arc<Cache>>>> = OnceLock::new();
-    R.get_or_init(Default::default)
-}
+static CACHES: shdict::Registry<Cache> = shdict::Registry::new("cache");
 
 pub fn find(name: &str) -> Option<Arc<Cache>> {
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(name)
-        .cloned()
+    CACHES.find(name)
 }
 
 /// Creates a cache, or returns the existing one when the capacity matches.
 pub fn create(name: &str, capacity: usize) -> Result<Arc<Cache>, String> {
-    let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(c) = r.get(name) {
-        if c.store.capacity == capacity {
-            return Ok(c.clone());
-        }
-        return Err(format!(
-            "cache '{name}' exists with capacity {}",
-            c.store.capacity
-        ));
-    }
-    let c = Arc::new(Cache::new(name, capacity));
-    r.insert(name.to_string(), c.clone());
-    Ok(c)
+    CACHES.get_or_create(
+        name,
+        capacity,
+        |c| c.store.capacity,
+        |_| Ok(Arc::new(Cache::new(name, capacity))),
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -947,17 +947,58 @@ impl Store {
     }
 }
 
-fn registry() -> &'static Mutex<HashMap<String, Arc<Store>>> {
-    static R: OnceLock<Mutex<HashMap<String, Arc<Store>>>> = OnceLock::new();
-    R.get_or_init(Default::default)
+/// Named objects every VM of the process shares, made once with a capacity: dicts, caches.
+pub struct Registry<T> {
+    kind: &'static str,
+    map: OnceLock<Mutex<HashMap<String, Arc<T>>>>,
 }
 
+impl<T> Registry<T> {
+    pub const fn new(kind: &'static str) -> Registry<T> {
+        Registry {
+            kind,
+            map: OnceLock::new(),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<T>>> {
+        self.map
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<T>> {
+        self.map().get(name).cloned()
+    }
+
+    /// The object called `name`, made by `make(number of objects so far)` if there is none; an
+    /// existing one must have the same capacity.
+    pub fn get_or_create(
+        &self,
+        name: &str,
+        capacity: usize,
+        capacity_of: impl Fn(&T) -> usize,
+        make: impl FnOnce(usize) -> Result<Arc<T>, String>,
+    ) -> Result<Arc<T>, String> {
+        let mut r = self.map();
+        if let Some(o) = r.get(name) {
+            let had = capacity_of(o);
+            if had == capacity {
+                return Ok(o.clone());
+            }
+            return Err(format!("{} '{name}' exists with capacity {had}", self.kind));
+        }
+        let o = make(r.len())?;
+        r.insert(name.to_string(), o.clone());
+        Ok(o)
+    }
+}
+
+static DICTS: Registry<Store> = Registry::new("dict");
+
 pub fn find(name: &str) -> Option<Arc<Store>> {
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(name)
-        .cloned()
+    DICTS.find(name)
 }
 
 /// Dicts by number, so a Lua dict object can name its store with a plain integer that is
@@ -973,23 +1014,21 @@ pub fn slot(i: usize) -> Option<&'static Store> {
 
 /// Creates a dict, or returns the existing one when the capacity matches.
 pub fn create(name: &str, capacity: usize) -> Result<Arc<Store>, String> {
-    let mut r = registry().lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(d) = r.get(name) {
-        if d.capacity == capacity {
-            return Ok(d.clone());
-        }
-        return Err(format!("dict '{name}' exists with capacity {}", d.capacity));
-    }
-    let i = r.len();
-    if i >= MAX_DICTS {
-        return Err(format!("too many dicts (at most {MAX_DICTS})"));
-    }
-    let mut d = Store::new(name, capacity);
-    d.slot = i;
-    let d = Arc::new(d);
-    let _ = SLOTS[i].set(d.clone());
-    r.insert(name.to_string(), d.clone());
-    Ok(d)
+    DICTS.get_or_create(
+        name,
+        capacity,
+        |d| d.capacity,
+        |i| {
+            if i >= MAX_DICTS {
+                return Err(format!("too many dicts (at most {MAX_DICTS})"));
+            }
+            let mut d = Store::new(name, capacity);
+            d.slot = i;
+            let d = Arc::new(d);
+            let _ = SLOTS[i].set(d.clone());
+            Ok(d)
+        },
+    )
 }
 
 /// Parses `1048576`, `"512k"`, `"10m"`, `"1g"`.
