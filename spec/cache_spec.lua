@@ -267,6 +267,29 @@ describe("luaproxy.cache", function()
         end)
     end)
 
+    it("a failed background refresh keeps the stale value, even with neg_ttl", function()
+        local c = cache()
+        local fail = false
+        local function fetch()
+            if fail then return nil, "upstream down" end
+            return "v1"
+        end
+        local opts = { stale = 5, neg_ttl = 5 }
+        luaproxy.run(function()
+            assert.are.same({ "v1", nil, "miss" }, { c:get_or_fetch("k", 0.05, fetch, opts) })
+            luaproxy.sleep(0.08)
+            fail = true
+            assert.are.same({ "v1", nil, "stale" }, { c:get_or_fetch("k", 0.05, fetch, opts) })
+            luaproxy.sleep(0.05)                                  -- the refresh has failed
+            assert.are.same({ nil, "v1" }, { c:get("k") })
+            assert.are.same({ "v1", nil, "stale" }, { c:get_or_fetch("k", 0.05, fetch, opts) })
+            -- timeout = 0: do not wait for someone else's fetch at all
+            luaproxy.spawn(c.get_or_fetch, c, "slow", 10, function() luaproxy.sleep(0.2) return 1 end)
+            luaproxy.sleep(0.01)
+            assert.are.same({ nil, "timeout" }, { c:get_or_fetch("slow", 10, error, { timeout = 0 }) })
+        end)
+    end)
+
     it("a fetcher that is killed hands the key to a waiter", function()
         local c = cache()
         local fetches = 0

@@ -217,10 +217,17 @@ impl FetchOpts {
                 wait: DEFAULT_WAIT,
             });
         };
+        // 0 means "not at all" for each: no stale serving, no remembered failure, no waiting.
+        let wait = match t.get::<Option<f64>>("timeout")? {
+            None => DEFAULT_WAIT,
+            Some(v) => crate::runtime::seconds(v).ok_or_else(|| {
+                LuaError::runtime("cache:get_or_fetch: seconds must be a number >= 0")
+            })?,
+        };
         Ok(FetchOpts {
             stale: seconds("get_or_fetch", t.get("stale")?)?,
             neg_ttl: seconds("get_or_fetch", t.get("neg_ttl")?)?,
-            wait: seconds("get_or_fetch", t.get("timeout")?)?.unwrap_or(DEFAULT_WAIT),
+            wait,
         })
     }
 }
@@ -308,15 +315,12 @@ async fn get_or_fetch(
             Hit::Failed(e) => return Ok((LuaValue::Nil, Some(e), None)),
             Hit::Stale(v, age) if opts.stale.is_some_and(|s| age <= s) => {
                 if let Claim::Owner(flight) = cache.claim(&key) {
-                    let (lua2, cache2, key2, f2, neg) = (
-                        lua.clone(),
-                        cache.clone(),
-                        key.clone(),
-                        f.clone(),
-                        opts.neg_ttl,
-                    );
+                    let (lua2, cache2, key2, f2) =
+                        (lua.clone(), cache.clone(), key.clone(), f.clone());
                     tokio::task::spawn_local(async move {
-                        let r = run_fetch(&lua2, &cache2, f2, &key2, ttl, neg).await;
+                        // No neg_ttl here: a remembered failure would replace the stale value
+                        // this refresh is meant to keep serving.
+                        let r = run_fetch(&lua2, &cache2, f2, &key2, ttl, None).await;
                         if let Err(e) = &r {
                             crate::log::log(
                                 crate::log::WARN,
