@@ -6,14 +6,14 @@
 //! on any worker, waits on a `watch` channel for its outcome. If the owner vanishes (its
 //! request was aborted), the channel closes and a waiter claims the key in its place.
 
-use crate::shdict::{self, Mode, Store, Val};
+use crate::shdict::{self, Mode, Store, Val, ValRef};
 use crate::shdict_lua;
 use bytes::Bytes;
 use hyper::header::HeaderMap;
 use mlua::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// An upstream response kept in a cache: status, headers and the whole body.
@@ -106,17 +106,17 @@ impl Cache {
     }
 
     pub fn lookup(&self, key: &[u8]) -> Hit {
-        let Ok(Some(f)) = self.store.lookup(key) else {
-            return Hit::Miss;
-        };
-        let now = Instant::now();
-        let expired = f.expires.filter(|e| *e <= now).map(|e| now - e);
-        match (f.flags == NEGATIVE, expired, f.val) {
-            (true, None, Val::Str(e)) => Hit::Failed(String::from_utf8_lossy(&e).into_owned()),
-            (true, _, _) => Hit::Miss,
-            (false, None, v) => Hit::Fresh(v),
-            (false, Some(age), v) => Hit::Stale(v, age),
-        }
+        let found = self.store.peek(key, true, |v, flags, expired_for| {
+            match (flags == NEGATIVE, expired_for, v) {
+                (true, None, ValRef::Val(Val::Str(e))) => {
+                    Hit::Failed(String::from_utf8_lossy(e).into_owned())
+                }
+                (true, _, _) => Hit::Miss,
+                (false, None, v) => Hit::Fresh(v.to_val()),
+                (false, Some(age), v) => Hit::Stale(v.to_val(), age),
+            }
+        });
+        found.ok().flatten().unwrap_or(Hit::Miss)
     }
 
     pub fn set(&self, key: &[u8], v: Val, ttl: Option<Duration>) -> Result<(), shdict::SetErr> {

@@ -276,6 +276,15 @@ pub enum ValRef<'a> {
     Val(&'a Val),
 }
 
+impl ValRef<'_> {
+    pub fn to_val(&self) -> Val {
+        match self {
+            ValRef::Int(i) => Val::Int(*i),
+            ValRef::Val(v) => (*v).clone(),
+        }
+    }
+}
+
 /// The lock of a dict: exclusive, as nginx's shared dicts have. Taking it is one atomic swap
 /// and releasing it one plain store, where a reader-writer lock costs two atomic operations
 /// per read and its contended cache line is the same for two workers either way (measured:
@@ -360,13 +369,6 @@ impl<T> Drop for SpinGuard<'_, T> {
     }
 }
 
-/// What a lookup found.
-pub struct Found {
-    pub val: Val,
-    pub flags: u32,
-    pub expires: Option<Instant>,
-}
-
 /// A named dictionary with a byte capacity.
 pub struct Store {
     pub name: String,
@@ -446,38 +448,24 @@ impl Store {
         }
     }
 
-    /// The entry at `key`, expired or not (`Ok(None)` when missing); `Err` for a list.
-    pub fn lookup(&self, key: &[u8]) -> Result<Option<Found>, SetErr> {
-        let g = self.read();
-        let Some(e) = g.map.get(key) else {
-            return Ok(None);
-        };
-        self.touch(e);
-        match e.val.load() {
-            Some(val) => Ok(Some(Found {
-                val,
-                flags: e.flags,
-                expires: e.expires,
-            })),
-            None => Err(SetErr::IsList),
-        }
-    }
-
     /// Hands `f` the value at `key` without copying it (under the dict lock: `f` must not
-    /// block or call into Lua), with its flags and whether it has expired. Expired entries are
-    /// only seen with `stale`. `Ok(None)` when missing; `Err` for a list.
+    /// block or call into Lua), with its flags and, for an expired entry, how long ago it
+    /// expired. Expired entries are only seen with `stale`. `Ok(None)` when missing; `Err` for
+    /// a list. Every read goes through here.
     pub fn peek<R>(
         &self,
         key: &[u8],
         stale: bool,
-        f: impl FnOnce(ValRef<'_>, u32, bool) -> R,
+        f: impl FnOnce(ValRef<'_>, u32, Option<Duration>) -> R,
     ) -> Result<Option<R>, SetErr> {
         let g = self.read();
         let Some(e) = g.map.get(key) else {
             return Ok(None);
         };
-        let expired = e.expires.is_some() && !e.live(Instant::now());
-        if expired && !stale {
+        let expired_for = e
+            .expires
+            .and_then(|t| Instant::now().checked_duration_since(t));
+        if expired_for.is_some() && !stale {
             return Ok(None);
         }
         self.touch(e);
@@ -486,31 +474,12 @@ impl Store {
             Stored::Other(v) => ValRef::Val(v),
             Stored::List(_) => return Err(SetErr::IsList),
         };
-        Ok(Some(f(v, e.flags, expired)))
+        Ok(Some(f(v, e.flags, expired_for)))
     }
 
-    /// `Ok(None)` when missing or expired; `Err` for a list.
+    /// A copy of the live value at `key` and its flags.
     pub fn get(&self, key: &[u8]) -> Result<Option<(Val, u32)>, SetErr> {
-        let g = self.read();
-        let Some(e) = g.map.get(key) else {
-            return Ok(None);
-        };
-        if e.expires.is_some() && !e.live(Instant::now()) {
-            return Ok(None);
-        }
-        self.touch(e);
-        match e.val.load() {
-            Some(v) => Ok(Some((v, e.flags))),
-            None => Err(SetErr::IsList),
-        }
-    }
-
-    /// Like `get`, but an expired entry not yet purged is returned too, with `stale = true`.
-    pub fn get_stale(&self, key: &[u8]) -> Result<Option<(Val, u32, bool)>, SetErr> {
-        let now = Instant::now();
-        Ok(self
-            .lookup(key)?
-            .map(|f| (f.val, f.flags, f.expires.is_some_and(|e| e <= now))))
+        self.peek(key, false, |v, flags, _| (v.to_val(), flags))
     }
 
     /// Seconds left to live (0 = never expires); `Err(NotFound)` when missing or expired.

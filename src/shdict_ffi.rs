@@ -93,7 +93,7 @@ pub unsafe extern "C" fn luaproxy_dict_get(
     buf.clear();
     let r = store.peek(k, stale != 0, |v, flags, expired| {
         out.flags = flags;
-        out.stale = expired as i32;
+        out.stale = expired.is_some() as i32;
         match v {
             ValRef::Int(i) => {
                 out.num = i as f64;

@@ -318,7 +318,7 @@ unsafe fn get_impl(l: *mut ffi::lua_State, stale: bool) -> RawResult {
             }
             ValRef::Val(other) => Got::Other(other.clone()),
         };
-        (got, flags, expired)
+        (got, flags, expired.is_some())
     });
     let n = match found {
         Ok(None) => {
