@@ -430,11 +430,6 @@ impl Store {
         self.inner.lock()
     }
 
-    /// The same exclusive lock: kept as its own name where the operation only reads.
-    fn read(&self) -> SpinGuard<'_, Inner> {
-        self.inner.lock()
-    }
-
     /// The next tick (the lock-free `incr` path takes ticks too, so this is atomic).
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed)
@@ -458,7 +453,7 @@ impl Store {
         stale: bool,
         f: impl FnOnce(ValRef<'_>, u32, Option<Duration>) -> R,
     ) -> Result<Option<R>, SetErr> {
-        let g = self.read();
+        let g = self.lock();
         let Some(e) = g.map.get(key) else {
             return Ok(None);
         };
@@ -485,7 +480,7 @@ impl Store {
     /// Seconds left to live (0 = never expires); `Err(NotFound)` when missing or expired.
     pub fn ttl(&self, key: &[u8]) -> Result<f64, SetErr> {
         let now = Instant::now();
-        let g = self.read();
+        let g = self.lock();
         match g.map.get(key).filter(|e| e.live(now)) {
             None => Err(SetErr::NotFound),
             Some(e) => Ok(e.expires.map(|t| (t - now).as_secs_f64()).unwrap_or(0.0)),
@@ -516,7 +511,7 @@ impl Store {
     /// Returns where the next chunk starts, or `None` when the walk is over.
     fn scan_chunk(&self, cursor: u64, mut f: impl FnMut(&Arc<[u8]>, bool) -> bool) -> Option<u64> {
         let now = Instant::now();
-        let g = self.read();
+        let g = self.lock();
         let mut next = cursor;
         for (seen, (&order, k)) in g.lru.range(cursor..).enumerate() {
             if seen == SCAN_CHUNK {
@@ -701,7 +696,7 @@ impl Store {
     /// Length of the list at `key` (0 when missing).
     pub fn llen(&self, key: &[u8]) -> Result<usize, SetErr> {
         let now = Now::default();
-        let g = self.read();
+        let g = self.lock();
         match g.map.get(key).filter(|e| e.live_at(&now)) {
             None => Ok(0),
             Some(e) => match &e.val {
@@ -912,7 +907,7 @@ impl Store {
     }
 
     pub fn free_space(&self) -> usize {
-        self.capacity.saturating_sub(self.read().used)
+        self.capacity.saturating_sub(self.lock().used)
     }
 }
 
