@@ -379,7 +379,7 @@ pub struct Store {
     clock: AtomicU64,
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, Clone, Copy)]
 pub enum SetErr {
     NoMemory,
     Exists,
@@ -391,6 +391,17 @@ pub enum SetErr {
 }
 
 impl SetErr {
+    /// Every error, in declaration order (the FFI path numbers them by position).
+    pub const ALL: [SetErr; 7] = [
+        SetErr::NoMemory,
+        SetErr::Exists,
+        SetErr::NotFound,
+        SetErr::NotANumber,
+        SetErr::NotAList,
+        SetErr::IsList,
+        SetErr::Changed,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             SetErr::NoMemory => "no memory",
@@ -1025,6 +1036,13 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_err_all_is_in_declaration_order() {
+        for (i, e) in SetErr::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "{e:?}");
+        }
+    }
 
     #[test]
     fn sizes_parse() {

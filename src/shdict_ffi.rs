@@ -7,7 +7,7 @@
 //! ngx_lua result or error. Only strings, numbers and booleans travel through here.
 //!
 //! Return codes: `>= 0` as documented per function, `> 0` for an operational error (the
-//! position of its message in `ERRORS` plus one), `-1` for "ask the C API method".
+//! position of the error in `SetErr::ALL` plus one), `-1` for "ask the C API method".
 
 use crate::shdict::{self, Mode, SetErr, Val, ValRef};
 use std::cell::Cell;
@@ -24,25 +24,11 @@ pub struct Out {
     pub forcible: i32,
 }
 
-/// The messages behind positive return codes, in order (code 1 = "no memory").
-pub const ERRORS: [&str; 7] = [
-    "no memory",
-    "exists",
-    "not found",
-    "not a number",
-    "value not a list",
-    "value is a list",
-    "changed",
-];
-
 const FALLBACK: i32 = -1;
 
+/// An error's return code: its position in `SetErr::ALL` plus one.
 fn code(e: SetErr) -> i32 {
-    let msg = e.as_str();
-    ERRORS
-        .iter()
-        .position(|m| *m == msg)
-        .map_or(FALLBACK, |i| i as i32 + 1)
+    e as i32 + 1
 }
 
 thread_local! {
@@ -54,7 +40,7 @@ thread_local! {
 /// # Safety
 /// `key` points to `klen` readable bytes.
 unsafe fn key<'a>(key: *const u8, klen: usize) -> Option<&'a [u8]> {
-    if key.is_null() || klen == 0 || klen > 65535 {
+    if key.is_null() || klen == 0 || klen > crate::shdict_lua::MAX_KEY_LEN {
         return None;
     }
     Some(std::slice::from_raw_parts(key, klen))
@@ -249,7 +235,7 @@ pub fn install(lua: &mlua::Lua, methods: &mlua::Table) -> mlua::Result<()> {
     ptrs.raw_set("store", p(luaproxy_dict_store as *const ()))?;
     ptrs.raw_set("incr", p(luaproxy_dict_incr as *const ()))?;
     ptrs.raw_set("delete", p(luaproxy_dict_delete as *const ()))?;
-    let errors = lua.create_sequence_from(ERRORS)?;
+    let errors = lua.create_sequence_from(SetErr::ALL.iter().map(SetErr::as_str))?;
     lua.load(include_str!("shdict_ffi.lua"))
         .set_name("=luaproxy.shared.ffi")
         .call::<()>((methods, ptrs, errors))
@@ -312,7 +298,7 @@ mod tests {
                 1,
                 &mut out,
             );
-            assert_eq!(ERRORS[rc as usize - 1], "exists");
+            assert_eq!(SetErr::ALL[rc as usize - 1], SetErr::Exists);
             let c = b"n";
             assert_eq!(
                 luaproxy_dict_incr(slot, c.as_ptr(), 1, 1.0, 0, 0.0, 0.0, &mut out),

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 /// Nesting allowed in table values (deeper, or a cycle, is refused).
 const MAX_TABLE_DEPTH: usize = 100;
-const MAX_KEY_LEN: usize = 65535;
+pub(crate) const MAX_KEY_LEN: usize = 65535;
 const METATABLE_KEY: &str = "luaproxy.shared.DICT";
 
 thread_local! {
