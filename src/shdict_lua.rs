@@ -237,13 +237,13 @@ unsafe fn raw_to_val(l: *mut ffi::lua_State, idx: c_int, depth: usize) -> Result
             let mut kv = Vec::new();
             ffi::lua_pushnil(l);
             while ffi::lua_next(l, t) != 0 {
-                if ffi::lua_type(l, -2) == ffi::LUA_TTABLE {
-                    return Err(BAD_TABLE_KEY.into());
-                }
-                // Keys are read without lua_tolstring, which would confuse lua_next.
+                // raw_to_val reads a number key as a number: lua_tolstring would turn it into
+                // a string in place and confuse lua_next.
                 let k = match ffi::lua_type(l, -2) {
-                    ffi::LUA_TSTRING => raw_to_val(l, -2, depth + 1)?,
-                    ffi::LUA_TNUMBER | ffi::LUA_TBOOLEAN => raw_to_val(l, -2, depth + 1)?,
+                    ffi::LUA_TSTRING | ffi::LUA_TNUMBER | ffi::LUA_TBOOLEAN => {
+                        raw_to_val(l, -2, depth + 1)?
+                    }
+                    ffi::LUA_TTABLE => return Err(BAD_TABLE_KEY.into()),
                     t => return Err(bad_type(&type_name(l, t))),
                 };
                 let v = raw_to_val(l, -1, depth + 1)?;
