@@ -582,8 +582,8 @@ thread_local! {
 }
 
 // `encode` and `decode` are plain C functions, as cjson's are: going through mlua's function
-// call and protected call cost ~100 ns per call, which is most of the time for a small object
-// (measured: small decode 0.82x cjson, encode 0.80x, before). Upvalue 1 is the array
+// call and protected call were most of the time for a small object (small decode 0.82x cjson,
+// encode 0.80x before, 1.1-1.4x after; BENCHMARKS.md, JSON). Upvalue 1 is the array
 // metatable. Memory errors raised by Lua unwind past them leaking only a buffer.
 
 /// `text, err = luaproxy.json.encode(value)`

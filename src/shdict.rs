@@ -150,8 +150,8 @@ impl Entry {
     }
 }
 
-/// The time, read on first use: most operations touch only entries that never expire, and
-/// reading the clock costs as much as the rest of a `get` or `incr`.
+/// The time, read on first use: most operations touch only entries that never expire, so most
+/// never need the clock (a vDSO call).
 #[derive(Default)]
 struct Now(std::cell::Cell<Option<Instant>>);
 
@@ -287,8 +287,8 @@ impl ValRef<'_> {
 
 /// The lock of a dict: exclusive, as nginx's shared dicts have. Taking it is one atomic swap
 /// and releasing it one plain store, where a reader-writer lock costs two atomic operations
-/// per read and its contended cache line is the same for two workers either way (measured:
-/// `incr` 55 -> 50 ns per call from Lua 5.4, one worker). Critical sections are short (no
+/// per read and its contended cache line is the same for two workers either way (what it
+/// changed is in BENCHMARKS.md, shared dicts). Critical sections are short (no
 /// I/O, no Lua, chunked walks); a waiter spins briefly, then yields its time slice. A panic
 /// while it is held releases it; the dict then serves on, like a poisoned lock ignored.
 pub struct SpinLock<T> {

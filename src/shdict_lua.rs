@@ -4,8 +4,8 @@
 //! methods per Lua state. The hot methods (`get`, `get_stale`, `set`, `add`, `replace`,
 //! `safe_set`, `safe_add`, `incr`, `delete`) are plain C functions on the Lua stack: no
 //! userdata borrow, no registry references for arguments, and a string value goes from the
-//! store to Lua with one copy (measured on Lua 5.4, 32-byte value: 240 ns per `get` through
-//! mlua's conversions, 80 ns this way). The rest go through mlua. On LuaJIT the hot methods are
+//! store to Lua with one copy (`get` of a 32-byte value on Lua 5.4: 240 ns per call through
+//! mlua's conversions, 82 ns this way; BENCHMARKS.md, "per call"). The rest go through mlua. On LuaJIT the hot methods are
 //! replaced again, by FFI wrappers (`shdict_ffi.rs`), and these become their fallback.
 //!
 //! The raw functions follow two rules. Nothing with a destructor that matters is alive across
