@@ -449,8 +449,12 @@ impl Store {
     /// Marks a read. An entry that is already the most recently used one is left alone, so a
     /// hot key read over and over (a least-connection counter) costs no write to the clock.
     fn touch(&self, e: &Entry) {
-        if e.touched.load(Ordering::Relaxed) + 1 < self.clock.load(Ordering::Relaxed) {
-            e.touched.store(self.tick(), Ordering::Relaxed);
+        self.stamp(&e.touched);
+    }
+
+    fn stamp(&self, touched: &AtomicU64) {
+        if touched.load(Ordering::Relaxed) + 1 < self.clock.load(Ordering::Relaxed) {
+            touched.store(self.tick(), Ordering::Relaxed);
         }
     }
 
@@ -862,7 +866,7 @@ impl Store {
             // finds DEAD and goes the locked way; nobody reads a retired counter.
             let prev = c.value.fetch_add(b, Ordering::SeqCst);
             if prev >= DEAD_BELOW {
-                self.touch_counter(c);
+                self.stamp(&c.touched);
                 if i > 0 {
                     h.swap(0, i);
                 }
@@ -882,12 +886,6 @@ impl Store {
             h.truncate(MAX_HANDLES - 1);
             h.insert(0, (me, key.into(), c.clone()));
         })
-    }
-
-    fn touch_counter(&self, c: &Counter) {
-        if c.touched.load(Ordering::Relaxed) + 1 < self.clock.load(Ordering::Relaxed) {
-            c.touched.store(self.tick(), Ordering::Relaxed);
-        }
     }
 
     /// Live keys, at most `max` (0 = all), least recently written first. Collected a chunk
