@@ -358,7 +358,7 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub enum Chunk {
     Size,
     Data(u64),
     DataEnd,
@@ -368,7 +368,7 @@ enum Chunk {
 
 /// Decodes a chunked body held in `buf`, returning the next piece of data, `Ok(None)` when
 /// more input is needed, and moving to `Done` after the last chunk and trailers.
-fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
+pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
     loop {
         match *state {
             Chunk::Size => {

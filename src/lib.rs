@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod h1client;
+pub mod h1server;
 pub mod http;
 pub mod json;
 pub mod listener;

@@ -4,23 +4,18 @@
 //! `workers` OS threads each create their own Lua VM, load the policy once and accept from the
 //! same listening socket; nothing Lua crosses threads, only the socket and plain config data.
 
-use crate::http::{self, Limits};
+use crate::h1server::{self, ClientConn, HeadError, IncomingBody, RequestHead};
+use crate::http::Limits;
 use crate::request::{empty, full, BoxBody, BoxError, ReqInner, Request};
 use crate::runtime::{self, call_protected, LoopGuard};
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::StatusCode;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, StatusCode, Version};
 use mlua::prelude::*;
 use mlua::LuaSerdeExt;
 use std::any::Any;
 use std::cell::RefCell;
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -35,6 +30,8 @@ struct Worker {
     handler: LuaFunction,
     limits: Rc<Limits>,
     header_timeout: Duration,
+    /// How long a response write may wait for the client to take bytes.
+    send_timeout: Duration,
     keepalive_requests: usize,
 }
 
@@ -78,6 +75,13 @@ impl Drop for DrainOnDrop {
     fn drop(&mut self) {
         self.0.guards.borrow_mut().clear();
         *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
+        // What stays until Lua collects the request object is then a few hundred bytes.
+        if let Ok(mut h) = self.0.headers.try_borrow_mut() {
+            *h = hyper::HeaderMap::new();
+        }
+        if let Ok(mut u) = self.0.uri.try_borrow_mut() {
+            *u = hyper::Uri::default();
+        }
     }
 }
 
@@ -171,55 +175,22 @@ fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<hyper::Response<B
 }
 
 async fn handle(
-    w: Rc<Worker>,
-    req: hyper::Request<Incoming>,
+    w: &Worker,
+    head: RequestHead,
+    body: IncomingBody,
     peer: SocketAddr,
-) -> Result<hyper::Response<GuardedBody>, Infallible> {
-    let start = Instant::now();
-    let (parts, body) = req.into_parts();
-    if let Err(r) = http::validate_request(
-        &parts.method,
-        &parts.uri,
-        parts.version,
-        &parts.headers,
-        &w.limits,
-    ) {
-        crate::log::log(
-            crate::log::INFO,
-            &format!(
-                "rejected request from {}: {} ({})",
-                peer.ip(),
-                r.reason,
-                r.status.as_u16()
-            ),
-        );
-        let mut resp = simple(r.status, r.reason);
-        // The rest of the stream cannot be trusted to be framed correctly.
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return Ok(resp.map(|b| GuardedBody {
-            inner: b,
-            _guards: Vec::new(),
-        }));
-    }
-    // hyper accepts absolute-form targets; upstreams get origin-form.
-    let uri = match parts.uri.path_and_query() {
-        Some(pq) if parts.uri.scheme().is_some() => {
-            pq.as_str().parse().unwrap_or(parts.uri.clone())
-        }
-        _ => parts.uri.clone(),
-    };
+) -> hyper::Response<GuardedBody> {
     let inner = Rc::new(ReqInner {
-        method: RefCell::new(parts.method),
-        uri: RefCell::new(uri),
-        version: parts.version,
-        headers: RefCell::new(parts.headers),
+        method: RefCell::new(head.method),
+        uri: RefCell::new(head.uri),
+        version: head.version,
+        headers: RefCell::new(head.headers),
         peer,
         body: RefCell::new(crate::request::BodyState::Stream(body)),
         guards: RefCell::new(Vec::new()),
         failure: Default::default(),
         limits: w.limits.clone(),
-        start,
+        start: Instant::now(),
         upstream: RefCell::new(None),
     });
     let _drain = DrainOnDrop(inner.clone());
@@ -264,129 +235,31 @@ async fn handle(
     }
     let guards = std::mem::take(&mut *inner.guards.borrow_mut());
     runtime::gc_pressure(&w.lua, GC_STEP_KB);
-    Ok(resp.map(|b| GuardedBody {
+    resp.map(|b| GuardedBody {
         inner: b,
         _guards: guards,
-    }))
+    })
 }
 
-/// What the idle watchdog of one connection knows: when bytes last moved, and how many
-/// requests are between their head and the end of their response.
-#[derive(Default)]
-struct ConnActivity {
-    last_io: std::cell::Cell<Option<Instant>>,
-    active: std::cell::Cell<usize>,
-    /// A response asked for the connection to close: the client may still be sending (a
-    /// refused body), so the close lingers. Idle keep-alive connections closed at shutdown
-    /// do not.
-    linger: std::cell::Cell<bool>,
-}
-
-/// Ends a request's share of `ConnActivity::active` when dropped (response done or abandoned).
-struct ActiveRequest(Rc<ConnActivity>);
-
-impl Drop for ActiveRequest {
-    fn drop(&mut self) {
-        self.0.active.set(self.0.active.get() - 1);
-        self.0.last_io.set(Some(Instant::now()));
-    }
-}
-
-/// The client socket, noting every read and write that moves bytes.
-struct TrackedStream {
-    inner: tokio::net::TcpStream,
-    activity: Rc<ConnActivity>,
-    /// The client closed its side.
-    eof: bool,
-    /// Our side is shut down; `poll_shutdown` is draining what the client still sends.
-    write_closed: bool,
-    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+/// Writes to a client that takes no bytes for `body_timeout` fail (nginx's send_timeout).
+fn send_timeout(limits: &Limits) -> Duration {
+    runtime::seconds(limits.body_timeout).unwrap_or(Duration::from_secs(60))
 }
 
 /// How long a connection we close keeps reading (and discarding) what the client still sends,
-/// like nginx's lingering close: closing a socket with unread bytes sends a reset, which can
-/// destroy the error response still on its way (seen: a 501 for a refused request body lost
-/// about one time in three on loopback).
+/// like nginx's lingering close.
 const LINGER: Duration = Duration::from_secs(2);
 
-impl tokio::io::AsyncRead for TrackedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(res) = &r {
-            self.activity.last_io.set(Some(Instant::now()));
-            if res.is_ok() && buf.filled().len() == before && buf.remaining() > 0 {
-                self.eof = true;
-            }
-        }
-        r
-    }
+fn wants_close<B>(resp: &hyper::Response<B>) -> bool {
+    resp.headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
 }
 
-impl tokio::io::AsyncWrite for TrackedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if r.is_ready() {
-            self.activity.last_io.set(Some(Instant::now()));
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            self.activity.last_io.set(Some(Instant::now()));
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if !this.write_closed {
-            std::task::ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
-            this.write_closed = true;
-            if this.eof || !this.activity.linger.get() {
-                return Poll::Ready(Ok(()));
-            }
-            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
-        }
-        let mut scratch = [0u8; 4096];
-        loop {
-            if let Some(t) = this.linger.as_mut() {
-                if t.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Ok(()));
-                }
-            }
-            let mut rb = tokio::io::ReadBuf::new(&mut scratch);
-            match tokio::io::AsyncRead::poll_read(Pin::new(&mut this.inner), cx, &mut rb) {
-                Poll::Ready(Ok(())) if !rb.filled().is_empty() => continue,
-                Poll::Ready(_) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
-
+/// Serves one client connection: head, policy, response, and again while the connection
+/// stays open. Requests on one connection run one after another (pipelined ones wait in the
+/// read buffer).
 async fn serve_conn(
     w: Rc<Worker>,
     stream: tokio::net::TcpStream,
@@ -394,80 +267,72 @@ async fn serve_conn(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let activity = Rc::new(ConnActivity::default());
-    activity.last_io.set(Some(Instant::now()));
-    let w2 = w.clone();
-    let served = Rc::new(std::cell::Cell::new(0usize));
-    let max = w.keepalive_requests;
-    let act2 = activity.clone();
-    let svc = service_fn(move |req| {
-        let n = served.get() + 1;
-        served.set(n);
-        act2.active.set(act2.active.get() + 1);
-        let active = ActiveRequest(act2.clone());
-        let act3 = act2.clone();
-        let fut = handle(w2.clone(), req, peer);
-        async move {
-            let mut r = fut.await?;
-            r.body_mut()._guards.push(Box::new(active));
-            if max > 0 && n >= max {
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            if r.headers()
-                .get(header::CONNECTION)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
-            {
-                act3.linger.set(true);
-            }
-            Ok::<_, Infallible>(r)
-        }
-    });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(w.header_timeout)
-        .max_buf_size(64 * 1024)
-        .pipeline_flush(true)
-        .serve_connection(
-            TokioIo::new(TrackedStream {
-                inner: stream,
-                activity: activity.clone(),
-                eof: false,
-                write_closed: false,
-                linger: None,
-            }),
-            svc,
-        );
-    tokio::pin!(conn);
-    let mut draining = false;
-    // hyper watches the head of each request, but a connection whose request body was left
-    // unread can sit forever once the response is out (seen: CLOSE-WAIT sockets that kept a
-    // server from ever finishing). With no request in progress and no bytes moving for
-    // `header_timeout`, the connection is dropped.
-    let idle = w.header_timeout;
-    let mut check = tokio::time::Instant::now() + idle;
+    let conn = ClientConn::new(stream);
+    let mut waits = h1server::Waits::new(w.header_timeout);
+    let send_timeout = w.send_timeout;
+    let mut served = 0usize;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(check) => {
-                let quiet = activity.last_io.get().map(|t| t.elapsed()).unwrap_or_default();
-                if activity.active.get() == 0 && quiet >= idle {
-                    crate::log::log(crate::log::DEBUG, &format!("closing idle connection from {peer}"));
-                    return;
-                }
-                check = tokio::time::Instant::now() + idle.saturating_sub(quiet).max(Duration::from_millis(10));
+        let head = match h1server::read_head(&conn, &w.limits, &mut waits, &mut shutdown).await {
+            Ok(h) => h,
+            Err(HeadError::Closed) => return,
+            Err(HeadError::Timeout) => {
+                crate::log::log(
+                    crate::log::DEBUG,
+                    &format!("closing idle connection from {peer}"),
+                );
+                return;
             }
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    if !e.is_incomplete_message() {
-                        crate::log::log(crate::log::DEBUG, &format!("connection from {peer}: {e}"));
-                    }
+            Err(HeadError::Bad(r)) => {
+                crate::log::log(
+                    crate::log::INFO,
+                    &format!(
+                        "rejected request from {}: {} ({})",
+                        peer.ip(),
+                        r.reason,
+                        r.status.as_u16()
+                    ),
+                );
+                // The rest of the stream cannot be trusted to be framed correctly.
+                let mut resp = simple(r.status, r.reason);
+                let (m, v) = (Method::GET, Version::HTTP_11);
+                if h1server::write_response(&conn, &mut resp, &m, v, false, send_timeout)
+                    .await
+                    .is_ok()
+                {
+                    h1server::linger_close(&conn, LINGER).await;
                 }
                 return;
             }
-            _ = shutdown.changed(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
+        };
+        served += 1;
+        let (method, version) = (head.method.clone(), head.version);
+        let mut keep = head.keep_alive
+            && !(w.keepalive_requests > 0 && served >= w.keepalive_requests)
+            && !*shutdown.borrow();
+        let mut resp = handle(&w, head, IncomingBody::new(conn.clone()), peer).await;
+        if wants_close(&resp) {
+            keep = false;
+        }
+        let written =
+            h1server::write_response(&conn, &mut resp, &method, version, keep, send_timeout).await;
+        // The request's leases end with its last byte written (or with the failed write).
+        drop(resp);
+        match written {
+            Ok(k) => keep = k,
+            Err(e) => {
+                crate::log::log(crate::log::DEBUG, &format!("connection from {peer}: {e}"));
+                return;
             }
+        }
+        let clean = conn.borrow().body_done()
+            || (keep && h1server::drain_body(&conn, w.header_timeout).await);
+        if !keep || !clean {
+            if !clean || !conn.borrow().idle() {
+                // The client may still be sending: closing with unread bytes would send a
+                // reset, which can destroy the response on its way.
+                h1server::linger_close(&conn, LINGER).await;
+            }
+            return;
         }
     }
 }
@@ -627,6 +492,7 @@ fn worker_thread(
                     handler,
                     limits: Rc::new(spec.limits.clone()),
                     header_timeout: spec.header_timeout,
+                    send_timeout: send_timeout(&spec.limits),
                     keepalive_requests: spec.keepalive_requests,
                 });
                 accept_loop(w, listener, shutdown).await;
@@ -802,6 +668,7 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
         let w = Rc::new(Worker {
             lua: lua.clone(),
             handler,
+            send_timeout: send_timeout(&limits),
             limits: Rc::new(limits),
             header_timeout,
             keepalive_requests,

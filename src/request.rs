@@ -1,13 +1,13 @@
 //! The request object a policy's handler receives, and the client body stream behind it.
 //!
-//! The body stays in hyper until the policy asks for it: `req:read_body()` buffers it (with the
+//! The body stays on the connection until the policy asks for it: `req:read_body()` buffers it (with the
 //! size limit and idle timeout), `req:proxy()` streams it to the upstream without entering Lua.
 
+use crate::h1server::{BodyError, IncomingBody};
 use crate::http::{self, Limits};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode, Uri, Version};
 use mlua::prelude::*;
@@ -27,7 +27,7 @@ pub type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>;
 pub type Failure = Rc<Cell<Option<(StatusCode, &'static str)>>>;
 
 pub enum BodyState {
-    Stream(Incoming),
+    Stream(IncomingBody),
     Buffered(Bytes),
     Taken,
     /// The handler has returned: the body (read or not) is gone.
@@ -127,9 +127,9 @@ pub fn empty() -> BoxBody {
 
 /// The client's request body with our limits: at most `max_body` bytes (413) and at most
 /// `body_timeout` seconds of silence while we wait for the next piece (408). Malformed chunked
-/// framing surfaces from hyper as an error (400). The failure is recorded for the listener.
+/// framing is an error too (400). The failure is recorded for the listener.
 pub struct ClientBody {
-    inner: Incoming,
+    inner: IncomingBody,
     seen: u64,
     limit: u64,
     idle: crate::h1client::IdleTimer,
@@ -137,7 +137,7 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
-    fn new(inner: Incoming, req: &ReqInner) -> ClientBody {
+    fn new(inner: IncomingBody, req: &ReqInner) -> ClientBody {
         let idle = crate::runtime::seconds(req.limits.body_timeout.max(0.001)).unwrap_or_default();
         ClientBody {
             inner,
@@ -178,10 +178,9 @@ impl Body for ClientBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let why = if e.is_incomplete_message() || e.is_canceled() {
-                    "client closed connection"
-                } else {
-                    "malformed request body"
+                let why = match e {
+                    BodyError::Closed => "client closed connection",
+                    BodyError::Malformed(_) => "malformed request body",
                 };
                 Poll::Ready(Some(Err(this.fail(StatusCode::BAD_REQUEST, why))))
             }
@@ -493,7 +492,15 @@ impl LuaUserData for Request {
             |lua, this, (addr, opts): (String, Option<LuaTable>)| async move {
                 crate::runtime::check_loop("req:proxy")?;
                 let opts = crate::upstream::Options::from_lua(opts.as_ref())?;
-                crate::upstream::proxy_request(&lua, this.0.clone(), addr, opts).await
+                // Boxed: mlua keeps a finished call's future until Lua collects it, so the
+                // exchange's state (kilobytes) must not live inline in it.
+                Box::pin(crate::upstream::proxy_request(
+                    &lua,
+                    this.0.clone(),
+                    addr,
+                    opts,
+                ))
+                .await
             },
         );
     }

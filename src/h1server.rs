@@ -1,0 +1,928 @@
+//! The client side of HTTP/1.1: reading request heads and bodies off a client connection and
+//! writing responses to it. No mlua in here; `listener.rs` runs the loop and the policy.
+//!
+//! hyper's server dispatcher ran every request through a service future, a body channel to
+//! its `Incoming` and a boxed response future. Here the connection's task reads the socket
+//! itself, as nginx does: the request body is read straight from the connection buffer when
+//! the policy (or `req:proxy`) asks for it, and a response goes out in one write when its
+//! body is ready. The framing rules of docs/architecture.md are enforced on the way in.
+
+use crate::h1client::{decode_chunk, io_reason, Chunk, IdleTimer};
+use crate::http::{self, Limits, Reject};
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, StatusCode, Uri, Version};
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+const MAX_HEADERS: usize = 100;
+const READ_CHUNK: usize = 16 * 1024;
+/// An unread request body up to this size is read and dropped after the response so the
+/// connection can carry the next request; a larger one closes the connection instead.
+pub const MAX_DRAIN: u64 = 1024 * 1024;
+
+/// How the current request's body is delimited, and how much of it is left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyLeft {
+    Done,
+    Length(u64),
+    Chunked(Chunk),
+}
+
+/// One client connection: the socket, bytes read but not used yet, and where the current
+/// request's body stands. Shared (`Rc<RefCell<..>>`) between the connection loop and the
+/// request body the policy reads; never borrowed across an await.
+pub struct ClientConn {
+    pub stream: TcpStream,
+    buf: BytesMut,
+    body: BodyLeft,
+    /// `Expect: 100-continue` not answered yet: sent when the body is first read.
+    continue_pending: bool,
+    /// Bytes of the interim 100 response still to write.
+    continue_out: &'static [u8],
+}
+
+pub type Shared = Rc<RefCell<ClientConn>>;
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+impl ClientConn {
+    pub fn new(stream: TcpStream) -> Shared {
+        Rc::new(RefCell::new(ClientConn {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            body: BodyLeft::Done,
+            continue_pending: false,
+            continue_out: &[],
+        }))
+    }
+
+    /// Reads what the socket has into `buf`; `Ok(0)` is end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.stream.try_read_buf(&mut self.buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::task::ready!(self.stream.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// True when nothing of the current request's body is left on the wire.
+    pub fn body_done(&self) -> bool {
+        self.body == BodyLeft::Done
+    }
+
+    /// True when no byte of a next request has arrived yet.
+    pub fn idle(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.continue_pending {
+            self.continue_pending = false;
+            self.continue_out = CONTINUE;
+        }
+        while !self.continue_out.is_empty() {
+            let n =
+                std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, self.continue_out))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.continue_out = &self.continue_out[n..];
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+use tokio::io::AsyncWrite;
+
+/// A request head as the policy sees it. Header values and the target are slices of one copy
+/// of the head, so a finished request never pins the connection's read buffer.
+pub struct RequestHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// The client allows another request on this connection after this one.
+    pub keep_alive: bool,
+    framing: BodyLeft,
+    expect_continue: bool,
+}
+
+/// Why no request head came.
+pub enum HeadError {
+    /// The client closed (or reset) between requests, or the server is shutting down.
+    Closed,
+    /// No complete head within the header timeout.
+    Timeout,
+    /// A head we refuse: answer with this status and close.
+    Bad(Reject),
+}
+
+fn bad(status: StatusCode, reason: &'static str) -> HeadError {
+    HeadError::Bad(Reject { status, reason })
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// `METHOD target HTTP/d.d` with a version httparse does not take (HTTP/2.0 sent in
+/// clear text, HTTP/1.2): 505 rather than 400, like nginx.
+fn well_formed_other_version(buf: &[u8]) -> bool {
+    let line = buf.split(|&c| c == b'\r').next().unwrap_or(buf);
+    let mut parts = line.split(|&c| c == b' ');
+    let (Some(m), Some(t), Some(v), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !m.is_empty()
+        && m.iter().all(u8::is_ascii_uppercase)
+        && !t.is_empty()
+        && v.len() == 8
+        && v.starts_with(b"HTTP/")
+        && v[5].is_ascii_digit()
+        && v[6] == b'.'
+        && v[7].is_ascii_digit()
+}
+
+/// Parses a request head at the start of `buf`. `Ok(None)`: more bytes are needed.
+pub fn parse_request(
+    buf: &[u8],
+    limits: &Limits,
+) -> Result<Option<(usize, RequestHead)>, HeadError> {
+    let mut hdrs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut hdrs);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > limits.max_head {
+                Err(bad(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request header section too large",
+                ))
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(bad(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many request headers",
+            ))
+        }
+        Err(httparse::Error::Version) if well_formed_other_version(buf) => {
+            return Err(bad(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "unsupported http version",
+            ))
+        }
+        Err(_) => return Err(bad(StatusCode::BAD_REQUEST, "malformed request")),
+    };
+    if n > limits.max_head {
+        return Err(bad(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header section too large",
+        ));
+    }
+    // One copy of the head; everything below slices it.
+    let head = Bytes::copy_from_slice(&buf[..n]);
+    let base = buf.as_ptr() as usize;
+    let part = |s: &[u8]| {
+        let at = s.as_ptr() as usize - base;
+        head.slice(at..at + s.len())
+    };
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| bad(StatusCode::BAD_REQUEST, "malformed request"))?;
+    let version = if req.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let target = req.path.unwrap_or("");
+    let uri = match Uri::from_maybe_shared(part(target.as_bytes())) {
+        // Absolute-form targets are accepted; upstreams get origin-form.
+        Ok(u) if u.scheme().is_some() => match u.path_and_query() {
+            Some(pq) => Uri::try_from(pq.as_str()).unwrap_or(u),
+            None => u,
+        },
+        Ok(u) => u,
+        Err(_) => return Err(bad(StatusCode::BAD_REQUEST, "bad request target")),
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| bad(StatusCode::BAD_REQUEST, "malformed request"))?;
+        let value = HeaderValue::from_maybe_shared(part(h.value))
+            .map_err(|_| bad(StatusCode::BAD_REQUEST, "malformed request"))?;
+        headers.append(name, value);
+    }
+    http::validate_request(&method, &uri, version, &headers, limits).map_err(HeadError::Bad)?;
+    let te = headers.contains_key(header::TRANSFER_ENCODING);
+    let cl = headers.get(header::CONTENT_LENGTH);
+    let framing = match (te, cl) {
+        // Request smuggling territory: refuse rather than pick one (nginx does the same).
+        (true, Some(_)) => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "both content-length and transfer-encoding",
+            ))
+        }
+        (true, None) if version == Version::HTTP_10 => {
+            return Err(bad(
+                StatusCode::BAD_REQUEST,
+                "transfer-encoding in an http/1.0 request",
+            ))
+        }
+        (true, None) => BodyLeft::Chunked(Chunk::Size),
+        (false, Some(v)) => {
+            let b = v.as_bytes();
+            if b.is_empty() || b.len() > 18 || !b.iter().all(u8::is_ascii_digit) {
+                return Err(bad(StatusCode::BAD_REQUEST, "invalid content-length"));
+            }
+            match std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                Some(0) => BodyLeft::Done,
+                Some(n) => BodyLeft::Length(n),
+                None => return Err(bad(StatusCode::BAD_REQUEST, "invalid content-length")),
+            }
+        }
+        (false, None) => BodyLeft::Done,
+    };
+    let keep_alive = if version == Version::HTTP_11 {
+        !has_token(&headers, header::CONNECTION, "close")
+    } else {
+        has_token(&headers, header::CONNECTION, "keep-alive")
+    };
+    let expect_continue = version == Version::HTTP_11
+        && framing != BodyLeft::Done
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    Ok(Some((
+        n,
+        RequestHead {
+            method,
+            uri,
+            version,
+            headers,
+            keep_alive,
+            framing,
+            expect_continue,
+        },
+    )))
+}
+
+/// What a connection waits on between requests besides the socket: its header deadline and
+/// the server's shutdown signal.
+pub struct Waits {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl Waits {
+    pub fn new(timeout: Duration) -> Waits {
+        Waits {
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        }
+    }
+
+    /// Polls the deadline `started + timeout` lazily: the timer is only moved when it fires
+    /// early, so a busy keep-alive connection does not touch the timer wheel per request.
+    fn poll_expired(&mut self, started: Instant, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            let deadline = started + self.timeout;
+            if Instant::now() >= deadline {
+                return true;
+            }
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(deadline));
+        }
+    }
+}
+
+use std::future::Future;
+
+/// Reads the next request head. Waiting for it ends at `timeout` from the start of the wait
+/// (idle keep-alive connections close then too) or when `shutdown` fires with no byte of a
+/// request read yet.
+pub async fn read_head(
+    conn: &Shared,
+    limits: &Limits,
+    waits: &mut Waits,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<RequestHead, HeadError> {
+    let started = Instant::now();
+    let mut stopping = false;
+    loop {
+        {
+            let mut c = conn.borrow_mut();
+            if !c.buf.is_empty() {
+                if let Some((n, head)) = parse_request(&c.buf, limits)? {
+                    c.buf.advance(n);
+                    c.body = head.framing;
+                    c.continue_pending = head.expect_continue;
+                    return Ok(head);
+                }
+            } else if stopping {
+                return Err(HeadError::Closed);
+            }
+        }
+        enum Woke {
+            Read(io::Result<usize>),
+            Timeout,
+            Shutdown,
+        }
+        let woke = {
+            let changed = shutdown.changed();
+            tokio::pin!(changed);
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.borrow_mut().poll_fill(cx) {
+                    return Poll::Ready(Woke::Read(r));
+                }
+                if !stopping && changed.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woke::Shutdown);
+                }
+                if waits.poll_expired(started, cx) {
+                    return Poll::Ready(Woke::Timeout);
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        match woke {
+            Woke::Read(Ok(0)) | Woke::Read(Err(_)) => {
+                let c = conn.borrow();
+                return Err(if c.buf.is_empty() {
+                    HeadError::Closed
+                } else {
+                    bad(StatusCode::BAD_REQUEST, "incomplete request head")
+                });
+            }
+            Woke::Read(Ok(_)) => {}
+            Woke::Timeout => return Err(HeadError::Timeout),
+            Woke::Shutdown => stopping = true,
+        }
+    }
+}
+
+/// Why reading a request body stopped short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// The client closed or reset the connection before the body ended.
+    Closed,
+    /// Broken chunked framing.
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::Closed => f.write_str("client closed connection"),
+            BodyError::Malformed(_) => f.write_str("malformed request body"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// The current request's body, read from the connection on demand. Limits and timeouts are
+/// the caller's (`request::ClientBody`).
+pub struct IncomingBody {
+    conn: Shared,
+}
+
+impl IncomingBody {
+    pub fn new(conn: Shared) -> IncomingBody {
+        IncomingBody { conn }
+    }
+}
+
+impl Body for IncomingBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut c = self.conn.borrow_mut();
+        loop {
+            if !c.buf.is_empty() {
+                let ClientConn { buf, body, .. } = &mut *c;
+                match body {
+                    BodyLeft::Done => return Poll::Ready(None),
+                    BodyLeft::Length(left) => {
+                        let take = (*left).min(buf.len() as u64) as usize;
+                        let data = buf.split_to(take).freeze();
+                        *left -= take as u64;
+                        if *left == 0 {
+                            *body = BodyLeft::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    BodyLeft::Chunked(state) => match decode_chunk(state, buf) {
+                        Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Ok(None) if *state == Chunk::Done => {
+                            *body = BodyLeft::Done;
+                            return Poll::Ready(None);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // The stream cannot be parsed past this point.
+                            *body = BodyLeft::Done;
+                            return Poll::Ready(Some(Err(BodyError::Malformed(e))));
+                        }
+                    },
+                }
+            } else if c.body == BodyLeft::Done {
+                return Poll::Ready(None);
+            }
+            if std::task::ready!(c.poll_continue(cx)).is_err() {
+                return Poll::Ready(Some(Err(BodyError::Closed)));
+            }
+            match std::task::ready!(c.poll_fill(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(Some(Err(BodyError::Closed))),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.borrow().body == BodyLeft::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.conn.borrow().body {
+            BodyLeft::Done => SizeHint::with_exact(0),
+            BodyLeft::Length(n) => SizeHint::with_exact(n),
+            BodyLeft::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// Reads and drops what is left of an unread request body (at most `MAX_DRAIN` bytes, each
+/// wait at most `idle`), so the connection can serve the next request. False: close instead.
+pub async fn drain_body(conn: &Shared, idle: Duration) -> bool {
+    if let BodyLeft::Length(n) = conn.borrow().body {
+        if n > MAX_DRAIN {
+            return false;
+        }
+    }
+    // The client was told nothing about continuing: it will not send the body.
+    if std::mem::take(&mut conn.borrow_mut().continue_pending) {
+        conn.borrow_mut().body = BodyLeft::Done;
+        return false;
+    }
+    let mut body = IncomingBody::new(conn.clone());
+    let mut timer = IdleTimer::new(idle);
+    let mut seen = 0u64;
+    poll_fn(|cx| loop {
+        match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(None) => return Poll::Ready(true),
+            Poll::Ready(Some(Ok(f))) => {
+                timer.progress();
+                seen += f.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > MAX_DRAIN {
+                    return Poll::Ready(false);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => return Poll::Ready(false),
+            Poll::Pending => {
+                return if timer.expired(cx) {
+                    Poll::Ready(false)
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    })
+    .await
+}
+
+thread_local! {
+    static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+}
+
+/// The `Date` header value, formatted once per second per thread.
+fn http_date(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs || d.1.is_empty() {
+            *d = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(d.1.as_bytes());
+    });
+}
+
+/// How the response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    None,
+    Length,
+    Chunked,
+    UntilClose,
+}
+
+/// Writes the head of `resp` for a request with `method`/`version` into `out`, choosing the
+/// body framing; returns it and whether the connection can stay open afterwards.
+fn encode_head<B: Body>(
+    out: &mut Vec<u8>,
+    resp: &hyper::Response<B>,
+    method: &Method,
+    version: Version,
+    keep_alive: bool,
+) -> (Out, bool) {
+    let status = resp.status();
+    let code = status.as_u16();
+    let no_body_status = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let exact = resp.body().size_hint().exact();
+    let mut keep = keep_alive;
+    let out_mode = if no_body_status || *method == Method::HEAD {
+        Out::None
+    } else if exact.is_some() {
+        Out::Length
+    } else if version == Version::HTTP_11 {
+        Out::Chunked
+    } else {
+        keep = false;
+        Out::UntilClose
+    };
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut has_date = false;
+    let mut has_cl = false;
+    for (name, value) in resp.headers() {
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            // A HEAD or 304 answer may state the length of what it did not send; otherwise
+            // the length is the body's own, below.
+            if out_mode != Out::None || code == 204 || status.is_informational() {
+                continue;
+            }
+            has_cl = true;
+        }
+        if name == header::DATE {
+            has_date = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match out_mode {
+        Out::Length => {
+            let mut b = itoa_buf(exact.unwrap_or(0));
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(b.as_bytes_mut());
+            out.extend_from_slice(b"\r\n");
+        }
+        Out::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Out::None if *method == Method::HEAD && !has_cl && !no_body_status => {
+            if let Some(n) = exact.filter(|n| *n > 0) {
+                let mut b = itoa_buf(n);
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(b.as_bytes_mut());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        _ => {}
+    }
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        http_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (out_mode, keep)
+}
+
+struct NumBuf {
+    b: [u8; 20],
+    start: usize,
+}
+
+impl NumBuf {
+    fn as_bytes_mut(&mut self) -> &[u8] {
+        &self.b[self.start..]
+    }
+}
+
+fn itoa_buf(mut n: u64) -> NumBuf {
+    let mut b = [0u8; 20];
+    let mut i = 20;
+    loop {
+        i -= 1;
+        b[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    NumBuf { b, start: i }
+}
+
+/// Writes every byte of `parts` (in order) with as few syscalls as the socket allows; each
+/// wait for the socket is bounded by `timer`.
+async fn write_parts(conn: &Shared, parts: &mut [&[u8]], timer: &mut IdleTimer) -> io::Result<()> {
+    let mut first = 0;
+    while first < parts.len() {
+        if parts[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let n = poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); 4];
+            let mut k = 0;
+            for p in parts[first..].iter().filter(|p| !p.is_empty()).take(4) {
+                slices[k] = IoSlice::new(p);
+                k += 1;
+            }
+            let mut c = conn.borrow_mut();
+            match Pin::new(&mut c.stream).poll_write_vectored(cx, &slices[..k]) {
+                Poll::Ready(r) => {
+                    timer.progress();
+                    Poll::Ready(r)
+                }
+                Poll::Pending if timer.expired(cx) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timeout")))
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n;
+        while n > 0 && first < parts.len() {
+            let len = parts[first].len();
+            if n >= len {
+                n -= len;
+                first += 1;
+            } else {
+                parts[first] = &parts[first][n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `resp` to the client. `Ok(true)`: the connection may carry another request.
+/// `Err`: the client went away, stalled for `send_timeout`, or the body failed midway (the
+/// connection must be closed: the client cannot tell a cut body from a whole one otherwise).
+pub async fn write_response<B>(
+    conn: &Shared,
+    resp: &mut hyper::Response<B>,
+    method: &Method,
+    version: Version,
+    keep_alive: bool,
+    send_timeout: Duration,
+) -> Result<bool, String>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut head = Vec::with_capacity(256);
+    let (mode, keep) = encode_head(&mut head, resp, method, version, keep_alive);
+    let mut timer = IdleTimer::new(send_timeout);
+    let body = resp.body_mut();
+    if mode == Out::None {
+        write_parts(conn, &mut [&head], &mut timer)
+            .await
+            .map_err(|e| io_reason(&e))?;
+        return Ok(keep);
+    }
+    let exact = body.size_hint().exact();
+    let mut pending_head = Some(head);
+    let mut sent: u64 = 0;
+    loop {
+        // What the body has ready now goes out with the head in one write; wait only after.
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if let Some(h) = pending_head.take() {
+                    write_parts(conn, &mut [&h], &mut timer)
+                        .await
+                        .map_err(|e| io_reason(&e))?;
+                }
+                poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(e)) => return Err(e.to_string()),
+            Some(Ok(f)) => {
+                let Ok(data) = f.into_data() else { continue };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                let h = pending_head.take().unwrap_or_default();
+                let r = if mode == Out::Chunked {
+                    let size = format!("{:x}\r\n", data.len());
+                    write_parts(conn, &mut [&h, size.as_bytes(), &data, b"\r\n"], &mut timer).await
+                } else {
+                    write_parts(conn, &mut [&h, &data], &mut timer).await
+                };
+                r.map_err(|e| io_reason(&e))?;
+            }
+        }
+    }
+    let h = pending_head.take().unwrap_or_default();
+    let tail: &[u8] = if mode == Out::Chunked {
+        b"0\r\n\r\n"
+    } else {
+        b""
+    };
+    write_parts(conn, &mut [&h, tail], &mut timer)
+        .await
+        .map_err(|e| io_reason(&e))?;
+    if mode == Out::Length && Some(sent) != exact {
+        // The head promised another length: the client would misread the next response.
+        return Err("response body length mismatch".into());
+    }
+    Ok(keep)
+}
+
+/// Closes the connection the way nginx's lingering close does: our side is shut, and what the
+/// client still sends is read and dropped for up to `linger`, so the last response is not
+/// destroyed by a reset (closing with unread bytes sends one; seen: a 501 for a refused body
+/// lost about one time in three on loopback).
+pub async fn linger_close(conn: &Shared, linger: Duration) {
+    let shut = poll_fn(|cx| Pin::new(&mut conn.borrow_mut().stream).poll_shutdown(cx)).await;
+    if shut.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(linger, async {
+        let mut scratch = [0u8; 4096];
+        loop {
+            let r = poll_fn(|cx| {
+                let mut c = conn.borrow_mut();
+                let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+                match tokio::io::AsyncRead::poll_read(Pin::new(&mut c.stream), cx, &mut rb) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            if !matches!(r, Ok(n) if n > 0) {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<Option<(usize, RequestHead)>, HeadError> {
+        parse_request(raw.as_bytes(), &Limits::default())
+    }
+
+    fn reason(raw: &str) -> (u16, &'static str) {
+        match parse(raw) {
+            Err(HeadError::Bad(r)) => (r.status.as_u16(), r.reason),
+            Ok(Some(_)) => (0, "accepted"),
+            Ok(None) => (0, "partial"),
+            Err(_) => (0, "other"),
+        }
+    }
+
+    #[test]
+    fn heads_and_framing() {
+        let (n, h) = parse("POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(n, 52);
+        assert_eq!(h.uri.path(), "/a");
+        assert_eq!(h.uri.query(), Some("b=1"));
+        assert_eq!(h.framing, BodyLeft::Length(5));
+        assert!(h.keep_alive);
+        let (_, h) = parse("GET http://x/p?q HTTP/1.0\r\nHost: x\r\n\r\n")
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(h.uri.to_string(), "/p?q");
+        assert!(!h.keep_alive);
+        assert_eq!(h.framing, BodyLeft::Done);
+        assert!(matches!(parse("GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
+    }
+
+    #[test]
+    fn refuses_ambiguous_or_broken_heads() {
+        assert_eq!(
+            reason("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"),
+            (400, "duplicate content-length")
+        );
+        assert_eq!(
+            reason("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            (400, "both content-length and transfer-encoding")
+        );
+        assert_eq!(
+            reason("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"),
+            (400, "invalid content-length")
+        );
+        assert_eq!(
+            reason("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            (400, "transfer-encoding in an http/1.0 request")
+        );
+        assert_eq!(
+            reason("GET / HTTP/1.1\r\n\r\n"),
+            (400, "missing host header")
+        );
+        assert_eq!(reason("GE T / HTTP/1.1\r\n\r\n").0, 400);
+        assert_eq!(reason("GET / HTTP/2.0\r\nHost: a\r\n\r\n").0, 505);
+        let many: String = (0..120).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert_eq!(
+            reason(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")).0,
+            431
+        );
+        let big = "v".repeat(40 * 1024);
+        assert_eq!(reason(&format!("GET / HTTP/1.1\r\nX: {big}")).0, 431);
+    }
+
+    #[test]
+    fn response_heads() {
+        let resp = |status: u16, body: &'static str| {
+            let mut r = hyper::Response::new(http_body_util::Full::new(Bytes::from(body)));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            r.headers_mut()
+                .insert("content-length", HeaderValue::from_static("999"));
+            r.headers_mut()
+                .insert("connection", HeaderValue::from_static("upgrade"));
+            r
+        };
+        let head = |r: &hyper::Response<_>, m: Method, v: Version, keep: bool| {
+            let mut out = Vec::new();
+            let (mode, keep) = encode_head(&mut out, r, &m, v, keep);
+            (String::from_utf8(out).unwrap(), mode, keep)
+        };
+        let (h, mode, keep) = head(&resp(200, "hello"), Method::GET, Version::HTTP_11, true);
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
+        assert!(
+            h.contains("content-length: 5\r\n") && !h.contains("999"),
+            "{h}"
+        );
+        assert!(!h.contains("upgrade") && h.contains("date: "), "{h}");
+        assert_eq!((mode, keep), (Out::Length, true));
+        let (h, mode, _) = head(&resp(200, "hello"), Method::HEAD, Version::HTTP_11, true);
+        assert!(h.contains("content-length: 999\r\n"), "{h}");
+        assert_eq!(mode, Out::None);
+        let (h, _, keep) = head(&resp(204, ""), Method::GET, Version::HTTP_10, true);
+        assert!(
+            !h.contains("content-length") && h.contains("connection: keep-alive"),
+            "{h}"
+        );
+        assert!(keep);
+        let (h, _, keep) = head(&resp(200, "x"), Method::GET, Version::HTTP_11, false);
+        assert!(h.contains("connection: close\r\n") && !keep, "{h}");
+    }
+}
