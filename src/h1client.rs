@@ -10,11 +10,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode, Uri};
 use std::future::{poll_fn, Future};
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -142,12 +142,17 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
     let code = res.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("bad status"))?;
     let version11 = res.version == Some(1);
+    // One copy of the head, values sliced from it: a response kept in a cache does not pin
+    // the connection's read buffer, and there is one allocation instead of one per value.
+    let copy = Bytes::copy_from_slice(&buf[..n]);
+    let base = buf.as_ptr() as usize;
     let mut headers = HeaderMap::with_capacity(res.headers.len());
     for h in res.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Invalid("bad header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| Error::Invalid("bad header value"))?;
+        let at = h.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(copy.slice(at..at + h.value.len()))
+            .map_err(|_| Error::Invalid("bad header value"))?;
         headers.append(name, value);
     }
     let mut cls = headers.get_all(header::CONTENT_LENGTH).iter();
@@ -210,20 +215,41 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
     )))
 }
 
-/// Writes the request head and body. A body with a known size is sent with Content-Length,
-/// an unknown one chunked; the caller's framing headers never reach the wire.
-pub async fn write_request<B>(
-    conn: &mut Conn,
+/// A request head ready for the wire, with the framing it promised: encoded once, so a
+/// retry on another connection sends the same bytes.
+pub struct OutHead {
+    pub bytes: Bytes,
+    /// Body bytes the head announced (`None`: chunked).
+    pub length: Option<u64>,
+}
+
+fn push_num(out: &mut BytesMut, mut n: u64, radix: u64) {
+    let mut b = [0u8; 20];
+    let mut i = b.len();
+    loop {
+        i -= 1;
+        let d = (n % radix) as u8;
+        b[i] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&b[i..]);
+}
+
+/// Encodes a request head: the request line, `headers` except framing ones and those `skip`
+/// names, then `extra`, then the framing for a body of `length` bytes (`None`: unknown, sent
+/// chunked). A bodiless GET/HEAD/DELETE/OPTIONS gets no Content-Length at all.
+pub fn encode_request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    mut body: Pin<&mut B>,
-) -> Result<(), Error>
-where
-    B: Body<Data = Bytes> + ?Sized,
-    B::Error: std::fmt::Display,
-{
-    let mut out = BytesMut::with_capacity(1024);
+    skip: impl Fn(&HeaderName) -> bool,
+    extra: &[(&HeaderName, &[u8])],
+    length: Option<u64>,
+) -> OutHead {
+    let mut out = BytesMut::with_capacity(512);
     out.extend_from_slice(method.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(
@@ -234,7 +260,7 @@ where
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || skip(name) {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -242,25 +268,51 @@ where
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let exact = body.size_hint().exact();
-    let chunked = exact.is_none();
+    for (name, value) in extra {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
     let bodiless = matches!(
         *method,
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-    ) && exact == Some(0)
+    ) && length == Some(0)
         && !headers.contains_key(header::CONTENT_LENGTH);
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    } else if !bodiless {
-        out.extend_from_slice(format!("content-length: {}\r\n", exact.unwrap_or(0)).as_bytes());
+    match length {
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Some(_) if bodiless => {}
+        Some(n) => {
+            out.extend_from_slice(b"content-length: ");
+            push_num(&mut out, n, 10);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     out.extend_from_slice(b"\r\n");
+    OutHead {
+        bytes: out.freeze(),
+        length,
+    }
+}
 
+/// Writes the request head and body. What the body has ready leaves in the same `writev` as
+/// the head (no copy of the body); more is waited for only after that is flushed.
+pub async fn write_request<B>(
+    conn: &mut Conn,
+    head: &OutHead,
+    mut body: Pin<&mut B>,
+) -> Result<(), Error>
+where
+    B: Body<Data = Bytes> + ?Sized,
+    B::Error: std::fmt::Display,
+{
+    let chunked = head.length.is_none();
+    let mut queue: Vec<Bytes> = Vec::with_capacity(4);
+    queue.push(head.bytes.clone());
+    let mut queued = head.bytes.len();
     let mut sent: u64 = 0;
     if !body.is_end_stream() {
         loop {
-            // Take whatever the body has ready without waiting, so a small body leaves in the
-            // same write as the head; flush before waiting for more.
             let next = poll_fn(|cx| {
                 Poll::Ready(match body.as_mut().poll_frame(cx) {
                     Poll::Ready(f) => Some(f),
@@ -271,7 +323,8 @@ where
             let frame = match next {
                 Some(f) => f,
                 None => {
-                    flush(conn, &mut out).await?;
+                    flush(conn, &mut queue).await?;
+                    queued = 0;
                     poll_fn(|cx| body.as_mut().poll_frame(cx)).await
                 }
             };
@@ -279,46 +332,75 @@ where
                 None => break,
                 Some(Err(e)) => return Err(Error::RequestBody(e.to_string())),
                 Some(Ok(f)) => {
-                    if let Ok(data) = f.into_data() {
-                        if data.is_empty() {
-                            continue;
-                        }
-                        sent += data.len() as u64;
-                        if chunked {
-                            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                            out.extend_from_slice(&data);
-                            out.extend_from_slice(b"\r\n");
-                        } else {
-                            out.extend_from_slice(&data);
-                        }
-                        if out.len() >= 64 * 1024 {
-                            flush(conn, &mut out).await?;
-                        }
+                    let Ok(data) = f.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    sent += data.len() as u64;
+                    queued += data.len();
+                    if chunked {
+                        let mut line = BytesMut::with_capacity(20);
+                        push_num(&mut line, data.len() as u64, 16);
+                        line.extend_from_slice(b"\r\n");
+                        queue.push(line.freeze());
+                        queue.push(data);
+                        queue.push(Bytes::from_static(b"\r\n"));
+                    } else {
+                        queue.push(data);
+                    }
+                    if queued >= 64 * 1024 || queue.len() >= 48 {
+                        flush(conn, &mut queue).await?;
+                        queued = 0;
                     }
                 }
             }
         }
     }
-    if let Some(n) = exact {
-        if sent != n && !bodiless {
+    if let Some(n) = head.length {
+        if sent != n {
             return Err(Error::RequestBody("request body length mismatch".into()));
         }
     }
     if chunked {
-        out.extend_from_slice(b"0\r\n\r\n");
+        queue.push(Bytes::from_static(b"0\r\n\r\n"));
     }
-    flush(conn, &mut out).await
+    flush(conn, &mut queue).await
 }
 
-async fn flush(conn: &mut Conn, out: &mut BytesMut) -> Result<(), Error> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    conn.stream
-        .write_all(out)
+/// Writes every queued buffer, in order, with as few `writev`s as the socket takes.
+async fn flush(conn: &mut Conn, queue: &mut Vec<Bytes>) -> Result<(), Error> {
+    let mut first = 0;
+    while first < queue.len() {
+        let n = poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut k = 0;
+            for b in queue[first..].iter().take(64) {
+                slices[k] = IoSlice::new(b);
+                k += 1;
+            }
+            Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..k])
+        })
         .await
         .map_err(|e| Error::WriteFailed(io_reason(&e)))?;
-    out.clear();
+        if n == 0 {
+            return Err(Error::WriteFailed("upstream closed connection".into()));
+        }
+        let mut n = n;
+        while n > 0 {
+            let len = queue[first].len();
+            if n >= len {
+                n -= len;
+                first += 1;
+            } else {
+                queue[first].advance(n);
+                n = 0;
+            }
+        }
+        while first < queue.len() && queue[first].is_empty() {
+            first += 1;
+        }
+    }
+    queue.clear();
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! HTTP rules that hyper leaves to us: request validation, hop-by-hop headers, query strings.
 //! Plain Rust with no Lua in sight, so `cargo test` covers all of it.
 
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::{Method, StatusCode, Version};
 
 /// Limits applied to every request before the policy sees it.
@@ -156,52 +156,73 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection`, every header it names, and the
-/// fixed list. `Connection` may not remove Host or Content-Length: framing is ours to decide.
-/// One pass over the names first, since most messages carry none of these (it runs twice per
-/// proxied request).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
+/// The fixed hop-by-hop headers (RFC 9110 §7.6.1). Standard names compare as enum values,
+/// so this is a few integer compares per header, not string compares.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
+
+/// The headers `Connection` names (to be dropped with it), never Host or Content-Length:
+/// framing is ours to decide.
+pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
-        .collect();
-    for n in named {
+        .collect()
+}
+
+/// Removes hop-by-hop headers: `Connection`, every header it names, and the fixed list.
+/// One pass over the names first, since most messages carry none of these.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    for n in connection_named(headers) {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
+    let fixed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k))
+        .cloned()
+        .collect();
+    for n in fixed {
         headers.remove(n);
     }
 }
 
-/// Appends the client address to `X-Forwarded-For` and overwrites `X-Real-IP`.
-pub fn add_forwarded(headers: &mut HeaderMap, client_ip: &str) {
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_ip}"),
-        _ => client_ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+/// The `X-Forwarded-For` value for a request from `client_ip`: the client's own list with
+/// the address appended, or just the address.
+pub fn forwarded_for(headers: &HeaderMap, client_ip: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(client_ip.len() + 32);
+    let mut first = true;
+    for v in headers.get_all(&X_FORWARDED_FOR) {
+        let v = v.as_bytes().trim_ascii();
+        if v.is_empty() {
+            continue;
+        }
+        if !first {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(v);
+        first = false;
     }
-    if let Ok(v) = HeaderValue::from_str(client_ip) {
-        headers.insert("x-real-ip", v);
+    if !first {
+        out.extend_from_slice(b", ");
     }
+    out.extend_from_slice(client_ip.as_bytes());
+    out
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -249,6 +270,7 @@ pub fn parse_query(q: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::HeaderValue;
 
     fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> Result<(), Reject> {
         let mut h = HeaderMap::new();
@@ -341,11 +363,13 @@ mod tests {
     #[test]
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "127.0.0.1");
-        h.insert("x-real-ip", HeaderValue::from_static("spoofed"));
-        add_forwarded(&mut h, "127.0.0.2");
-        assert_eq!(h["x-forwarded-for"], "127.0.0.1, 127.0.0.2");
-        assert_eq!(h["x-real-ip"], "127.0.0.2");
+        assert_eq!(forwarded_for(&h, "127.0.0.1"), b"127.0.0.1");
+        h.append("x-forwarded-for", HeaderValue::from_static(" 10.0.0.1 "));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        assert_eq!(
+            forwarded_for(&h, "127.0.0.2"),
+            b"10.0.0.1, 10.0.0.2, 127.0.0.2"
+        );
     }
 
     #[test]

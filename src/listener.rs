@@ -15,7 +15,7 @@ use hyper::{Method, StatusCode, Version};
 use mlua::prelude::*;
 use mlua::LuaSerdeExt;
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::{SocketAddr, TcpListener as StdListener, ToSocketAddrs};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -33,6 +33,8 @@ struct Worker {
     /// How long a response write may wait for the client to take bytes.
     send_timeout: Duration,
     keepalive_requests: usize,
+    /// The C versions of the hot request methods are in this VM's request metatable.
+    fast_methods: Cell<bool>,
 }
 
 /// The response body sent to the client: carries the request's guards (leases), so they are
@@ -69,10 +71,13 @@ const GC_STEP_KB: i32 = 2;
 /// Ends a request's guards (leases) and its body when handling ends, even when the service
 /// future is dropped first (client abort), rather than when Lua's collector reaches the
 /// request object. Later `req:read_body()` calls get "request has ended".
-struct DrainOnDrop(Rc<ReqInner>);
+struct DrainOnDrop(Rc<ReqInner>, Cell<usize>);
 
 impl Drop for DrainOnDrop {
     fn drop(&mut self) {
+        if self.1.get() != 0 {
+            crate::request::clear_live(self.1.get());
+        }
         self.0.guards.borrow_mut().clear();
         *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
         // What stays until Lua collects the request object is then a few hundred bytes.
@@ -193,9 +198,16 @@ async fn handle(
         start: Instant::now(),
         upstream: RefCell::new(None),
     });
-    let _drain = DrainOnDrop(inner.clone());
+    let drain = DrainOnDrop(inner.clone(), Cell::new(0));
     let result = match w.lua.create_userdata(Request(inner.clone())) {
         Ok(ud) => {
+            if !w.fast_methods.get() {
+                w.fast_methods
+                    .set(crate::request::install_fast_methods(&w.lua, &ud).is_ok());
+            }
+            let ptr = ud.to_pointer() as usize;
+            crate::request::set_live(ptr, &inner);
+            drain.1.set(ptr);
             let mut args = LuaMultiValue::new();
             args.push_back(LuaValue::UserData(ud));
             call_protected(&w.lua, w.handler.clone(), args).await
@@ -234,6 +246,9 @@ async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let guards = std::mem::take(&mut *inner.guards.borrow_mut());
+    // Off the live list before the collector may free the request object (and its address
+    // be reused by another).
+    drop(drain);
     runtime::gc_pressure(&w.lua, GC_STEP_KB);
     resp.map(|b| GuardedBody {
         inner: b,
@@ -494,6 +509,7 @@ fn worker_thread(
                     header_timeout: spec.header_timeout,
                     send_timeout: send_timeout(&spec.limits),
                     keepalive_requests: spec.keepalive_requests,
+                    fast_methods: Cell::new(false),
                 });
                 accept_loop(w, listener, shutdown).await;
             }
@@ -672,6 +688,7 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
             limits: Rc::new(limits),
             header_timeout,
             keepalive_requests,
+            fast_methods: Cell::new(false),
         });
         let (done, running) = (server.local_done.clone(), server.local_running.clone());
         running.set(true);

@@ -10,10 +10,13 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode, Uri, Version};
+use mlua::ffi;
 use mlua::prelude::*;
 use std::any::Any;
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::raw::{c_char, c_int};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -206,6 +209,165 @@ impl Body for ClientBody {
 
 /// The Lua-visible request. Cheap to create: nothing is copied until a method asks.
 pub struct Request(pub Rc<ReqInner>);
+
+// ---------------------------------------------------------------------------------------
+// The hot request methods as plain C functions
+//
+// mlua's method path (type check through the metatable, a scoped borrow, argument and result
+// conversion) cost more per call than the header lookup itself. Requests being handled are
+// listed here by the address of their Lua userdata, so a C function can find one from the
+// stack; a request that is not listed (ended, or not a request at all) goes to the mlua
+// method, which keeps every error message and edge case in one place.
+
+thread_local! {
+    static LIVE: RefCell<HashMap<usize, Rc<ReqInner>, ahash::RandomState>> =
+        RefCell::new(HashMap::with_hasher(ahash::RandomState::new()));
+}
+
+/// Lists a request being handled under its userdata's address (`AnyUserData::to_pointer`).
+pub fn set_live(ptr: usize, inner: &Rc<ReqInner>) {
+    LIVE.with(|m| m.borrow_mut().insert(ptr, inner.clone()));
+}
+
+/// Takes a request off the list when its handling ends.
+pub fn clear_live(ptr: usize) {
+    LIVE.with(|m| m.borrow_mut().remove(&ptr));
+}
+
+/// The live request at stack index `idx`, if it is one.
+///
+/// # Safety
+/// `l` must be a valid Lua state of this thread.
+pub unsafe fn live_at(l: *mut ffi::lua_State, idx: c_int) -> Option<Rc<ReqInner>> {
+    let p = ffi::lua_touserdata(l, idx);
+    if p.is_null() {
+        return None;
+    }
+    LIVE.with(|m| m.borrow().get(&(p as usize)).cloned())
+}
+
+/// Calls the mlua method kept as upvalue 1 with this call's arguments.
+unsafe fn fallback(l: *mut ffi::lua_State) -> c_int {
+    let n = ffi::lua_gettop(l);
+    ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+    ffi::lua_insert(l, 1);
+    ffi::lua_call(l, n, ffi::LUA_MULTRET);
+    ffi::lua_gettop(l)
+}
+
+unsafe fn push_bytes(l: *mut ffi::lua_State, b: &[u8]) {
+    ffi::lua_pushlstring(l, b.as_ptr() as *const c_char, b.len());
+}
+
+/// `req:get_header(name)`
+unsafe extern "C-unwind" fn raw_get_header(l: *mut ffi::lua_State) -> c_int {
+    if ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
+        return fallback(l);
+    }
+    let Some(inner) = live_at(l, 1) else {
+        return fallback(l);
+    };
+    let mut len = 0;
+    let p = ffi::lua_tolstring(l, 2, &mut len);
+    let Ok(name) = std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)) else {
+        return fallback(l);
+    };
+    let Ok(headers) = inner.headers.try_borrow() else {
+        drop(inner);
+        return fallback(l);
+    };
+    let mut it = headers.get_all(name).iter();
+    match (it.next(), it.next()) {
+        (None, _) => {
+            drop(headers);
+            drop(inner);
+            ffi::lua_pushnil(l);
+        }
+        (Some(v), None) => {
+            // One value: straight from the header map into a Lua string. The copy Lua makes
+            // cannot raise except on memory exhaustion, which leaks two refcounts at worst.
+            push_bytes(l, v.as_bytes());
+            drop(headers);
+            drop(inner);
+        }
+        _ => {
+            drop(headers);
+            drop(inner);
+            return fallback(l);
+        }
+    }
+    1
+}
+
+/// `req:get_path()`
+unsafe extern "C-unwind" fn raw_get_path(l: *mut ffi::lua_State) -> c_int {
+    if ffi::lua_gettop(l) != 1 {
+        return fallback(l);
+    }
+    let Some(inner) = live_at(l, 1) else {
+        return fallback(l);
+    };
+    let Ok(uri) = inner.uri.try_borrow() else {
+        drop(inner);
+        return fallback(l);
+    };
+    push_bytes(l, uri.path().as_bytes());
+    drop(uri);
+    drop(inner);
+    1
+}
+
+/// `req:get_method()`
+unsafe extern "C-unwind" fn raw_get_method(l: *mut ffi::lua_State) -> c_int {
+    if ffi::lua_gettop(l) != 1 {
+        return fallback(l);
+    }
+    let Some(inner) = live_at(l, 1) else {
+        return fallback(l);
+    };
+    let Ok(m) = inner.method.try_borrow() else {
+        drop(inner);
+        return fallback(l);
+    };
+    push_bytes(l, m.as_str().as_bytes());
+    drop(m);
+    drop(inner);
+    1
+}
+
+/// Puts the C versions of the hot methods into the methods table of `Request` userdata (its
+/// `__index`, a plain table since requests have methods only), each keeping the mlua method
+/// as its fallback. `ud` is any request object of this Lua state.
+pub fn install_fast_methods(lua: &Lua, ud: &LuaAnyUserData) -> LuaResult<()> {
+    let fns: [(&[u8], ffi::lua_CFunction); 3] = [
+        (b"get_header\0", raw_get_header),
+        (b"get_path\0", raw_get_path),
+        (b"get_method\0", raw_get_method),
+    ];
+    // SAFETY: plain stack work on the metatable mlua built for `Request`; nothing here can
+    // raise except memory errors, which exec_raw turns into a Rust error.
+    unsafe {
+        lua.exec_raw::<()>(ud, |l| {
+            if ffi::lua_getmetatable(l, -1) == 0 {
+                return;
+            }
+            if ffi::lua_getfield(l, -1, c"__index".as_ptr()) != ffi::LUA_TTABLE {
+                ffi::lua_pop(l, 2);
+                return;
+            }
+            for (name, f) in fns {
+                let name = name.as_ptr() as *const c_char;
+                if ffi::lua_getfield(l, -1, name) != ffi::LUA_TFUNCTION {
+                    ffi::lua_pop(l, 1);
+                    continue;
+                }
+                ffi::lua_pushcclosure(l, f, 1);
+                ffi::lua_setfield(l, -2, name);
+            }
+            ffi::lua_pop(l, 2);
+        })
+    }
+}
 
 fn header_name(name: &str) -> LuaResult<HeaderName> {
     HeaderName::from_bytes(name.as_bytes())

@@ -667,7 +667,8 @@ fn methods(lua: &Lua) -> LuaResult<LuaTable> {
     // bytes = dict:free_space()
     method(lua, &m, "free_space", |_, s, ()| Ok(s.free_space()))?;
     // newval, err = dict:lease(key, req): incr(key, 1) now, and -1 automatically when the
-    // request ends however it ends (response sent, error, client abort).
+    // request ends however it ends (response sent, error, client abort). The C function
+    // `raw_lease` serves requests being handled and falls back to this.
     method(
         lua,
         &m,
@@ -676,6 +677,9 @@ fn methods(lua: &Lua) -> LuaResult<LuaTable> {
             let req = req
                 .borrow::<crate::request::Request>()
                 .map_err(|_| LuaError::runtime("dict:lease: argument #2 must be a request"))?;
+            if matches!(*req.0.body.borrow(), crate::request::BodyState::Ended) {
+                return err2("request has ended");
+            }
             let k = match key_bytes(lua, &key)? {
                 Err(e) => return err2(e),
                 Ok(k) => k,
@@ -692,7 +696,49 @@ fn methods(lua: &Lua) -> LuaResult<LuaTable> {
             }
         },
     )?;
+    // SAFETY: stack work on the methods table; `raw_lease` keeps to this file's rules.
+    unsafe {
+        lua.exec_raw::<()>(&m, |l| {
+            ffi::lua_getfield(l, -1, c"lease".as_ptr());
+            ffi::lua_pushcclosure(l, raw_lease, 1);
+            ffi::lua_setfield(l, -2, c"lease".as_ptr());
+        })?;
+    }
     Ok(m)
+}
+
+/// `newval, err = dict:lease(key, req)` for a request being handled; anything else goes to
+/// the mlua method (upvalue 1), which checks and explains.
+unsafe extern "C-unwind" fn raw_lease(l: *mut ffi::lua_State) -> c_int {
+    let fast = (|| {
+        let store = self_store(l, "lease").ok()?;
+        let key = arg_key(l, 2).ok()?;
+        let req = crate::request::live_at(l, 3)?;
+        Some((store, key, req))
+    })();
+    let Some((store, key, req)) = fast else {
+        let n = ffi::lua_gettop(l);
+        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+        ffi::lua_insert(l, 1);
+        ffi::lua_call(l, n, ffi::LUA_MULTRET);
+        return ffi::lua_gettop(l);
+    };
+    let r = store.incr(key, 1.0, Some(1), None, None);
+    if let Ok((v, _)) = &r {
+        let lease = Lease {
+            store,
+            key: key.to_vec(),
+        };
+        req.guards.borrow_mut().push(Box::new(lease));
+        drop(req);
+        push_val(l, v);
+        ffi::lua_pushnil(l);
+    } else {
+        drop(req);
+        ffi::lua_pushnil(l);
+        push_str(l, r.err().map_or("", |e| e.as_str()));
+    }
+    2
 }
 
 /// The per-state metatable of dict objects.

@@ -6,12 +6,12 @@
 //! write between threads. Each worker keeps at most `POOL_MAX_IDLE` idle connections per
 //! upstream, dropped after `POOL_IDLE_TIMEOUT` (below nginx's 75 s keepalive_timeout).
 
-use crate::h1client::{self, io_reason, Conn, Error, Head, ResponseBody};
+use crate::h1client::{self, io_reason, Conn, Error, Head, OutHead, ResponseBody};
 use crate::http;
 use crate::request::{empty, full, BoxBody, ReqInner};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
 use mlua::prelude::*;
 use std::cell::RefCell;
@@ -139,12 +139,21 @@ pub enum ReqBody {
     Stream(BoxBody),
 }
 
+impl ReqBody {
+    /// Its length when known up front (`None`: sent chunked).
+    fn length(&self) -> Option<u64> {
+        match self {
+            ReqBody::Bytes(b) => Some(b.len() as u64),
+            ReqBody::Stream(s) => s.size_hint().exact(),
+        }
+    }
+}
+
 async fn exchange(
     mut conn: Conn,
     key: &Rc<str>,
     method: &Method,
-    uri: &hyper::Uri,
-    headers: &HeaderMap,
+    head: &OutHead,
     body: &mut ReqBody,
     opts: &Options,
 ) -> Result<(Head, ResponseBody), Error> {
@@ -153,10 +162,10 @@ async fn exchange(
             ReqBody::Bytes(b) => {
                 let full = http_body_util::Full::new(b.clone());
                 tokio::pin!(full);
-                h1client::write_request(&mut conn, method, uri, headers, full).await?;
+                h1client::write_request(&mut conn, head, full).await?;
             }
             ReqBody::Stream(s) => {
-                h1client::write_request(&mut conn, method, uri, headers, s.as_mut()).await?;
+                h1client::write_request(&mut conn, head, s.as_mut()).await?;
             }
         }
         h1client::read_head(&mut conn, method).await
@@ -180,8 +189,7 @@ async fn exchange(
 async fn send(
     key: &Rc<str>,
     method: &Method,
-    uri: &hyper::Uri,
-    headers: &HeaderMap,
+    head: &OutHead,
     mut body: ReqBody,
     opts: &Options,
 ) -> Result<(Head, ResponseBody), String> {
@@ -199,7 +207,7 @@ async fn send(
         if !(replayable && idempotent) && idle_for > PROBE_AFTER && !still_open(&conn) {
             continue;
         }
-        match exchange(conn, key, method, uri, headers, &mut body, opts).await {
+        match exchange(conn, key, method, head, &mut body, opts).await {
             Ok(x) => return Ok(x),
             Err(Error::WriteFailed(_)) if replayable => continue,
             Err(Error::ClosedBeforeResponse) if replayable && idempotent => continue,
@@ -207,7 +215,7 @@ async fn send(
         }
     }
     let conn = connect(key, opts).await?;
-    exchange(conn, key, method, uri, headers, &mut body, opts)
+    exchange(conn, key, method, head, &mut body, opts)
         .await
         .map_err(|e| e.reason())
 }
@@ -370,17 +378,34 @@ pub async fn proxy_request(
         Ok(b) => b,
         Err(e) => return Ok((None, Some(e.to_string()))),
     };
-    let mut headers = inner.headers.borrow().clone();
-    http::strip_hop_by_hop(&mut headers);
-    http::add_forwarded(&mut headers, &inner.client_ip());
-    if !headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&key) {
-            headers.insert(header::HOST, v);
-        }
-    }
     let method = inner.method.borrow().clone();
-    let uri = inner.uri.borrow().clone();
-    match send(&key, &method, &uri, &headers, body, &opts).await {
+    let out = {
+        let headers = inner.headers.borrow();
+        let named = http::connection_named(&headers);
+        let xff = http::forwarded_for(&headers, &inner.client_ip());
+        let ip = inner.client_ip();
+        let mut extra: Vec<(&HeaderName, &[u8])> = vec![
+            (&http::X_FORWARDED_FOR, &xff),
+            (&http::X_REAL_IP, ip.as_bytes()),
+        ];
+        if !headers.contains_key(header::HOST) {
+            extra.push((&header::HOST, key.as_bytes()));
+        }
+        h1client::encode_request(
+            &method,
+            &inner.uri.borrow(),
+            &headers,
+            |n| {
+                http::is_hop_by_hop(n)
+                    || *n == http::X_FORWARDED_FOR
+                    || *n == http::X_REAL_IP
+                    || named.contains(n)
+            },
+            &extra,
+            body.length(),
+        )
+    };
+    match send(&key, &method, &out, body, &opts).await {
         Ok((head, body)) => {
             let r = make_response(head, body);
             Ok((Some(lua.create_userdata(r)?), None))
@@ -468,7 +493,8 @@ async fn client_request(
         .parse()
         .map_err(|_| LuaError::runtime(format!("invalid path in url '{url}'")))?;
     let key: Rc<str> = Rc::from(auth.as_str());
-    match send(&key, &method, &uri, &headers, body, &opts).await {
+    let out = h1client::encode_request(&method, &uri, &headers, |_| false, &[], body.length());
+    match send(&key, &method, &out, body, &opts).await {
         Ok((head, body)) => {
             let r = make_response(head, body);
             let mut held = 2;
