@@ -170,17 +170,30 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// The headers `Connection` names (to be dropped with it), never Host or Content-Length:
-/// framing is ours to decide.
+/// framing is ours to decide. The usual tokens (`keep-alive`, `close`) name nothing extra.
 pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
-        .collect()
+    let mut out = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        for t in v.as_bytes().split(|&c| c == b',') {
+            let t = t.trim_ascii();
+            if t.is_empty()
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t) {
+                if n != header::HOST && n != header::CONTENT_LENGTH {
+                    out.push(n);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Removes hop-by-hop headers: `Connection`, every header it names, and the fixed list.
@@ -192,12 +205,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in connection_named(headers) {
         headers.remove(n);
     }
-    let fixed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| is_hop_by_hop(k))
-        .cloned()
-        .collect();
-    for n in fixed {
+    for n in [
+        &header::CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ] {
         headers.remove(n);
     }
 }

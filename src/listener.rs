@@ -66,7 +66,7 @@ impl Body for GuardedBody {
 /// the connection's read buffer (which also held the body bytes that followed). Lua's collector
 /// only counts the userdata's own few bytes, so each request steps it by this much; without
 /// the step the process grew without bound under load (BENCHMARKS.md, "Memory under load").
-const GC_STEP_KB: i32 = 2;
+const GC_STEP_KB: i32 = 1;
 
 /// Ends a request's guards (leases) and its body when handling ends, even when the service
 /// future is dropped first (client abort), rather than when Lua's collector reaches the
@@ -184,6 +184,7 @@ async fn handle(
     head: RequestHead,
     body: IncomingBody,
     peer: SocketAddr,
+    peer_ip: &Rc<str>,
 ) -> hyper::Response<GuardedBody> {
     let inner = Rc::new(ReqInner {
         method: RefCell::new(head.method),
@@ -191,6 +192,7 @@ async fn handle(
         version: head.version,
         headers: RefCell::new(head.headers),
         peer,
+        peer_ip: peer_ip.clone(),
         body: RefCell::new(crate::request::BodyState::Stream(body)),
         guards: RefCell::new(Vec::new()),
         failure: Default::default(),
@@ -283,6 +285,7 @@ async fn serve_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let conn = ClientConn::new(stream);
+    let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
     let mut waits = h1server::Waits::new(w.header_timeout);
     let send_timeout = w.send_timeout;
     let mut served = 0usize;
@@ -324,7 +327,7 @@ async fn serve_conn(
         let mut keep = head.keep_alive
             && !(w.keepalive_requests > 0 && served >= w.keepalive_requests)
             && !*shutdown.borrow();
-        let mut resp = handle(&w, head, IncomingBody::new(conn.clone()), peer).await;
+        let mut resp = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip).await;
         if wants_close(&resp) {
             keep = false;
         }

@@ -43,6 +43,8 @@ pub struct ReqInner {
     pub version: Version,
     pub headers: RefCell<HeaderMap>,
     pub peer: SocketAddr,
+    /// `peer`'s address as text, made once per connection.
+    pub peer_ip: Rc<str>,
     pub body: RefCell<BodyState>,
     /// Things that must live exactly as long as the request (least-connection leases, ...).
     pub guards: RefCell<Vec<Box<dyn Any>>>,
@@ -115,8 +117,8 @@ impl ReqInner {
         }
     }
 
-    pub fn client_ip(&self) -> String {
-        self.peer.ip().to_string()
+    pub fn client_ip(&self) -> &str {
+        &self.peer_ip
     }
 }
 
@@ -585,7 +587,9 @@ impl LuaUserData for Request {
             Ok(true)
         });
         // req:get_remote_addr() -> "127.0.0.1" (ngx.var.remote_addr)
-        m.add_method("get_remote_addr", |_, this, ()| Ok(this.0.client_ip()));
+        m.add_method("get_remote_addr", |_, this, ()| {
+            Ok(this.0.client_ip().to_string())
+        });
         // req:get_remote_port() -> 54321
         m.add_method("get_remote_port", |_, this, ()| Ok(this.0.peer.port()));
         // req:get_http_version() -> 1.1

@@ -382,8 +382,8 @@ pub async fn proxy_request(
     let out = {
         let headers = inner.headers.borrow();
         let named = http::connection_named(&headers);
-        let xff = http::forwarded_for(&headers, &inner.client_ip());
         let ip = inner.client_ip();
+        let xff = http::forwarded_for(&headers, ip);
         let mut extra: Vec<(&HeaderName, &[u8])> = vec![
             (&http::X_FORWARDED_FOR, &xff),
             (&http::X_REAL_IP, ip.as_bytes()),
