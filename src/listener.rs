@@ -352,6 +352,13 @@ async fn serve_conn(
             }
             return;
         }
+        // Let the worker's other connections go first, as nginx posts a keep-alive
+        // connection's next read behind the events already waiting. On loopback the
+        // upstream's answer and the client's next request are often in the sockets before
+        // this task asks, so without a yield one connection ran request after request while
+        // the others waited (wrk -c100: p99 12-15 ms, against 5-8 ms with the yield and the
+        // same req/s).
+        tokio::task::yield_now().await;
     }
 }
 
