@@ -111,13 +111,16 @@ pub struct Head {
     pub reusable: bool,
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// The fixed hop-by-hop header names, case-insensitively.
+fn is_hop_by_hop_name(n: &[u8]) -> bool {
+    match n.len() {
+        2 => n.eq_ignore_ascii_case(b"te"),
+        7 => n.eq_ignore_ascii_case(b"trailer") || n.eq_ignore_ascii_case(b"upgrade"),
+        10 => n.eq_ignore_ascii_case(b"connection") || n.eq_ignore_ascii_case(b"keep-alive"),
+        16 => n.eq_ignore_ascii_case(b"proxy-connection"),
+        17 => n.eq_ignore_ascii_case(b"transfer-encoding"),
+        _ => false,
+    }
 }
 
 /// Parses a response head from `buf`. `Ok(None)` means more bytes are needed.
@@ -142,24 +145,42 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
     let code = res.code.unwrap_or(0);
     let status = StatusCode::from_u16(code).map_err(|_| Error::Invalid("bad status"))?;
     let version11 = res.version == Some(1);
-    // One copy of the head, values sliced from it: a response kept in a cache does not pin
-    // the connection's read buffer, and there is one allocation instead of one per value.
-    let copy = Bytes::copy_from_slice(&buf[..n]);
-    let base = buf.as_ptr() as usize;
-    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    // What framing and reuse depend on, read off the raw lines in one pass.
+    let mut cl: Option<&[u8]> = None;
+    let mut cl_count = 0;
+    let mut te_last: Option<&[u8]> = None;
+    let mut close = false;
+    let mut named: Vec<&[u8]> = Vec::new();
     for h in res.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Error::Invalid("bad header name"))?;
-        let at = h.value.as_ptr() as usize - base;
-        let value = HeaderValue::from_maybe_shared(copy.slice(at..at + h.value.len()))
-            .map_err(|_| Error::Invalid("bad header value"))?;
-        headers.append(name, value);
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            cl_count += 1;
+            cl = Some(h.value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            if let Some(t) = h
+                .value
+                .rsplit(|&c| c == b',')
+                .map(<[u8]>::trim_ascii)
+                .find(|t| !t.is_empty())
+            {
+                te_last = Some(t);
+            } else if te_last.is_none() {
+                te_last = Some(b"");
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in h.value.split(|&c| c == b',').map(<[u8]>::trim_ascii) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") {
+                    named.push(t);
+                }
+            }
+        }
     }
-    let mut cls = headers.get_all(header::CONTENT_LENGTH).iter();
-    let cl = match (cls.next(), cls.next()) {
+    let cl = match (cl, cl_count) {
         (None, _) => None,
-        (Some(v), None) => Some(
-            std::str::from_utf8(v.as_bytes())
+        (Some(v), 1) => Some(
+            std::str::from_utf8(v)
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u64>().ok())
@@ -167,12 +188,32 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
         ),
         _ => return Err(Error::Invalid("duplicate content-length")),
     };
-    let te = headers.contains_key(header::TRANSFER_ENCODING);
+    let te = te_last.is_some();
     if te && cl.is_some() {
         // Response splitting territory: refuse rather than guess (nginx does the same).
         return Err(Error::Invalid("both content-length and transfer-encoding"));
     }
-    let mut reusable = version11 && !has_token(&headers, header::CONNECTION, "close");
+    // One copy of the head, values sliced from it: a response kept in a cache does not pin
+    // the connection's read buffer, and there is one allocation instead of one per value.
+    // Hop-by-hop headers (RFC 9110 §7.6.1) and those `Connection` names never enter the map.
+    let copy = Bytes::copy_from_slice(&buf[..n]);
+    let base = buf.as_ptr() as usize;
+    let mut headers = HeaderMap::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        let raw = h.name.as_bytes();
+        if is_hop_by_hop_name(raw) || named.iter().any(|t| t.eq_ignore_ascii_case(raw)) {
+            // Framing stays ours: Connection cannot hide Content-Length.
+            if !raw.eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
+        }
+        let name = HeaderName::from_bytes(raw).map_err(|_| Error::Invalid("bad header name"))?;
+        let at = h.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(copy.slice(at..at + h.value.len()))
+            .map_err(|_| Error::Invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+    let mut reusable = version11 && !close;
     let framing = if *method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -183,16 +224,8 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
             reusable = false;
         }
         Framing::None
-    } else if te {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty())
-            .unwrap_or("");
-        if last.eq_ignore_ascii_case("chunked") && version11 {
+    } else if let Some(last) = te_last {
+        if last.eq_ignore_ascii_case(b"chunked") && version11 {
             Framing::Chunked
         } else {
             reusable = false;
@@ -737,6 +770,23 @@ mod tests {
         assert_eq!(h.framing, Framing::None);
         assert!(!h.reusable);
         assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_out() {
+        let (_, h) = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n\
+             X-Secret: 1\r\nUpgrade: h2c\r\nX-Keep: 2\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-keep", "content-length"]);
+        assert!(h.reusable);
+        let (_, h) = head("HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.reusable);
     }
 
     #[test]

@@ -136,15 +136,6 @@ fn bad(status: StatusCode, reason: &'static str) -> HeadError {
     HeadError::Bad(Reject { status, reason })
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// `METHOD target HTTP/d.d` with a version httparse does not take (HTTP/2.0 sent in
 /// clear text, HTTP/1.2): 505 rather than 400, like nginx.
 fn well_formed_other_version(buf: &[u8]) -> bool {
@@ -229,57 +220,29 @@ pub fn parse_request(
         Err(_) => return Err(bad(StatusCode::BAD_REQUEST, "bad request target")),
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let mut facts = http::HeadFacts::default();
     for h in req.headers.iter() {
+        facts.note(h.name.as_bytes(), h.value);
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| bad(StatusCode::BAD_REQUEST, "malformed request"))?;
         let value = HeaderValue::from_maybe_shared(part(h.value))
             .map_err(|_| bad(StatusCode::BAD_REQUEST, "malformed request"))?;
         headers.append(name, value);
     }
-    http::validate_request(&method, &uri, version, &headers, limits).map_err(HeadError::Bad)?;
-    let te = headers.contains_key(header::TRANSFER_ENCODING);
-    let cl = headers.get(header::CONTENT_LENGTH);
-    let framing = match (te, cl) {
-        // Request smuggling territory: refuse rather than pick one (nginx does the same).
-        (true, Some(_)) => {
-            return Err(bad(
-                StatusCode::BAD_REQUEST,
-                "both content-length and transfer-encoding",
-            ))
-        }
-        (true, None) if version == Version::HTTP_10 => {
-            return Err(bad(
-                StatusCode::BAD_REQUEST,
-                "transfer-encoding in an http/1.0 request",
-            ))
-        }
-        (true, None) => BodyLeft::Chunked(Chunk::Size),
-        (false, Some(v)) => {
-            let b = v.as_bytes();
-            if b.is_empty() || b.len() > 18 || !b.iter().all(u8::is_ascii_digit) {
-                return Err(bad(StatusCode::BAD_REQUEST, "invalid content-length"));
-            }
-            match std::str::from_utf8(b)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                Some(0) => BodyLeft::Done,
-                Some(n) => BodyLeft::Length(n),
-                None => return Err(bad(StatusCode::BAD_REQUEST, "invalid content-length")),
-            }
-        }
-        (false, None) => BodyLeft::Done,
+    http::validate_request(&method, &uri, version, &facts, limits).map_err(HeadError::Bad)?;
+    let framing = match facts.length() {
+        _ if facts.transfer_encodings > 0 => BodyLeft::Chunked(Chunk::Size),
+        Some(Ok(0)) | None => BodyLeft::Done,
+        Some(Ok(n)) => BodyLeft::Length(n),
+        Some(Err(())) => return Err(bad(StatusCode::BAD_REQUEST, "invalid content-length")),
     };
     let keep_alive = if version == Version::HTTP_11 {
-        !has_token(&headers, header::CONNECTION, "close")
+        !facts.connection_close
     } else {
-        has_token(&headers, header::CONNECTION, "keep-alive")
+        facts.connection_keep_alive && !facts.connection_close
     };
-    let expect_continue = version == Version::HTTP_11
-        && framing != BodyLeft::Done
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expect_continue =
+        version == Version::HTTP_11 && framing != BodyLeft::Done && facts.expect_continue;
     Ok(Some((
         n,
         RequestHead {

@@ -341,12 +341,11 @@ impl LuaUserData for Response {
     }
 }
 
+/// The head's hop-by-hop headers were left out when it was parsed (`h1client::parse_head`).
 fn make_response(head: Head, body: ResponseBody) -> Response {
-    let mut headers = head.headers;
-    http::strip_hop_by_hop(&mut headers);
     Response {
         status: RefCell::new(head.status),
-        headers: RefCell::new(headers),
+        headers: RefCell::new(head.headers),
         body: RefCell::new(ResBody::Stream(Box::pin(body))),
         headers_table: RefCell::new(None),
     }
