@@ -29,6 +29,12 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct Conn {
     pub stream: TcpStream,
     pub buf: BytesMut,
+    /// When the exchange in progress gives up waiting (`Error::Timeout`).
+    deadline: Option<std::time::Instant>,
+    /// Made on the first wait and kept with the connection: it is moved only when it fires
+    /// before the deadline, so an exchange that never waits long does not touch the timer
+    /// wheel (a `tokio::time::timeout` per exchange registered and removed an entry each time).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
@@ -36,6 +42,37 @@ impl Conn {
         Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            deadline: None,
+            timer: None,
+        }
+    }
+
+    /// Waits on this connection from now on fail once `after` has passed; `None` clears it.
+    pub fn set_deadline(&mut self, after: Option<Duration>) {
+        self.deadline = after.map(|d| std::time::Instant::now() + d);
+    }
+
+    /// Called when an operation would wait: true once the deadline has passed (the timer is
+    /// registered with `cx` otherwise).
+    fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(d) = self.deadline else {
+            return false;
+        };
+        let d = tokio::time::Instant::from_std(d);
+        let t = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(d)));
+        if t.deadline() > d {
+            t.as_mut().reset(d);
+        }
+        loop {
+            if t.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if tokio::time::Instant::now() >= d {
+                return true;
+            }
+            t.as_mut().reset(d);
         }
     }
 
@@ -411,10 +448,13 @@ async fn flush(conn: &mut Conn, queue: &mut Vec<Bytes>) -> Result<(), Error> {
                 slices[k] = IoSlice::new(b);
                 k += 1;
             }
-            Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..k])
+            match Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..k]) {
+                Poll::Ready(r) => Poll::Ready(r.map_err(|e| Error::WriteFailed(io_reason(&e)))),
+                Poll::Pending if conn.deadline_passed(cx) => Poll::Ready(Err(Error::Timeout)),
+                Poll::Pending => Poll::Pending,
+            }
         })
-        .await
-        .map_err(|e| Error::WriteFailed(io_reason(&e)))?;
+        .await?;
         if n == 0 {
             return Err(Error::WriteFailed("upstream closed connection".into()));
         }
@@ -454,13 +494,18 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
                 return Ok(head);
             }
         }
-        let n = poll_fn(|cx| conn.poll_fill(cx)).await.map_err(|e| {
-            if !got_any && matches!(e.kind(), io::ErrorKind::ConnectionReset) {
-                Error::ClosedBeforeResponse
-            } else {
-                Error::Io(io_reason(&e))
-            }
-        })?;
+        let n = poll_fn(|cx| match conn.poll_fill(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(|e| {
+                if !got_any && matches!(e.kind(), io::ErrorKind::ConnectionReset) {
+                    Error::ClosedBeforeResponse
+                } else {
+                    Error::Io(io_reason(&e))
+                }
+            })),
+            Poll::Pending if conn.deadline_passed(cx) => Poll::Ready(Err(Error::Timeout)),
+            Poll::Pending => Poll::Pending,
+        })
+        .await?;
         if n == 0 {
             return Err(if got_any {
                 Error::Invalid("truncated head")

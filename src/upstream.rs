@@ -157,6 +157,7 @@ async fn exchange(
     body: &mut ReqBody,
     opts: &Options,
 ) -> Result<(Head, ResponseBody), Error> {
+    conn.set_deadline(Some(opts.read_timeout));
     let io = async {
         match body {
             ReqBody::Bytes(b) => {
@@ -170,9 +171,9 @@ async fn exchange(
         }
         h1client::read_head(&mut conn, method).await
     };
-    let head = tokio::time::timeout(opts.read_timeout, io)
-        .await
-        .map_err(|_| Error::Timeout)??;
+    let head = io.await?;
+    // The body has its own idle timeout.
+    conn.set_deadline(None);
     let key = key.clone();
     let body = ResponseBody::new(
         conn,
