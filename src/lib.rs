@@ -2,6 +2,7 @@
 //!
 //! This file only wires the bindings together; each binding lives in its own file.
 
+pub mod alloc;
 pub mod cache;
 pub mod h1client;
 pub mod h1server;
@@ -63,4 +64,4 @@ fn luaproxy(lua: &Lua) -> LuaResult<LuaTable> {
 // (measured: one mprotect per proxied request); mimalloc keeps freed pages per thread.
 // Worker VMs allocate through mlua, which uses this allocator too.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Alloc = alloc::Alloc;

@@ -1,0 +1,81 @@
+//! The global allocator: mimalloc, entered through its plain (unaligned) calls when the
+//! alignment asked for is one mimalloc gives every block anyway.
+//!
+//! The `mimalloc` crate sends every Rust allocation through `mi_malloc_aligned`, whose generic
+//! path showed up at 5-8 calls per proxied request in an instruction profile (callgrind);
+//! `mi_malloc` takes the small-object fast path directly.
+
+use libmimalloc_sys as mi;
+use std::alloc::{GlobalAlloc, Layout};
+use std::ffi::c_void;
+
+/// Every mimalloc block is aligned to the machine word, and blocks of 16 bytes or more to 16
+/// (mimalloc's `MI_MAX_ALIGN_SIZE`).
+#[inline]
+fn plain(l: &Layout) -> bool {
+    l.align() <= 8 || (l.align() <= 16 && l.size() >= 16)
+}
+
+pub struct Alloc;
+
+unsafe impl GlobalAlloc for Alloc {
+    #[inline]
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if plain(&l) {
+            mi::mi_malloc(l.size()) as *mut u8
+        } else {
+            mi::mi_malloc_aligned(l.size(), l.align()) as *mut u8
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        if plain(&l) {
+            mi::mi_zalloc(l.size()) as *mut u8
+        } else {
+            mi::mi_zalloc_aligned(l.size(), l.align()) as *mut u8
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, p: *mut u8, _l: Layout) {
+        mi::mi_free(p as *mut c_void);
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
+        if l.align() <= 8 || (l.align() <= 16 && new_size >= 16) {
+            mi::mi_realloc(p as *mut c_void, new_size) as *mut u8
+        } else {
+            mi::mi_realloc_aligned(p as *mut c_void, new_size, l.align()) as *mut u8
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_have_the_alignment_asked_for() {
+        for (size, align) in [
+            (1, 1),
+            (8, 8),
+            (16, 16),
+            (24, 16),
+            (8, 16),
+            (100, 64),
+            (5000, 4096),
+        ] {
+            let l = Layout::from_size_align(size, align).unwrap();
+            unsafe {
+                let p = Alloc.alloc(l);
+                assert!(!p.is_null());
+                assert_eq!(p as usize % align, 0, "size {size} align {align}");
+                let q = Alloc.realloc(p, l, size * 3);
+                assert_eq!(q as usize % align, 0, "realloc size {size} align {align}");
+                Alloc.dealloc(q, Layout::from_size_align(size * 3, align).unwrap());
+            }
+        }
+    }
+}
