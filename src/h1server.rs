@@ -229,8 +229,9 @@ pub fn parse_request(
             .map_err(|_| bad(StatusCode::BAD_REQUEST, "malformed request"))?;
         headers.append(name, value);
     }
+    facts.finish();
     http::validate_request(&method, &uri, version, &facts, limits).map_err(HeadError::Bad)?;
-    let framing = match facts.length() {
+    let framing = match facts.length {
         _ if facts.transfer_encodings > 0 => BodyLeft::Chunked(Chunk::Size),
         Some(Ok(0)) | None => BodyLeft::Done,
         Some(Ok(n)) => BodyLeft::Length(n),

@@ -49,6 +49,9 @@ pub struct HeadFacts<'a> {
     pub connection_close: bool,
     pub connection_keep_alive: bool,
     pub expect_continue: bool,
+    /// The declared body length once `finish` ran: `Some(Err)` when it is not a plain decimal
+    /// number.
+    pub length: Option<Result<u64, ()>>,
 }
 
 impl<'a> HeadFacts<'a> {
@@ -79,19 +82,15 @@ impl<'a> HeadFacts<'a> {
         }
     }
 
-    /// The declared body length: `Some(Err)` when it is not a plain decimal number.
-    pub fn length(&self) -> Option<Result<u64, ()>> {
-        let b = self.content_length?.trim_ascii();
-        Some(
+    /// Reads the declared length, after the last `note`.
+    pub fn finish(&mut self) {
+        self.length = self.content_length.map(|b| {
+            let b = b.trim_ascii();
             if b.is_empty() || b.len() > 18 || !b.iter().all(u8::is_ascii_digit) {
-                Err(())
-            } else {
-                std::str::from_utf8(b)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or(())
-            },
-        )
+                return Err(());
+            }
+            Ok(b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+        });
     }
 }
 
@@ -155,7 +154,7 @@ pub fn validate_request(
             "transfer-encoding in an http/1.0 request",
         ));
     }
-    match facts.length() {
+    match facts.length {
         Some(Err(())) => return Err(reject(StatusCode::BAD_REQUEST, "invalid content-length")),
         Some(Ok(n)) if limits.max_body > 0 && n > limits.max_body => {
             return Err(reject(
@@ -323,6 +322,7 @@ mod tests {
         for (k, v) in headers {
             facts.note(k.as_bytes(), v.as_bytes());
         }
+        facts.finish();
         validate_request(
             &Method::from_bytes(method.as_bytes()).unwrap(),
             &uri.parse().unwrap(),

@@ -71,7 +71,8 @@ struct Idle {
 }
 
 thread_local! {
-    static POOL: RefCell<HashMap<Rc<str>, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static POOL: RefCell<HashMap<Rc<str>, Vec<Idle>, ahash::RandomState>> =
+        RefCell::new(HashMap::with_hasher(ahash::RandomState::new()));
 }
 
 fn pool_take(key: &str) -> Option<(Conn, Duration)> {
