@@ -244,7 +244,7 @@ describe("memory", function()
 end)
 
 describe("after the handler returns", function()
-    it("the request's body is gone: read_body gives nil, \"request has ended\"", function()
+    it("the request is gone: its methods and dict:lease give nil, \"request has ended\"", function()
         local d = luaproxy.shared.new("listener_spec_ended", "64k")
         local policy = util.write_temp("ended.lua", [[
             local luaproxy = require "luaproxy"
@@ -252,7 +252,11 @@ describe("after the handler returns", function()
                 luaproxy.spawn(function()
                     luaproxy.sleep(0.05)
                     local body, err = req:read_body()
-                    luaproxy.shared.listener_spec_ended:set("late", tostring(body) .. " " .. tostring(err))
+                    local h, herr = req:get_header("host")
+                    local n, lerr = luaproxy.shared.listener_spec_ended:lease("c", req)
+                    luaproxy.shared.listener_spec_ended:set("late", table.concat({ tostring(body), tostring(err),
+                        tostring(h), tostring(herr), tostring(n), tostring(lerr),
+                        tostring(luaproxy.shared.listener_spec_ended:get("c")), type(req) }, " "))
                 end)
                 return 200, "ok"
             end
@@ -266,6 +270,6 @@ describe("after the handler returns", function()
             srv:close()
             srv:wait()
         end)
-        assert.are.equal("nil request has ended", d:get("late"))
+        assert.are.equal("nil request has ended nil request has ended nil request has ended nil userdata", d:get("late"))
     end)
 end)

@@ -638,9 +638,9 @@ async fn write_parts(conn: &Shared, parts: &mut [&[u8]], timer: &mut IdleTimer) 
             continue;
         }
         let n = poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); 4];
+            let mut slices = [IoSlice::new(&[]); 8];
             let mut k = 0;
-            for p in parts[first..].iter().filter(|p| !p.is_empty()).take(4) {
+            for p in parts[first..].iter().filter(|p| !p.is_empty()).take(8) {
                 slices[k] = IoSlice::new(p);
                 k += 1;
             }
@@ -678,6 +678,9 @@ async fn write_parts(conn: &Shared, parts: &mut [&[u8]], timer: &mut IdleTimer) 
 /// Writes `resp` to the client. `Ok(true)`: the connection may carry another request.
 /// `Err`: the client went away, stalled for `send_timeout`, or the body failed midway (the
 /// connection must be closed: the client cannot tell a cut body from a whole one otherwise).
+/// `done` runs once the body is complete, before its last bytes are written: what it releases
+/// (least-connection leases) is released before the client can see the response end and
+/// ask for anything else.
 pub async fn write_response<B>(
     conn: &Shared,
     resp: &mut hyper::Response<B>,
@@ -685,6 +688,7 @@ pub async fn write_response<B>(
     version: Version,
     keep_alive: bool,
     send_timeout: Duration,
+    done: &mut dyn FnMut(),
 ) -> Result<bool, String>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -695,6 +699,7 @@ where
     let mut timer = IdleTimer::new(send_timeout);
     let body = resp.body_mut();
     if mode == Out::None {
+        done();
         write_parts(conn, &mut [&head], &mut timer)
             .await
             .map_err(|e| io_reason(&e))?;
@@ -703,6 +708,11 @@ where
     let exact = body.size_hint().exact();
     let mut pending_head = Some(head);
     let mut sent: u64 = 0;
+    let tail: &[u8] = if mode == Out::Chunked {
+        b"0\r\n\r\n"
+    } else {
+        b""
+    };
     loop {
         // What the body has ready now goes out with the head in one write; wait only after.
         let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
@@ -717,7 +727,14 @@ where
             }
         };
         match frame {
-            None => break,
+            None => {
+                done();
+                let h = pending_head.take().unwrap_or_default();
+                write_parts(conn, &mut [&h, tail], &mut timer)
+                    .await
+                    .map_err(|e| io_reason(&e))?;
+                break;
+            }
             Some(Err(e)) => return Err(e.to_string()),
             Some(Ok(f)) => {
                 let Ok(data) = f.into_data() else { continue };
@@ -725,26 +742,26 @@ where
                     continue;
                 }
                 sent += data.len() as u64;
+                let last = body.is_end_stream();
+                if last {
+                    done();
+                }
+                let end: &[u8] = if last { tail } else { b"" };
                 let h = pending_head.take().unwrap_or_default();
                 let r = if mode == Out::Chunked {
                     let size = format!("{:x}\r\n", data.len());
-                    write_parts(conn, &mut [&h, size.as_bytes(), &data, b"\r\n"], &mut timer).await
+                    let parts = &mut [&h[..], size.as_bytes(), &data, b"\r\n", end];
+                    write_parts(conn, parts, &mut timer).await
                 } else {
-                    write_parts(conn, &mut [&h, &data], &mut timer).await
+                    write_parts(conn, &mut [&h, &data, end], &mut timer).await
                 };
                 r.map_err(|e| io_reason(&e))?;
+                if last {
+                    break;
+                }
             }
         }
     }
-    let h = pending_head.take().unwrap_or_default();
-    let tail: &[u8] = if mode == Out::Chunked {
-        b"0\r\n\r\n"
-    } else {
-        b""
-    };
-    write_parts(conn, &mut [&h, tail], &mut timer)
-        .await
-        .map_err(|e| io_reason(&e))?;
     if mode == Out::Length && Some(sent) != exact {
         // The head promised another length: the client would misread the next response.
         return Err("response body length mismatch".into());

@@ -6,7 +6,7 @@
 
 use crate::h1server::{self, ClientConn, HeadError, IncomingBody, RequestHead};
 use crate::http::Limits;
-use crate::request::{empty, full, BoxBody, BoxError, ReqInner, Request};
+use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
 use crate::runtime::{self, call_protected, LoopGuard};
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -33,8 +33,8 @@ struct Worker {
     /// How long a response write may wait for the client to take bytes.
     send_timeout: Duration,
     keepalive_requests: usize,
-    /// The C versions of the hot request methods are in this VM's request metatable.
-    fast_methods: Cell<bool>,
+    /// This VM's light userdata metatable is the request one.
+    req_meta: Cell<bool>,
     /// Requests handled, for pacing the collector steps.
     requests: Cell<u64>,
 }
@@ -78,7 +78,7 @@ const GC_STEP_EVERY: u64 = 2;
 /// Ends a request's guards (leases) and its body when handling ends, even when the service
 /// future is dropped first (client abort), rather than when Lua's collector reaches the
 /// request object. Later `req:read_body()` calls get "request has ended".
-struct DrainOnDrop(Rc<ReqInner>, Cell<usize>);
+struct DrainOnDrop(Rc<ReqInner>, Cell<i64>);
 
 impl Drop for DrainOnDrop {
     fn drop(&mut self) {
@@ -208,20 +208,20 @@ async fn handle(
         upstream: RefCell::new(None),
     });
     let drain = DrainOnDrop(inner.clone(), Cell::new(0));
-    let result = match w.lua.create_userdata(Request(inner.clone())) {
-        Ok(ud) => {
-            if !w.fast_methods.get() {
-                w.fast_methods
-                    .set(crate::request::install_fast_methods(&w.lua, &ud).is_ok());
-            }
-            let ptr = ud.to_pointer() as usize;
-            crate::request::set_live(ptr, &inner);
-            drain.1.set(ptr);
+    let ready = w.req_meta.get() || {
+        let r = crate::request::install_metatable(&w.lua).map_err(|e| e.to_string());
+        w.req_meta.set(r.is_ok());
+        r.is_ok()
+    };
+    let result = match ready {
+        true => {
+            let (obj, id) = crate::request::request_object(&inner);
+            drain.1.set(id);
             let mut args = LuaMultiValue::new();
-            args.push_back(LuaValue::UserData(ud));
+            args.push_back(obj);
             call_protected(&w.lua, w.handler.clone(), args).await
         }
-        Err(e) => Err(e.to_string()),
+        false => Err("cannot set up request objects".to_string()),
     };
     let mut resp = match result.and_then(|v| to_response(&w.lua, v)) {
         Ok(r) => r,
@@ -324,9 +324,17 @@ async fn serve_conn(
                 // The rest of the stream cannot be trusted to be framed correctly.
                 let mut resp = simple(r.status, r.reason);
                 let (m, v) = (Method::GET, Version::HTTP_11);
-                if h1server::write_response(&conn, &mut resp, &m, v, false, send_timeout)
-                    .await
-                    .is_ok()
+                if h1server::write_response(
+                    &conn,
+                    &mut resp,
+                    &m,
+                    v,
+                    false,
+                    send_timeout,
+                    &mut || {},
+                )
+                .await
+                .is_ok()
                 {
                     h1server::linger_close(&conn, LINGER).await;
                 }
@@ -342,8 +350,18 @@ async fn serve_conn(
         if wants_close(&resp) {
             keep = false;
         }
-        let written =
-            h1server::write_response(&conn, &mut resp, &method, version, keep, send_timeout).await;
+        let mut guards = std::mem::take(&mut resp.body_mut()._guards);
+        let written = h1server::write_response(
+            &conn,
+            &mut resp,
+            &method,
+            version,
+            keep,
+            send_timeout,
+            &mut || guards.clear(),
+        )
+        .await;
+        drop(guards);
         // The request's leases end with its last byte written (or with the failed write).
         drop(resp);
         match written {
@@ -530,8 +548,8 @@ fn worker_thread(
                     header_timeout: spec.header_timeout,
                     send_timeout: send_timeout(&spec.limits),
                     keepalive_requests: spec.keepalive_requests,
-                    fast_methods: Cell::new(false),
                     requests: Cell::new(0),
+                    req_meta: Cell::new(false),
                 });
                 accept_loop(w, listener, shutdown).await;
             }
@@ -710,8 +728,8 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
             limits: Rc::new(limits),
             header_timeout,
             keepalive_requests,
-            fast_methods: Cell::new(false),
             requests: Cell::new(0),
+            req_meta: Cell::new(false),
         });
         let (done, running) = (server.local_done.clone(), server.local_running.clone());
         running.set(true);

@@ -209,43 +209,185 @@ impl Body for ClientBody {
     }
 }
 
-/// The Lua-visible request. Cheap to create: nothing is copied until a method asks.
+/// A request as the method bodies see it (the state behind a live request object).
 pub struct Request(pub Rc<ReqInner>);
 
 // ---------------------------------------------------------------------------------------
-// The hot request methods as plain C functions
+// The request object
 //
-// mlua's method path (type check through the metatable, a scoped borrow, argument and result
-// conversion) cost more per call than the header lookup itself. Requests being handled are
-// listed here by the address of their Lua userdata, so a C function can find one from the
-// stack; a request that is not listed (ended, or not a request at all) goes to the mlua
-// method, which keeps every error message and edge case in one place.
+// What a handler receives is a light userdata whose value is the request's id: making it
+// allocates nothing, and Lua's collector has nothing to finalize (a full userdata cost an
+// mlua type lookup to make and a finalizer run per request; a table `{ id }` cost as much to
+// make through mlua's protected calls). Light userdata share one metatable per Lua state;
+// luaproxy sets it (`__index` = the request methods) when a state first handles a request.
+// Requests being handled are listed here by id (ids are never reused): a method called on a
+// request that has ended returns `nil, "request has ended"`. The hot methods are plain C
+// functions that read the id off the stack; anything they do not handle goes to the mlua
+// function kept as their upvalue, which keeps every error message and edge case in one place.
 
 thread_local! {
-    static LIVE: RefCell<HashMap<usize, Rc<ReqInner>, ahash::RandomState>> =
+    static LIVE: RefCell<HashMap<i64, Rc<ReqInner>, ahash::RandomState>> =
         RefCell::new(HashMap::with_hasher(ahash::RandomState::new()));
+    static NEXT_ID: Cell<i64> = const { Cell::new(1) };
 }
 
-/// Lists a request being handled under its userdata's address (`AnyUserData::to_pointer`).
-pub fn set_live(ptr: usize, inner: &Rc<ReqInner>) {
-    LIVE.with(|m| m.borrow_mut().insert(ptr, inner.clone()));
+/// Makes the Lua object of a request being handled; `clear_live(id)` ends it. Call
+/// `install_metatable` once per Lua state first.
+pub fn request_object(inner: &Rc<ReqInner>) -> (LuaValue, i64) {
+    let id = NEXT_ID.with(|n| {
+        let id = n.get();
+        n.set(id + 1);
+        id
+    });
+    LIVE.with(|m| m.borrow_mut().insert(id, inner.clone()));
+    (
+        LuaValue::LightUserData(LuaLightUserData(id as usize as *mut std::ffi::c_void)),
+        id,
+    )
 }
 
 /// Takes a request off the list when its handling ends.
-pub fn clear_live(ptr: usize) {
-    LIVE.with(|m| m.borrow_mut().remove(&ptr));
+pub fn clear_live(id: i64) {
+    LIVE.with(|m| m.borrow_mut().remove(&id));
 }
+
+/// What a Lua value passed as a request stands for: `Err` when it is not a request object,
+/// `Ok(None)` when the request has ended.
+pub fn request_of(v: &LuaValue) -> Result<Option<Rc<ReqInner>>, NotARequest> {
+    let LuaValue::LightUserData(p) = v else {
+        return Err(NotARequest);
+    };
+    let id = p.0 as usize as i64;
+    if id <= 0 || id >= NEXT_ID.with(Cell::get) {
+        return Err(NotARequest);
+    }
+    Ok(LIVE.with(|m| m.borrow().get(&id).cloned()))
+}
+
+/// A value given where a request object belongs is something else.
+#[derive(Debug)]
+pub struct NotARequest;
 
 /// The live request at stack index `idx`, if it is one.
 ///
 /// # Safety
 /// `l` must be a valid Lua state of this thread.
 pub unsafe fn live_at(l: *mut ffi::lua_State, idx: c_int) -> Option<Rc<ReqInner>> {
-    let p = ffi::lua_touserdata(l, idx);
-    if p.is_null() {
+    if ffi::lua_type(l, idx) != ffi::LUA_TLIGHTUSERDATA {
         return None;
     }
-    LIVE.with(|m| m.borrow().get(&(p as usize)).cloned())
+    let id = ffi::lua_touserdata(l, idx) as usize as i64;
+    LIVE.with(|m| m.borrow().get(&id).cloned())
+}
+
+const ENDED: &str = "request has ended";
+
+/// Registers request methods on a table with mlua's `add_method` shapes, so the method bodies
+/// read as they would on a userdata.
+struct Methods<'a> {
+    lua: &'a Lua,
+    t: LuaTable,
+    err: Option<LuaError>,
+}
+
+fn not_a_request(name: &str) -> LuaError {
+    LuaError::runtime(format!(
+        "req:{name}: not a request (call it as req:{name}(...))"
+    ))
+}
+
+impl Methods<'_> {
+    fn add_method<A, R, F>(&mut self, name: &'static str, f: F)
+    where
+        A: FromLuaMulti,
+        R: IntoLuaMulti,
+        F: Fn(&Lua, &Request, A) -> LuaResult<R> + 'static,
+    {
+        let r = self
+            .lua
+            .create_function(
+                move |lua, (this, args): (LuaValue, A)| match request_of(&this) {
+                    Err(NotARequest) => Err(not_a_request(name)),
+                    Ok(None) => (LuaValue::Nil, ENDED).into_lua_multi(lua),
+                    Ok(Some(inner)) => f(lua, &Request(inner), args)?.into_lua_multi(lua),
+                },
+            );
+        self.set(name, r);
+    }
+
+    fn add_async_method<A, R, F, Fut>(&mut self, name: &'static str, f: F)
+    where
+        A: FromLuaMulti + 'static,
+        R: IntoLuaMulti,
+        F: Fn(Lua, Request, A) -> Fut + 'static,
+        Fut: std::future::Future<Output = LuaResult<R>> + 'static,
+    {
+        let f = Rc::new(f);
+        let r = self
+            .lua
+            .create_async_function(move |lua, (this, args): (LuaValue, A)| {
+                let f = f.clone();
+                async move {
+                    match request_of(&this) {
+                        Err(NotARequest) => Err(not_a_request(name)),
+                        Ok(None) => (LuaValue::Nil, ENDED).into_lua_multi(&lua),
+                        Ok(Some(inner)) => {
+                            let l2 = lua.clone();
+                            f(lua, Request(inner), args).await?.into_lua_multi(&l2)
+                        }
+                    }
+                }
+            });
+        self.set(name, r);
+    }
+
+    fn set(&mut self, name: &str, f: LuaResult<LuaFunction>) {
+        if self.err.is_some() {
+            return;
+        }
+        if let Err(e) = f.and_then(|f| self.t.raw_set(name, f)) {
+            self.err = Some(e);
+        }
+    }
+}
+
+/// Sets this Lua state's light userdata metatable to the request one: `__index` = the
+/// methods, the hot ones as C functions over their mlua versions.
+pub fn install_metatable(lua: &Lua) -> LuaResult<()> {
+    let mut m = Methods {
+        lua,
+        t: lua.create_table()?,
+        err: None,
+    };
+    add_methods(&mut m);
+    if let Some(e) = m.err {
+        return Err(e);
+    }
+    let methods = m.t;
+    let mt = lua.create_table()?;
+    mt.raw_set("__index", &methods)?;
+    mt.raw_set("__name", "luaproxy.request")?;
+    let fns: [(&std::ffi::CStr, ffi::lua_CFunction); 3] = [
+        (c"get_header", raw_get_header),
+        (c"get_path", raw_get_path),
+        (c"get_method", raw_get_method),
+    ];
+    // SAFETY: plain stack work on tables made above; only memory errors can raise, and
+    // exec_raw turns those into a Rust error.
+    unsafe {
+        lua.exec_raw::<()>((&methods, &mt), |l| {
+            for (name, f) in fns {
+                ffi::lua_getfield(l, -2, name.as_ptr());
+                ffi::lua_pushcclosure(l, f, 1);
+                ffi::lua_setfield(l, -3, name.as_ptr());
+            }
+            ffi::lua_pushlightuserdata(l, std::ptr::null_mut());
+            ffi::lua_pushvalue(l, -2);
+            ffi::lua_setmetatable(l, -2);
+            ffi::lua_pop(l, 1);
+        })?;
+    }
+    Ok(())
 }
 
 /// Calls the mlua method kept as upvalue 1 with this call's arguments.
@@ -335,40 +477,6 @@ unsafe extern "C-unwind" fn raw_get_method(l: *mut ffi::lua_State) -> c_int {
     drop(m);
     drop(inner);
     1
-}
-
-/// Puts the C versions of the hot methods into the methods table of `Request` userdata (its
-/// `__index`, a plain table since requests have methods only), each keeping the mlua method
-/// as its fallback. `ud` is any request object of this Lua state.
-pub fn install_fast_methods(lua: &Lua, ud: &LuaAnyUserData) -> LuaResult<()> {
-    let fns: [(&[u8], ffi::lua_CFunction); 3] = [
-        (b"get_header\0", raw_get_header),
-        (b"get_path\0", raw_get_path),
-        (b"get_method\0", raw_get_method),
-    ];
-    // SAFETY: plain stack work on the metatable mlua built for `Request`; nothing here can
-    // raise except memory errors, which exec_raw turns into a Rust error.
-    unsafe {
-        lua.exec_raw::<()>(ud, |l| {
-            if ffi::lua_getmetatable(l, -1) == 0 {
-                return;
-            }
-            if ffi::lua_getfield(l, -1, c"__index".as_ptr()) != ffi::LUA_TTABLE {
-                ffi::lua_pop(l, 2);
-                return;
-            }
-            for (name, f) in fns {
-                let name = name.as_ptr() as *const c_char;
-                if ffi::lua_getfield(l, -1, name) != ffi::LUA_TFUNCTION {
-                    ffi::lua_pop(l, 1);
-                    continue;
-                }
-                ffi::lua_pushcclosure(l, f, 1);
-                ffi::lua_setfield(l, -2, name);
-            }
-            ffi::lua_pop(l, 2);
-        })
-    }
 }
 
 fn header_name(name: &str) -> LuaResult<HeaderName> {
@@ -506,8 +614,8 @@ fn set_uri(inner: &ReqInner, path: Option<&str>, query: Option<Option<&str>>) ->
     Ok(())
 }
 
-impl LuaUserData for Request {
-    fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
+fn add_methods(m: &mut Methods) {
+    {
         // req:get_method() -> "GET"
         m.add_method("get_method", |_, this, ()| {
             Ok(this.0.method.borrow().as_str().to_string())

@@ -673,21 +673,23 @@ fn methods(lua: &Lua) -> LuaResult<LuaTable> {
         lua,
         &m,
         "lease",
-        |lua, s, (key, req): (LuaValue, LuaAnyUserData)| {
-            let req = req
-                .borrow::<crate::request::Request>()
-                .map_err(|_| LuaError::runtime("dict:lease: argument #2 must be a request"))?;
-            if matches!(*req.0.body.borrow(), crate::request::BodyState::Ended) {
-                return err2("request has ended");
-            }
+        |lua, s, (key, req): (LuaValue, LuaValue)| {
+            let req = match crate::request::request_of(&req) {
+                Err(_) => {
+                    return Err(LuaError::runtime(
+                        "dict:lease: argument #2 must be a request",
+                    ))
+                }
+                Ok(None) => return err2("request has ended"),
+                Ok(Some(r)) => r,
+            };
             let k = match key_bytes(lua, &key)? {
                 Err(e) => return err2(e),
                 Ok(k) => k,
             };
             match s.incr(&k, 1.0, Some(1), None, None) {
                 Ok((v, _)) => {
-                    req.0
-                        .guards
+                    req.guards
                         .borrow_mut()
                         .push(Box::new(Lease { store: s, key: k }));
                     Ok((from_val(lua, v)?, None))
