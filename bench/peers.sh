@@ -8,6 +8,7 @@
 #   bench/peers.sh                       all peers, ROUNDS=2
 #   PEERS="nginx-lua" ROUNDS=4 bench/peers.sh
 #   PIN=1 bench/peers.sh                 proxy alone on CPU 1, wrk + backend on CPU 0
+#   LUAPROXY_LUA=luajit bench/peers.sh   luaproxy's LuaJIT build (make luajit) instead of Lua 5.4
 # Results: the markdown table on stdout; raw rows under $BENCH_VAR (see ../shared/bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +25,13 @@ fi
 
 workers=${PROXY_WORKERS:-2}
 [[ ${PIN:-0} == 1 ]] && workers=1
-cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' lua5.4 main.lua --config bench/luaproxy.conf.lua --workers $workers"
-EXTRA_LABEL=luaproxy EXTRA_PORT=8090 exec "$SHARED/peers.sh" "$cmd"
+if [[ ${LUAPROXY_LUA:-lua5.4} == luajit ]]; then
+    # The LuaJIT build of the same crate (what OpenResty runs its Lua on): `make luajit`.
+    [[ -f target/luajit/lib/luaproxy.so ]] || make luajit >&2
+    cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='target/luajit/lib/?.so;;' luajit main.lua --config bench/luaproxy.conf.lua --workers $workers"
+    label=luaproxy-luajit
+else
+    cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' lua5.4 main.lua --config bench/luaproxy.conf.lua --workers $workers"
+    label=luaproxy
+fi
+EXTRA_LABEL=$label EXTRA_PORT=8090 exec "$SHARED/peers.sh" "$cmd"
