@@ -206,6 +206,33 @@ describe("idle connections", function()
     end)
 end)
 
+describe("workers", function()
+    it("share 60 simultaneous connections about evenly, every one answered", function()
+        -- Each worker accepts on its own SO_REUSEPORT socket; the kernel's split is blind, so a
+        -- worker holding two more connections than another hands new ones over.
+        local policy = util.write_temp("which_worker.lua", [[
+            local luaproxy = require "luaproxy"
+            return function(req)
+                luaproxy.sleep(0.3)
+                return 200, "w" .. luaproxy.worker.id() .. "\n"
+            end
+        ]])
+        luaproxy.run(function()
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2 })
+            local urls = {}
+            for i = 1, 60 do urls[i] = "http://127.0.0.1:" .. srv.port .. "/" .. i end
+            local out = util.sh("curl -s -m 10 --parallel --parallel-immediate --parallel-max 60 "
+                .. table.concat(urls, " "))
+            srv:close()
+            srv:wait()
+            local _, w0 = out:gsub("w0\n", "")
+            local _, w1 = out:gsub("w1\n", "")
+            assert.are.equal(60, w0 + w1, out)
+            assert.is_true(math.abs(w0 - w1) <= 4, "split " .. w0 .. "/" .. w1)
+        end)
+    end)
+end)
+
 describe("memory", function()
     it("stays flat under requests whose bodies the handler never reads", function()
         local function rss_kb()

@@ -37,6 +37,59 @@ struct Worker {
     req_meta: Cell<bool>,
     /// Requests handled, for pacing the collector steps.
     requests: Cell<u64>,
+    /// This worker's place among the policy workers (none in handler mode).
+    balance: Option<(Arc<Balance>, usize)>,
+}
+
+/// A freshly accepted connection on its way to another worker, already counted there.
+type Handoff = (std::net::TcpStream, SocketAddr, OpenConn);
+
+/// Open client connections per worker, and a way to hand a new one to another worker.
+///
+/// Each worker accepts on its own `SO_REUSEPORT` socket, and the kernel splits connections by
+/// a hash of their addresses, blind to load: wrk's 100 connections came out 59/41 in one run
+/// of six, and that run did 7 % fewer requests. A worker that accepts while it holds two or
+/// more connections more than the least-loaded worker passes the socket over (at accept time
+/// only; nginx's workers likewise stop accepting when they hold more than their share).
+struct Balance {
+    open: Vec<std::sync::atomic::AtomicUsize>,
+    handoff: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+}
+
+impl Balance {
+    /// The worker a connection accepted by `me` should go to instead, if any.
+    fn elsewhere(&self, me: usize) -> Option<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mine = self.open[me].load(Relaxed);
+        let (j, least) = self
+            .open
+            .iter()
+            .enumerate()
+            .map(|(j, n)| (j, n.load(Relaxed)))
+            .min_by_key(|&(_, n)| n)?;
+        (j != me && least + 2 <= mine).then_some(j)
+    }
+}
+
+/// Counts a connection as open on a worker while it lives; counted from the moment it is
+/// accepted, since a burst of accepts runs before any connection task starts.
+struct OpenConn(Option<(Arc<Balance>, usize)>);
+
+impl OpenConn {
+    fn new(b: Option<(&Arc<Balance>, usize)>) -> OpenConn {
+        if let Some((b, i)) = b {
+            b.open[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        OpenConn(b.map(|(b, i)| (b.clone(), i)))
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        if let Some((b, i)) = &self.0 {
+            b.open[*i].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// The response body sent to the client: carries the request's guards (leases), so they are
@@ -293,6 +346,7 @@ async fn serve_conn(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
+    _open: OpenConn,
 ) {
     let _ = stream.set_nodelay(true);
     let conn = ClientConn::new(stream);
@@ -395,12 +449,25 @@ async fn accept_loop(
     w: Rc<Worker>,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
+    mut handed: Option<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
 ) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    tokio::task::spawn_local(serve_conn(w.clone(), stream, peer, shutdown.clone()));
+                    let open = match &w.balance {
+                        Some((b, me)) => match b.elsewhere(*me) {
+                            Some(j) => {
+                                if let Ok(s) = stream.into_std() {
+                                    let _ = b.handoff[j].send((s, peer, OpenConn::new(Some((b, j)))));
+                                }
+                                continue;
+                            }
+                            None => OpenConn::new(Some((b, *me))),
+                        },
+                        None => OpenConn::new(None),
+                    };
+                    tokio::task::spawn_local(serve_conn(w.clone(), stream, peer, shutdown.clone(), open));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning or dying.
@@ -408,6 +475,14 @@ async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
+            Some((s, peer, open)) = async { match handed.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            } } => {
+                if let Ok(stream) = tokio::net::TcpStream::from_std(s) {
+                    tokio::task::spawn_local(serve_conn(w.clone(), stream, peer, shutdown.clone(), open));
+                }
+            }
             _ = shutdown.changed() => return,
         }
     }
@@ -505,8 +580,10 @@ fn worker_thread(
     ready: oneshot::Sender<Result<(), String>>,
     shutdown: watch::Receiver<bool>,
     exited: Arc<Notify>,
+    balance: (Arc<Balance>, tokio::sync::mpsc::UnboundedReceiver<Handoff>),
 ) {
     runtime::set_worker_id(id);
+    let (balance, handed) = balance;
     let rt = match runtime::new_runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -550,8 +627,9 @@ fn worker_thread(
                     keepalive_requests: spec.keepalive_requests,
                     requests: Cell::new(0),
                     req_meta: Cell::new(false),
+                    balance: Some((balance, id)),
                 });
-                accept_loop(w, listener, shutdown).await;
+                accept_loop(w, listener, shutdown, Some(handed)).await;
             }
         }
     });
@@ -730,11 +808,12 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
             keepalive_requests,
             requests: Cell::new(0),
             req_meta: Cell::new(false),
+            balance: None,
         });
         let (done, running) = (server.local_done.clone(), server.local_running.clone());
         running.set(true);
         tokio::task::spawn_local(async move {
-            accept_loop(w, listener, rx).await;
+            accept_loop(w, listener, rx, None).await;
             running.set(false);
             done.notify_waiters();
         });
@@ -759,12 +838,22 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
             Err(e) => return Ok((None, Some(e))),
         }
     }
+    let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..sockets.len())
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    let balance = Arc::new(Balance {
+        open: (0..sockets.len())
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect(),
+        handoff: senders,
+    });
     for (id, l) in sockets.into_iter().enumerate() {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (spec, rx, exited) = (spec.clone(), rx.clone(), exited.clone());
+        let bal = (balance.clone(), receivers.remove(0));
         let t = std::thread::Builder::new()
             .name(format!("luaproxy-w{id}"))
-            .spawn(move || worker_thread(id, l, spec, ready_tx, rx, exited))
+            .spawn(move || worker_thread(id, l, spec, ready_tx, rx, exited, bal))
             .map_err(|e| LuaError::runtime(format!("luaproxy.serve: cannot start worker: {e}")))?;
         server.threads.borrow_mut().push(t);
         readies.push(ready_rx);
@@ -803,4 +892,25 @@ pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {
         })?,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_connections_go_to_a_worker_holding_two_fewer() {
+        let b = Balance {
+            open: [5, 4, 3]
+                .iter()
+                .map(|&n| std::sync::atomic::AtomicUsize::new(n))
+                .collect(),
+            handoff: (0..3)
+                .map(|_| tokio::sync::mpsc::unbounded_channel().0)
+                .collect(),
+        };
+        assert_eq!(b.elsewhere(0), Some(2));
+        assert_eq!(b.elsewhere(1), None);
+        assert_eq!(b.elsewhere(2), None);
+    }
 }
