@@ -700,9 +700,9 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Binds one listening socket. Workers each get their own socket on the same port
-/// (SO_REUSEPORT), so the kernel spreads connections evenly: with one shared socket, whichever
-/// thread wakes first takes most connections and one core saturates while the other idles
-/// (measured: 12k-18k req/s run to run, against a steady figure with REUSEPORT).
+/// (SO_REUSEPORT): with one shared socket, whichever thread wakes first takes most connections
+/// and one core saturates while the other idles (measured: 12k-18k req/s run to run, against
+/// a steady figure with REUSEPORT). What the kernel's split leaves uneven, `Balance` evens.
 fn bind(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, String> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
