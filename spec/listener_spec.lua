@@ -139,6 +139,20 @@ describe("listener", function()
         end)
     end)
 
+    it("survives clients that hang up in the middle of a response", function()
+        serve_in_process([[function(req)
+            if req:get_path() == "/big" then return 200, string.rep("z", 8 * 1024 * 1024) end
+            return 200, "still here"
+        end]], nil, function(port)
+            for _ = 1, 3 do
+                util.sh("curl -s -m 5 http://127.0.0.1:" .. port .. "/big | head -c 10 > /dev/null")
+            end
+            local status, body = util.curl("http://127.0.0.1:" .. port .. "/")
+            assert.are.equal(200, status)
+            assert.are.equal("still here", body)
+        end)
+    end)
+
     it("a handler error is a 500 with a generic body; a table body is JSON", function()
         serve_in_process([[function(req)
             if req:get_path() == "/err" then error("internal detail") end

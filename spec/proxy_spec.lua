@@ -112,6 +112,19 @@ describe("upstream failures", function()
         end)
     end)
 
+    it("keeps serving when an upstream closes while the request body still streams to it", function()
+        -- The backends refuse bodies over 1 MiB and close; the proxy's next write to that
+        -- socket fails with EPIPE, which must not be a SIGPIPE that ends the process.
+        with_proxy(function(t)
+            local big = util.write_temp("big.bin", string.rep("x", 2000000))
+            for _ = 1, 2 do
+                local status = util.curl(t.url .. "/", "-H 'Transfer-Encoding: chunked' --data-binary @" .. big)
+                assert.are.equal(413, status)
+            end
+            assert.are.equal(200, (util.get(t.url .. "/")))
+        end)
+    end)
+
     it("answers 504 when the upstream is slower than read_timeout", function()
         local policy = util.write_temp("timeout_policy.lua", [[
             local backends

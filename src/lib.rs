@@ -21,6 +21,7 @@ use mlua::prelude::*;
 
 /// Builds the `luaproxy` table. Worker threads call this for their own VMs too.
 pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
+    runtime::ignore_sigpipe();
     let t = lua.create_table()?;
     t.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     runtime::register(lua, &t)?;

@@ -151,6 +151,19 @@ pub async fn call_protected(
     }
 }
 
+/// Ignores SIGPIPE in the whole process, as nginx does. A write to a socket whose peer has
+/// gone (a client that hung up mid-response, an upstream that closed while the request body
+/// was still streaming to it) must fail with EPIPE on that connection; with the signal's
+/// default action, which a Lua host keeps (Rust programs ignore it, Lua programs do not), one
+/// `writev` killed the whole proxy. `send` passes MSG_NOSIGNAL, `writev` cannot.
+pub fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    ONCE.call_once(|| unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    });
+}
+
 /// The longest time a number of seconds from Lua stands for (100 years): larger values mean
 /// the same, so no conversion or time arithmetic on them can overflow and panic.
 pub const MAX_SECONDS: f64 = 100.0 * 365.25 * 86400.0;
