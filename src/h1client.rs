@@ -103,6 +103,21 @@ pub fn poll_fill(
     }
 }
 
+/// True when `buf` holds the blank line that ends a head, looking only at bytes from `from`
+/// on (minus the three a terminator can straddle). Heads are parsed only once this holds, so
+/// a head trickling in byte by byte costs one scan, not one full parse per read (which was
+/// quadratic: a 32 KiB head sent a byte at a time meant 32k parses of up to 32 KiB each).
+pub fn head_complete(buf: &[u8], from: usize) -> bool {
+    let start = from.saturating_sub(3);
+    buf[start.min(buf.len())..]
+        .windows(2)
+        .enumerate()
+        .any(|(i, w)| {
+            w[0] == b'\n'
+                && (w[1] == b'\n' || (w[1] == b'\r' && buf.get(start + i + 2) == Some(&b'\n')))
+        })
+}
+
 /// Why an exchange failed, as the short lowercase reasons Lua sees.
 #[derive(Debug, PartialEq, Eq, Clone)]
 pub enum Error {
@@ -490,10 +505,14 @@ async fn flush(conn: &mut Conn, queue: &mut Vec<Bytes>) -> Result<(), Error> {
 /// Reads a response head (skipping 100 Continue and other 1xx heads).
 pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> {
     let mut got_any = !conn.buf.is_empty();
+    let mut scanned = 0;
     loop {
-        if !conn.buf.is_empty() {
+        let ready = head_complete(&conn.buf, scanned) || conn.buf.len() > MAX_HEAD;
+        scanned = conn.buf.len();
+        if ready {
             if let Some((n, head)) = parse_head(&conn.buf, method)? {
                 conn.buf.advance(n);
+                scanned = 0;
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
                 {
                     continue;
@@ -825,6 +844,17 @@ mod tests {
         assert_eq!(h.framing, Framing::None);
         assert!(!h.reusable);
         assert!(head("HTTP/1.1 200 OK\r\nContent-Le").unwrap().is_none());
+    }
+
+    #[test]
+    fn head_end_is_found_across_reads() {
+        let head = b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n";
+        assert!(!head_complete(&head[..head.len() - 1], 0));
+        for from in 0..head.len() {
+            assert!(head_complete(head, from), "from {from}");
+        }
+        assert!(head_complete(b"GET / HTTP/1.0\n\n", 14));
+        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! the policy (or `req:proxy`) asks for it, and a response goes out in one write when its
 //! body is ready. The framing rules of docs/architecture.md are enforced on the way in.
 
-use crate::h1client::{decode_chunk, io_reason, Chunk, IdleTimer};
+use crate::h1client::{decode_chunk, head_complete, io_reason, Chunk, IdleTimer};
 use crate::http::{self, Limits, Reject};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -293,15 +293,20 @@ pub async fn read_head(
 ) -> Result<RequestHead, HeadError> {
     let started = Instant::now();
     let mut stopping = false;
+    let mut scanned = 0;
     loop {
         {
             let mut c = conn.borrow_mut();
             if !c.buf.is_empty() {
-                if let Some((n, head)) = parse_request(&c.buf, limits)? {
-                    c.buf.advance(n);
-                    c.body = head.framing;
-                    c.continue_pending = head.expect_continue;
-                    return Ok(head);
+                let ready = head_complete(&c.buf, scanned) || c.buf.len() > limits.max_head;
+                scanned = c.buf.len();
+                if ready {
+                    if let Some((n, head)) = parse_request(&c.buf, limits)? {
+                        c.buf.advance(n);
+                        c.body = head.framing;
+                        c.continue_pending = head.expect_continue;
+                        return Ok(head);
+                    }
                 }
             } else if stopping {
                 return Err(HeadError::Closed);
