@@ -318,7 +318,8 @@ pub struct OutHead {
     pub length: Option<u64>,
 }
 
-fn push_num(out: &mut BytesMut, mut n: u64, radix: u64) {
+/// Appends `n` in base `radix` (10 or 16, lowercase): lengths and chunk sizes on the wire.
+pub fn push_num(out: &mut impl bytes::BufMut, mut n: u64, radix: u64) {
     let mut b = [0u8; 20];
     let mut i = b.len();
     loop {
@@ -330,7 +331,7 @@ fn push_num(out: &mut BytesMut, mut n: u64, radix: u64) {
             break;
         }
     }
-    out.extend_from_slice(&b[i..]);
+    out.put_slice(&b[i..]);
 }
 
 /// Encodes a request head: the request line, `headers` except framing ones and those `skip`

@@ -7,19 +7,20 @@
 //! the policy (or `req:proxy`) asks for it, and a response goes out in one write when its
 //! body is ready. The framing rules of docs/architecture.md are enforced on the way in.
 
-use crate::h1client::{decode_chunk, head_complete, io_reason, Chunk, IdleTimer};
+use crate::h1client::{decode_chunk, head_complete, io_reason, push_num, Chunk, IdleTimer};
 use crate::http::{self, Limits, Reject};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode, Uri, Version};
 use std::cell::RefCell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 const MAX_HEADERS: usize = 100;
@@ -95,8 +96,6 @@ impl ClientConn {
         Poll::Ready(Ok(()))
     }
 }
-
-use tokio::io::AsyncWrite;
 
 /// A request head as the policy sees it. Header values and the target are slices of one copy
 /// of the head, so a finished request never pins the connection's read buffer.
@@ -279,8 +278,6 @@ impl Waits {
         }
     }
 }
-
-use std::future::Future;
 
 /// Reads the next request head. Waiting for it ends at `timeout` from the start of the wait
 /// (idle keep-alive connections close then too) or when `shutdown` fires with no byte of a
@@ -567,17 +564,15 @@ fn encode_head<B: Body>(
     }
     match out_mode {
         Out::Length => {
-            let mut b = itoa_buf(exact.unwrap_or(0));
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(b.as_bytes_mut());
+            push_num(out, exact.unwrap_or(0), 10);
             out.extend_from_slice(b"\r\n");
         }
         Out::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Out::None if *method == Method::HEAD && !has_cl && !no_body_status => {
             if let Some(n) = exact.filter(|n| *n > 0) {
-                let mut b = itoa_buf(n);
                 out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(b.as_bytes_mut());
+                push_num(out, n, 10);
                 out.extend_from_slice(b"\r\n");
             }
         }
@@ -595,31 +590,6 @@ fn encode_head<B: Body>(
     }
     out.extend_from_slice(b"\r\n");
     (out_mode, keep)
-}
-
-struct NumBuf {
-    b: [u8; 20],
-    start: usize,
-}
-
-impl NumBuf {
-    fn as_bytes_mut(&mut self) -> &[u8] {
-        &self.b[self.start..]
-    }
-}
-
-fn itoa_buf(mut n: u64) -> NumBuf {
-    let mut b = [0u8; 20];
-    let mut i = 20;
-    loop {
-        i -= 1;
-        b[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    NumBuf { b, start: i }
 }
 
 /// Writes every byte of `parts` (in order) with as few syscalls as the socket allows; each
@@ -743,8 +713,10 @@ where
                 let end: &[u8] = if last { tail } else { b"" };
                 let h = pending_head.take().unwrap_or_default();
                 let r = if mode == Out::Chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    let parts = &mut [&h[..], size.as_bytes(), &data, b"\r\n", end];
+                    let mut size = Vec::with_capacity(20);
+                    push_num(&mut size, data.len() as u64, 16);
+                    size.extend_from_slice(b"\r\n");
+                    let parts = &mut [&h[..], &size, &data, b"\r\n", end];
                     write_parts(conn, parts, &mut timer).await
                 } else {
                     write_parts(conn, &mut [&h, &data, end], &mut timer).await

@@ -116,21 +116,17 @@ impl Body for GuardedBody {
     }
 }
 
-/// What a finished request leaves for Lua's collector is mostly memory Lua cannot see: the
-/// request object's state (the head is copied out of the read buffer and cleared at the end,
-/// but the state itself stays), mlua's box of each finished async call, an upstream
-/// response's state. The collector, counting only the userdata's few bytes, fell behind:
-/// without steps the process grew to 375 MB in 16 s under wrk -c100 (and earlier, when the
-/// head still pinned the read buffer, by ~1 GB per 5 s). So the worker steps it by this
-/// much...
+/// What finished requests leave for Lua's collector is mostly memory Lua cannot see: mlua's
+/// box of each finished async call (`req:proxy`) and each upstream response's state. Counting
+/// only the userdata's few bytes, the collector fell behind (no steps: 375 MB after 16 s of
+/// wrk -c100; BENCHMARKS.md, session 3), so the worker steps it by this much...
 const GC_STEP_KB: i32 = 1;
-/// ... once every this many requests (RSS stays at ~20 MB; one step per request measured
-/// the same RSS and 1k more instructions per request).
+/// ... once every this many requests (RSS 19-21 MB under the same load; BENCHMARKS.md).
 const GC_STEP_EVERY: u64 = 2;
 
-/// Ends a request's guards (leases) and its body when handling ends, even when the service
-/// future is dropped first (client abort), rather than when Lua's collector reaches the
-/// request object. Later `req:read_body()` calls get "request has ended".
+/// Ends a request when handling ends, even when the handling future is dropped first (client
+/// abort): its guards (leases) and body go, and its id (the second field, once its Lua object
+/// exists) leaves the live list, so later method calls get "request has ended".
 struct DrainOnDrop(Rc<ReqInner>, Cell<i64>);
 
 impl Drop for DrainOnDrop {
@@ -140,13 +136,6 @@ impl Drop for DrainOnDrop {
         }
         self.0.guards.borrow_mut().clear();
         *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
-        // What stays until Lua collects the request object is then a few hundred bytes.
-        if let Ok(mut h) = self.0.headers.try_borrow_mut() {
-            *h = hyper::HeaderMap::new();
-        }
-        if let Ok(mut u) = self.0.uri.try_borrow_mut() {
-            *u = hyper::Uri::default();
-        }
     }
 }
 
