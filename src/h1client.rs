@@ -31,10 +31,9 @@ pub struct Conn {
     pub buf: BytesMut,
     /// When the exchange in progress gives up waiting (`Error::Timeout`).
     deadline: Option<std::time::Instant>,
-    /// Made on the first wait and kept with the connection: it is moved only when it fires
-    /// before the deadline, so an exchange that never waits long does not touch the timer
+    /// Kept with the connection: an exchange that never waits long does not touch the timer
     /// wheel (a `tokio::time::timeout` per exchange registered and removed an entry each time).
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: LazyDeadline,
 }
 
 impl Conn {
@@ -43,7 +42,7 @@ impl Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             deadline: None,
-            timer: None,
+            timer: LazyDeadline::default(),
         }
     }
 
@@ -52,28 +51,9 @@ impl Conn {
         self.deadline = after.map(|d| std::time::Instant::now() + d);
     }
 
-    /// Called when an operation would wait: true once the deadline has passed (the timer is
-    /// registered with `cx` otherwise).
+    /// Called when an operation would wait: true once the deadline has passed.
     fn deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(d) = self.deadline else {
-            return false;
-        };
-        let d = tokio::time::Instant::from_std(d);
-        let t = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(d)));
-        if t.deadline() > d {
-            t.as_mut().reset(d);
-        }
-        loop {
-            if t.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if tokio::time::Instant::now() >= d {
-                return true;
-            }
-            t.as_mut().reset(d);
-        }
+        self.deadline.is_some_and(|d| self.timer.passed(d, cx))
     }
 
     /// Reads more bytes into `buf`; `Ok(0)` is end of stream.
@@ -631,6 +611,37 @@ pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Byte
 
 fn find_crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")
+}
+
+/// A deadline checked only when something would wait, with one timer kept across uses: the
+/// timer is moved only when it fires before the deadline in force (or is set after it), so
+/// a busy connection whose deadline moves on every request does not touch the timer wheel
+/// each time.
+#[derive(Default)]
+pub struct LazyDeadline {
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl LazyDeadline {
+    /// True once `at` has passed; otherwise the timer is registered with `cx`.
+    pub fn passed(&mut self, at: std::time::Instant, cx: &mut Context<'_>) -> bool {
+        let at = tokio::time::Instant::from_std(at);
+        let t = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if t.deadline() > at {
+            t.as_mut().reset(at);
+        }
+        loop {
+            if t.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if tokio::time::Instant::now() >= at {
+                return true;
+            }
+            t.as_mut().reset(at);
+        }
+    }
 }
 
 /// An idle deadline for a body stream: armed when a read starts waiting, cleared by progress.

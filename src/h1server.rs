@@ -7,7 +7,9 @@
 //! the policy (or `req:proxy`) asks for it, and a response goes out in one write when its
 //! body is ready. The framing rules of docs/architecture.md are enforced on the way in.
 
-use crate::h1client::{decode_chunk, head_complete, io_reason, push_num, Chunk, IdleTimer};
+use crate::h1client::{
+    decode_chunk, head_complete, io_reason, push_num, Chunk, IdleTimer, LazyDeadline,
+};
 use crate::http::{self, Limits, Reject};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -246,49 +248,17 @@ pub fn parse_request(
     )))
 }
 
-/// What a connection waits on between requests besides the socket: its header deadline and
-/// the server's shutdown signal.
-pub struct Waits {
-    timer: Pin<Box<tokio::time::Sleep>>,
-    timeout: Duration,
-}
-
-impl Waits {
-    pub fn new(timeout: Duration) -> Waits {
-        Waits {
-            timer: Box::pin(tokio::time::sleep(timeout)),
-            timeout,
-        }
-    }
-
-    /// Polls the deadline `started + timeout` lazily: the timer is only moved when it fires
-    /// early, so a busy keep-alive connection does not touch the timer wheel per request.
-    fn poll_expired(&mut self, started: Instant, cx: &mut Context<'_>) -> bool {
-        loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            let deadline = started + self.timeout;
-            if Instant::now() >= deadline {
-                return true;
-            }
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(deadline));
-        }
-    }
-}
-
-/// Reads the next request head. Waiting for it ends at `timeout` from the start of the wait
-/// (idle keep-alive connections close then too) or when `shutdown` fires with no byte of a
-/// request read yet.
+/// Reads the next request head. Waiting for it ends `timeout` after the wait starts (idle
+/// keep-alive connections close then too; `deadline` is the connection's timer for it) or when
+/// `shutdown` fires with no byte of a request read yet.
 pub async fn read_head(
     conn: &Shared,
     limits: &Limits,
-    waits: &mut Waits,
+    timeout: Duration,
+    deadline: &mut LazyDeadline,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<RequestHead, HeadError> {
-    let started = Instant::now();
+    let give_up = Instant::now() + timeout;
     let mut stopping = false;
     let mut scanned = 0;
     loop {
@@ -324,7 +294,7 @@ pub async fn read_head(
                 if !stopping && changed.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Woke::Shutdown);
                 }
-                if waits.poll_expired(started, cx) {
+                if deadline.passed(give_up, cx) {
                     return Poll::Ready(Woke::Timeout);
                 }
                 Poll::Pending

@@ -340,11 +340,19 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let conn = ClientConn::new(stream);
     let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
-    let mut waits = h1server::Waits::new(w.header_timeout);
+    let mut head_deadline = crate::h1client::LazyDeadline::default();
     let send_timeout = w.send_timeout;
     let mut served = 0usize;
     loop {
-        let head = match h1server::read_head(&conn, &w.limits, &mut waits, &mut shutdown).await {
+        let head = match h1server::read_head(
+            &conn,
+            &w.limits,
+            w.header_timeout,
+            &mut head_deadline,
+            &mut shutdown,
+        )
+        .await
+        {
             Ok(h) => h,
             Err(HeadError::Closed) => return,
             Err(HeadError::Timeout) => {
