@@ -445,42 +445,78 @@ where
 
 /// Writes every queued buffer, in order, with as few `writev`s as the socket takes.
 async fn flush(conn: &mut Conn, queue: &mut Vec<Bytes>) -> Result<(), Error> {
+    let timed_out = std::cell::Cell::new(false);
+    let mut r = Ok(());
+    for group in queue.chunks(64) {
+        let mut parts: [&[u8]; 64] = [&[]; 64];
+        for (p, b) in parts.iter_mut().zip(group) {
+            *p = b;
+        }
+        r = write_all_parts(&mut parts[..group.len()], |cx, slices| {
+            match Pin::new(&mut conn.stream).poll_write_vectored(cx, slices) {
+                Poll::Pending if conn.deadline_passed(cx) => {
+                    timed_out.set(true);
+                    Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+                }
+                r => r,
+            }
+        })
+        .await;
+        if r.is_err() {
+            break;
+        }
+    }
+    queue.clear();
+    match r {
+        Ok(()) => Ok(()),
+        Err(_) if timed_out.get() => Err(Error::Timeout),
+        Err(e) if e.kind() == io::ErrorKind::WriteZero => {
+            Err(Error::WriteFailed("upstream closed connection".into()))
+        }
+        Err(e) => Err(Error::WriteFailed(io_reason(&e))),
+    }
+}
+
+/// Writes all of `parts`, in order, with as few vectored writes as the socket takes; `write`
+/// makes one attempt (`Pending` when the socket is full). Both sides' connections send
+/// through here.
+pub async fn write_all_parts(
+    parts: &mut [&[u8]],
+    mut write: impl FnMut(&mut Context<'_>, &[IoSlice<'_>]) -> Poll<io::Result<usize>>,
+) -> io::Result<()> {
     let mut first = 0;
-    while first < queue.len() {
+    loop {
+        while first < parts.len() && parts[first].is_empty() {
+            first += 1;
+        }
+        if first == parts.len() {
+            return Ok(());
+        }
         let n = poll_fn(|cx| {
             let mut slices = [IoSlice::new(&[]); 64];
             let mut k = 0;
-            for b in queue[first..].iter().take(64) {
-                slices[k] = IoSlice::new(b);
+            for p in parts[first..].iter().filter(|p| !p.is_empty()).take(64) {
+                slices[k] = IoSlice::new(p);
                 k += 1;
             }
-            match Pin::new(&mut conn.stream).poll_write_vectored(cx, &slices[..k]) {
-                Poll::Ready(r) => Poll::Ready(r.map_err(|e| Error::WriteFailed(io_reason(&e)))),
-                Poll::Pending if conn.deadline_passed(cx) => Poll::Ready(Err(Error::Timeout)),
-                Poll::Pending => Poll::Pending,
-            }
+            write(cx, &slices[..k])
         })
         .await?;
         if n == 0 {
-            return Err(Error::WriteFailed("upstream closed connection".into()));
+            return Err(io::ErrorKind::WriteZero.into());
         }
         let mut n = n;
         while n > 0 {
-            let len = queue[first].len();
+            let len = parts[first].len();
             if n >= len {
                 n -= len;
                 first += 1;
             } else {
-                queue[first].advance(n);
+                parts[first] = &parts[first][n..];
                 n = 0;
             }
         }
-        while first < queue.len() && queue[first].is_empty() {
-            first += 1;
-        }
     }
-    queue.clear();
-    Ok(())
 }
 
 /// Reads a response head (skipping 100 Continue and other 1xx heads).
@@ -488,7 +524,7 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
     let mut got_any = !conn.buf.is_empty();
     let mut scanned = 0;
     loop {
-        let ready = head_complete(&conn.buf, scanned) || conn.buf.len() > MAX_HEAD;
+        let ready = scanned == 0 || head_complete(&conn.buf, scanned) || conn.buf.len() > MAX_HEAD;
         scanned = conn.buf.len();
         if ready {
             if let Some((n, head)) = parse_head(&conn.buf, method)? {

@@ -8,7 +8,8 @@
 //! body is ready. The framing rules of docs/architecture.md are enforced on the way in.
 
 use crate::h1client::{
-    decode_chunk, head_complete, io_reason, push_num, Chunk, IdleTimer, LazyDeadline,
+    decode_chunk, head_complete, io_reason, push_num, write_all_parts, Chunk, IdleTimer,
+    LazyDeadline,
 };
 use crate::http::{self, Limits, Reject};
 use bytes::{Buf, Bytes, BytesMut};
@@ -17,7 +18,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode, Uri, Version};
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -265,7 +266,10 @@ pub async fn read_head(
         {
             let mut c = conn.borrow_mut();
             if !c.buf.is_empty() {
-                let ready = head_complete(&c.buf, scanned) || c.buf.len() > limits.max_head;
+                // The first look parses (a head usually arrives whole); after a partial one,
+                // only the blank line arriving or the size limit makes another parse worth it.
+                let ready =
+                    scanned == 0 || head_complete(&c.buf, scanned) || c.buf.len() > limits.max_head;
                 scanned = c.buf.len();
                 if ready {
                     if let Some((n, head)) = parse_request(&c.buf, limits)? {
@@ -565,48 +569,20 @@ fn encode_head<B: Body>(
 /// Writes every byte of `parts` (in order) with as few syscalls as the socket allows; each
 /// wait for the socket is bounded by `timer`.
 async fn write_parts(conn: &Shared, parts: &mut [&[u8]], timer: &mut IdleTimer) -> io::Result<()> {
-    let mut first = 0;
-    while first < parts.len() {
-        if parts[first].is_empty() {
-            first += 1;
-            continue;
-        }
-        let n = poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); 8];
-            let mut k = 0;
-            for p in parts[first..].iter().filter(|p| !p.is_empty()).take(8) {
-                slices[k] = IoSlice::new(p);
-                k += 1;
+    write_all_parts(parts, |cx, slices| {
+        let mut c = conn.borrow_mut();
+        match Pin::new(&mut c.stream).poll_write_vectored(cx, slices) {
+            Poll::Ready(r) => {
+                timer.progress();
+                Poll::Ready(r)
             }
-            let mut c = conn.borrow_mut();
-            match Pin::new(&mut c.stream).poll_write_vectored(cx, &slices[..k]) {
-                Poll::Ready(r) => {
-                    timer.progress();
-                    Poll::Ready(r)
-                }
-                Poll::Pending if timer.expired(cx) => {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timeout")))
-                }
-                Poll::Pending => Poll::Pending,
+            Poll::Pending if timer.expired(cx) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timeout")))
             }
-        })
-        .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            Poll::Pending => Poll::Pending,
         }
-        let mut n = n;
-        while n > 0 && first < parts.len() {
-            let len = parts[first].len();
-            if n >= len {
-                n -= len;
-                first += 1;
-            } else {
-                parts[first] = &parts[first][n..];
-                n = 0;
-            }
-        }
-    }
-    Ok(())
+    })
+    .await
 }
 
 /// Writes `resp` to the client. `Ok(true)`: the connection may carry another request.
