@@ -390,8 +390,12 @@ pub fn install_metatable(lua: &Lua) -> LuaResult<()> {
     Ok(())
 }
 
-/// Calls the mlua method kept as upvalue 1 with this call's arguments.
-unsafe fn fallback(l: *mut ffi::lua_State) -> c_int {
+/// Calls the mlua function kept as upvalue 1 of the running C function with this call's
+/// arguments and returns what it returns: the slow path of the C fast paths.
+///
+/// # Safety
+/// `l` must be the state of a running C closure whose upvalue 1 is a function.
+pub unsafe fn fallback(l: *mut ffi::lua_State) -> c_int {
     let n = ffi::lua_gettop(l);
     ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
     ffi::lua_insert(l, 1);

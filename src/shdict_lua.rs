@@ -719,11 +719,7 @@ unsafe extern "C-unwind" fn raw_lease(l: *mut ffi::lua_State) -> c_int {
         Some((store, key, req))
     })();
     let Some((store, key, req)) = fast else {
-        let n = ffi::lua_gettop(l);
-        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
-        ffi::lua_insert(l, 1);
-        ffi::lua_call(l, n, ffi::LUA_MULTRET);
-        return ffi::lua_gettop(l);
+        return crate::request::fallback(l);
     };
     let r = store.incr(key, 1.0, Some(1), None, None);
     if let Ok((v, _)) = &r {

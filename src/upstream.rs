@@ -385,13 +385,16 @@ pub async fn proxy_request(
         let named = http::connection_named(&headers);
         let ip = inner.client_ip();
         let xff = http::forwarded_for(&headers, ip);
-        let mut extra: Vec<(&HeaderName, &[u8])> = vec![
+        let extra: [(&HeaderName, &[u8]); 3] = [
             (&http::X_FORWARDED_FOR, &xff),
             (&http::X_REAL_IP, ip.as_bytes()),
+            (&header::HOST, key.as_bytes()),
         ];
-        if !headers.contains_key(header::HOST) {
-            extra.push((&header::HOST, key.as_bytes()));
-        }
+        let extra = if headers.contains_key(header::HOST) {
+            &extra[..2]
+        } else {
+            &extra[..]
+        };
         h1client::encode_request(
             &method,
             &inner.uri.borrow(),
@@ -402,7 +405,7 @@ pub async fn proxy_request(
                     || *n == http::X_REAL_IP
                     || named.contains(n)
             },
-            &extra,
+            extra,
             body.length(),
         )
     };
