@@ -47,8 +47,9 @@ type Handoff = (std::net::TcpStream, SocketAddr, OpenConn);
 /// Open client connections per worker, and a way to hand a new one to another worker.
 ///
 /// Each worker accepts on its own `SO_REUSEPORT` socket, and the kernel splits connections by
-/// a hash of their addresses, blind to load: wrk's 100 connections came out 59/41 in one run
-/// of six, and that run did 7 % fewer requests. A worker that accepts while it holds two or
+/// a hash of their addresses, blind to load: in one run of six the workers'
+/// epoll sets held 125 and 88 sockets (client plus upstream), and that run did 7 % fewer
+/// requests (BENCHMARKS.md, session 3). A worker that accepts while it holds two or
 /// more connections more than the least-loaded worker passes the socket over (at accept time
 /// only; nginx's workers likewise stop accepting when they hold more than their share).
 struct Balance {
