@@ -191,6 +191,45 @@ describe("header rewriting", function()
     end)
 end)
 
+describe("header pass-through", function()
+    it("forwards unedited fields as received, repeats and all, both ways", function()
+        local policy = util.write_temp("passthrough_policy.lua", [[
+            local backends
+            return {
+                init_worker = function(config) backends = config.backends end,
+                handler = function(req) return req:proxy(backends[1]) end,
+            }
+        ]])
+        with_proxy(function(t)
+            local seen, cookie
+            t.b1:close()
+            t.b1:wait()
+            local probe = assert(luaproxy.serve{ listen = t.b1.addr, handler = function(req)
+                seen, cookie = req:get_headers(), req:get_header("cookie")
+                return 200, "ok", {
+                    ["Set-Cookie"] = { "a=1", "b=2" }, ["Keep-Alive"] = "timeout=5", ["X-Backend"] = "probe",
+                }
+            end })
+            local status, body, res = util.get(t.url .. "/h", { headers = {
+                ["X-Multi"] = { "one", "two" }, ["Cookie"] = { "a=1", "b=2" },
+                ["Connection"] = "X-Secret", ["X-Secret"] = "s", ["X-Forwarded-For"] = "10.0.0.1",
+            } })
+            probe:close()
+            assert.are.equal(200, status)
+            assert.are.equal("ok", body)
+            assert.are.same({ "one", "two" }, seen["x-multi"])
+            assert.are.equal("a=1; b=2", cookie)
+            assert.is_nil(seen["x-secret"])
+            assert.is_nil(seen["connection"])
+            assert.are.equal("10.0.0.1, 127.0.0.1", seen["x-forwarded-for"])
+            assert.are.equal(t.url:sub(8), seen["host"])
+            assert.are.same({ "a=1", "b=2" }, res.headers["set-cookie"])
+            assert.are.equal("probe", res.headers["x-backend"])
+            assert.is_nil(res.headers["keep-alive"])
+        end, policy)
+    end)
+end)
+
 describe("policy errors", function()
     it("a Lua error gives 500 with a generic body, and the next request is served", function()
         local policy = util.write_temp("error_policy.lua", [[

@@ -6,10 +6,10 @@
 //! on any worker, waits on a `watch` channel for its outcome. If the owner vanishes (its
 //! request was aborted), the channel closes and a waiter claims the key in its place.
 
+use crate::headers::Headers;
 use crate::shdict::{self, Mode, Store, Val, ValRef};
 use crate::shdict_lua;
 use bytes::Bytes;
-use hyper::header::HeaderMap;
 use mlua::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,7 +20,7 @@ use tokio::sync::watch;
 #[derive(Debug, PartialEq)]
 pub struct CachedResponse {
     pub status: u16,
-    pub headers: HeaderMap,
+    pub headers: Headers,
     pub body: Bytes,
 }
 
@@ -30,7 +30,7 @@ impl CachedResponse {
             + self
                 .headers
                 .iter()
-                .map(|(k, v)| k.as_str().len() + v.len() + 32)
+                .map(|(k, v)| k.len() + v.len() + 32)
                 .sum::<usize>()
     }
 }

@@ -1,7 +1,7 @@
 //! HTTP rules that hyper leaves to us: request validation, hop-by-hop headers, query strings.
 //! Plain Rust with no Lua in sight, so `cargo test` covers all of it.
 
-use hyper::header::{self, HeaderMap, HeaderName};
+use crate::headers::Headers;
 use hyper::{Method, StatusCode, Version};
 
 /// Limits applied to every request before the policy sees it.
@@ -210,64 +210,65 @@ pub fn valid_host(h: &[u8]) -> bool {
     }
 }
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
-/// The fixed hop-by-hop headers (RFC 9110 §7.6.1). Standard names compare as enum values,
-/// so this is a few integer compares per header, not string compares.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+/// The fixed hop-by-hop header names (RFC 9110 §7.6.1), case-insensitively. The length
+/// picks the candidates, so most names cost one compare.
+pub fn is_hop_by_hop(n: &[u8]) -> bool {
+    match n.len() {
+        2 => n.eq_ignore_ascii_case(b"te"),
+        7 => n.eq_ignore_ascii_case(b"trailer") || n.eq_ignore_ascii_case(b"upgrade"),
+        10 => n.eq_ignore_ascii_case(b"connection") || n.eq_ignore_ascii_case(b"keep-alive"),
+        16 => n.eq_ignore_ascii_case(b"proxy-connection"),
+        17 => n.eq_ignore_ascii_case(b"transfer-encoding"),
+        _ => false,
+    }
 }
 
-/// The headers `Connection` names (to be dropped with it), never Host or Content-Length:
-/// framing is ours to decide. The usual tokens (`keep-alive`, `close`) name nothing extra.
-pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
-    let mut out = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        for t in v.as_bytes().split(|&c| c == b',') {
-            let t = t.trim_ascii();
-            if t.is_empty()
-                || t.eq_ignore_ascii_case(b"keep-alive")
-                || t.eq_ignore_ascii_case(b"close")
-            {
-                continue;
-            }
-            if let Ok(n) = HeaderName::from_bytes(t) {
-                if n != header::HOST && n != header::CONTENT_LENGTH {
-                    out.push(n);
+/// What forwarding a request needs from its header fields, read in one pass over them.
+#[derive(Debug, Default, PartialEq)]
+pub struct Forwarding<'a> {
+    /// The request names a Host.
+    pub has_host: bool,
+    /// The headers `Connection` names (to be dropped with it), never Host or Content-Length:
+    /// framing is ours to decide. The usual tokens (`keep-alive`, `close`) name nothing.
+    pub named: Vec<&'a [u8]>,
+    /// The `X-Forwarded-For` value to send: the client's own list with `client_ip`
+    /// appended, or just the address.
+    pub xff: Vec<u8>,
+}
+
+pub fn forwarding<'a>(headers: &'a Headers, client_ip: &str) -> Forwarding<'a> {
+    let mut f = Forwarding {
+        xff: Vec::with_capacity(client_ip.len() + 32),
+        ..Default::default()
+    };
+    for (name, v) in headers.iter() {
+        match name.len() {
+            4 if name.eq_ignore_ascii_case(b"host") => f.has_host = true,
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for t in v.split(|&c| c == b',') {
+                    let t = t.trim_ascii();
+                    if !(t.is_empty()
+                        || t.eq_ignore_ascii_case(b"keep-alive")
+                        || t.eq_ignore_ascii_case(b"close")
+                        || t.eq_ignore_ascii_case(b"host")
+                        || t.eq_ignore_ascii_case(b"content-length"))
+                    {
+                        f.named.push(t);
+                    }
                 }
             }
+            15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => {
+                let v = v.trim_ascii();
+                if !v.is_empty() {
+                    f.xff.extend_from_slice(v);
+                    f.xff.extend_from_slice(b", ");
+                }
+            }
+            _ => {}
         }
     }
-    out
-}
-
-/// The `X-Forwarded-For` value for a request from `client_ip`: the client's own list with
-/// the address appended, or just the address.
-pub fn forwarded_for(headers: &HeaderMap, client_ip: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(client_ip.len() + 32);
-    let mut first = true;
-    for v in headers.get_all(&X_FORWARDED_FOR) {
-        let v = v.as_bytes().trim_ascii();
-        if v.is_empty() {
-            continue;
-        }
-        if !first {
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(v);
-        first = false;
-    }
-    if !first {
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(client_ip.as_bytes());
-    out
+    f.xff.extend_from_slice(client_ip.as_bytes());
+    f
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -398,29 +399,27 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_and_connection_named_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
+    fn forwarding_reads_connection_host_and_xff_in_one_pass() {
+        let mut h = Headers::default();
+        let f = forwarding(&h, "127.0.0.1");
+        assert_eq!((f.has_host, f.named.len()), (false, 0));
+        assert_eq!(f.xff, b"127.0.0.1");
+        let m = h.map_mut();
+        m.insert(
             "connection",
-            HeaderValue::from_static("x-secret, host, keep-alive, close"),
+            HeaderValue::from_static("x-secret, host, keep-alive, close, Content-Length"),
         );
-        let named: Vec<_> = connection_named(&h).iter().map(|n| n.to_string()).collect();
-        assert_eq!(named, vec!["x-secret"]);
-        assert!(is_hop_by_hop(&header::CONNECTION) && is_hop_by_hop(&header::TE));
-        assert!(is_hop_by_hop(&HeaderName::from_static("keep-alive")));
-        assert!(!is_hop_by_hop(&header::HOST));
-    }
-
-    #[test]
-    fn forwarded_headers_append() {
-        let mut h = HeaderMap::new();
-        assert_eq!(forwarded_for(&h, "127.0.0.1"), b"127.0.0.1");
-        h.append("x-forwarded-for", HeaderValue::from_static(" 10.0.0.1 "));
-        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
-        assert_eq!(
-            forwarded_for(&h, "127.0.0.2"),
-            b"10.0.0.1, 10.0.0.2, 127.0.0.2"
-        );
+        m.insert("host", HeaderValue::from_static("a"));
+        m.append("x-forwarded-for", HeaderValue::from_static(" 10.0.0.1 "));
+        m.append("x-forwarded-for", HeaderValue::from_static(""));
+        m.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        let f = forwarding(&h, "127.0.0.2");
+        assert!(f.has_host);
+        assert_eq!(f.named, vec![&b"x-secret"[..]]);
+        assert_eq!(f.xff, b"10.0.0.1, 10.0.0.2, 127.0.0.2");
+        assert!(is_hop_by_hop(b"Connection") && is_hop_by_hop(b"te"));
+        assert!(is_hop_by_hop(b"keep-alive") && is_hop_by_hop(b"Transfer-Encoding"));
+        assert!(!is_hop_by_hop(b"host") && !is_hop_by_hop(b"x-connection"));
     }
 
     #[test]

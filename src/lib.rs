@@ -6,6 +6,7 @@ pub mod alloc;
 pub mod cache;
 pub mod h1client;
 pub mod h1server;
+pub mod headers;
 pub mod http;
 pub mod json;
 pub mod listener;

@@ -4,7 +4,8 @@
 //! `workers` OS threads each create their own Lua VM, load the policy once and accept from the
 //! same listening socket; nothing Lua crosses threads, only the socket and plain config data.
 
-use crate::h1server::{self, ClientConn, HeadError, IncomingBody, RequestHead};
+use crate::h1server::{self, ClientConn, HeadError, IncomingBody, RequestHead, Response};
+use crate::headers::Headers;
 use crate::http::Limits;
 use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
 use crate::runtime::{self, call_protected, LoopGuard};
@@ -140,10 +141,11 @@ impl Drop for DrainOnDrop {
     }
 }
 
-fn simple(status: StatusCode, body: &str) -> hyper::Response<BoxBody> {
-    let mut r = hyper::Response::new(full(Bytes::from(format!("{body}\n"))));
-    *r.status_mut() = status;
-    r.headers_mut()
+fn simple(status: StatusCode, body: &str) -> Response<BoxBody> {
+    let mut r = Response::new(full(Bytes::from(format!("{body}\n"))));
+    r.status = status;
+    r.headers
+        .map_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }
@@ -151,17 +153,18 @@ fn simple(status: StatusCode, body: &str) -> hyper::Response<BoxBody> {
 /// Converts what a handler returned into a response:
 /// an upstream `res`; `{status=, headers=, body=}`; or `status, body?, headers?`.
 /// A table body is sent as JSON.
-fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<hyper::Response<BoxBody>, String> {
+fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<Response<BoxBody>, String> {
     let first = values.pop_front().unwrap_or(LuaValue::Nil);
     let (status, body, headers) = match first {
         LuaValue::UserData(ud) => {
             let res = ud
                 .borrow::<crate::upstream::Response>()
                 .map_err(|_| "handler returned a userdata that is not a response".to_string())?;
-            let mut r = hyper::Response::new(res.take_body());
-            *r.status_mut() = *res.status.borrow();
-            *r.headers_mut() = std::mem::take(&mut *res.headers.borrow_mut());
-            return Ok(r);
+            return Ok(Response {
+                status: *res.status.borrow(),
+                headers: std::mem::take(&mut *res.headers.borrow_mut()),
+                body: res.take_body(),
+            });
         }
         LuaValue::Table(t) => {
             let status: Option<LuaValue> = t.get("status").map_err(|e| e.to_string())?;
@@ -223,10 +226,11 @@ fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<hyper::Response<B
             ))
         }
     };
-    let mut r = hyper::Response::new(body);
-    *r.status_mut() = status;
-    *r.headers_mut() = map;
-    Ok(r)
+    Ok(Response {
+        status,
+        headers: map.into(),
+        body,
+    })
 }
 
 async fn handle(
@@ -235,7 +239,7 @@ async fn handle(
     body: IncomingBody,
     peer: SocketAddr,
     peer_ip: &Rc<str>,
-) -> hyper::Response<GuardedBody> {
+) -> Response<GuardedBody> {
     let inner = Rc::new(ReqInner {
         method: RefCell::new(head.method),
         uri: RefCell::new(head.uri),
@@ -294,7 +298,8 @@ async fn handle(
             ),
         );
         resp = simple(status, why);
-        resp.headers_mut()
+        resp.headers
+            .map_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let guards = std::mem::take(&mut *inner.guards.borrow_mut());
@@ -321,11 +326,13 @@ fn send_timeout(limits: &Limits) -> Duration {
 /// like nginx's lingering close.
 const LINGER: Duration = Duration::from_secs(2);
 
-fn wants_close<B>(resp: &hyper::Response<B>) -> bool {
-    resp.headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+fn wants_close<B>(resp: &Response<B>) -> bool {
+    // Raw fields are an upstream's (or a cached copy of them): parse_head left Connection out.
+    matches!(resp.headers, Headers::Map(_))
+        && resp
+            .headers
+            .get_all(b"connection")
+            .any(|v| v.eq_ignore_ascii_case(b"close"))
 }
 
 /// Serves one client connection: head, policy, response, and again while the connection
@@ -402,7 +409,7 @@ async fn serve_conn(
         if wants_close(&resp) {
             keep = false;
         }
-        let mut guards = std::mem::take(&mut resp.body_mut()._guards);
+        let mut guards = std::mem::take(&mut resp.body._guards);
         let written = h1server::write_response(
             &conn,
             &mut resp,

@@ -4,6 +4,7 @@
 //! size limit and idle timeout), `req:proxy()` streams it to the upstream without entering Lua.
 
 use crate::h1server::{BodyError, IncomingBody};
+use crate::headers::Headers;
 use crate::http::{self, Limits};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -41,7 +42,7 @@ pub struct ReqInner {
     pub method: RefCell<Method>,
     pub uri: RefCell<Uri>,
     pub version: Version,
-    pub headers: RefCell<HeaderMap>,
+    pub headers: RefCell<Headers>,
     pub peer: SocketAddr,
     /// `peer`'s address as text, made once per connection.
     pub peer_ip: Rc<str>,
@@ -417,34 +418,35 @@ unsafe extern "C-unwind" fn raw_get_header(l: *mut ffi::lua_State) -> c_int {
     };
     let mut len = 0;
     let p = ffi::lua_tolstring(l, 2, &mut len);
-    let Ok(name) = std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)) else {
-        return fallback(l);
-    };
+    let name = std::slice::from_raw_parts(p as *const u8, len);
     let Ok(headers) = inner.headers.try_borrow() else {
         drop(inner);
         return fallback(l);
     };
-    let mut it = headers.get_all(name).iter();
-    match (it.next(), it.next()) {
-        (None, _) => {
-            drop(headers);
-            drop(inner);
+    // One value goes straight from the header fields into a Lua string (the copy Lua makes
+    // cannot raise except on memory exhaustion, which leaks two refcounts at worst); none is
+    // nil; repeats are joined by the fallback.
+    let found = {
+        let mut it = headers.get_all(name);
+        match (it.next(), it.next()) {
+            (None, _) => 0,
+            (Some(v), None) => {
+                push_bytes(l, v);
+                1
+            }
+            _ => 2,
+        }
+    };
+    drop(headers);
+    drop(inner);
+    match found {
+        0 => {
             ffi::lua_pushnil(l);
+            1
         }
-        (Some(v), None) => {
-            // One value: straight from the header map into a Lua string. The copy Lua makes
-            // cannot raise except on memory exhaustion, which leaks two refcounts at worst.
-            push_bytes(l, v.as_bytes());
-            drop(headers);
-            drop(inner);
-        }
-        _ => {
-            drop(headers);
-            drop(inner);
-            return fallback(l);
-        }
+        1 => 1,
+        _ => fallback(l),
     }
-    1
 }
 
 /// `req:get_path()`
@@ -534,40 +536,39 @@ pub fn apply_headers(map: &mut HeaderMap, t: &LuaTable) -> LuaResult<()> {
 }
 
 /// Builds `{name = value}` with lowercase names; repeated headers become arrays (ngx style).
-pub fn headers_table(lua: &Lua, map: &HeaderMap) -> LuaResult<LuaTable> {
-    let t = lua.create_table_with_capacity(0, map.keys_len())?;
-    for name in map.keys() {
-        let mut vals = map.get_all(name).iter();
-        let first = vals.next().map(|v| v.as_bytes()).unwrap_or_default();
-        match vals.next() {
-            None => t.raw_set(name.as_str(), lua.create_string(first)?)?,
-            Some(second) => {
-                let arr = lua.create_table()?;
-                arr.raw_push(lua.create_string(first)?)?;
-                arr.raw_push(lua.create_string(second.as_bytes())?)?;
-                for v in vals {
-                    arr.raw_push(lua.create_string(v.as_bytes())?)?;
-                }
-                t.raw_set(name.as_str(), arr)?;
-            }
+pub fn headers_table(lua: &Lua, headers: &Headers) -> LuaResult<LuaTable> {
+    let t = lua.create_table_with_capacity(0, headers.len())?;
+    let mut lower = Vec::new();
+    for (name, value) in headers.iter() {
+        lower.clear();
+        lower.extend(name.iter().map(u8::to_ascii_lowercase));
+        let key = lua.create_string(&lower)?;
+        let value = lua.create_string(value)?;
+        match t.raw_get::<LuaValue>(&key)? {
+            LuaValue::Nil => t.raw_set(key, value)?,
+            LuaValue::Table(arr) => arr.raw_push(value)?,
+            first => t.raw_set(
+                key,
+                lua.create_sequence_from([first, LuaValue::String(value)])?,
+            )?,
         }
     }
     Ok(t)
 }
 
 /// Joins repeated values the way a single header line would carry them.
-pub fn header_joined(map: &HeaderMap, name: &HeaderName) -> Option<Vec<u8>> {
-    let mut it = map.get_all(name).iter();
+pub fn header_joined(headers: &Headers, name: &[u8]) -> Option<Vec<u8>> {
+    let mut it = headers.get_all(name);
     let first = it.next()?;
-    let mut out = first.as_bytes().to_vec();
-    let sep: &[u8] = if name == hyper::header::COOKIE {
+    let mut out = first.to_vec();
+    let sep: &[u8] = if name.eq_ignore_ascii_case(b"cookie") {
         b"; "
     } else {
         b", "
     };
     for v in it {
         out.extend_from_slice(sep);
-        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(v);
     }
     Some(out)
 }
@@ -672,15 +673,16 @@ fn add_methods(m: &mut Methods) {
             args_table(lua, http::parse_query(&q), max.unwrap_or(100))
         });
         // req:get_header(name) -> value or nil; case-insensitive; repeats joined with ", "
-        m.add_method("get_header", |lua, this, name: LuaString| {
-            let Ok(name) = HeaderName::from_bytes(&name.as_bytes()) else {
-                return Ok(None);
-            };
-            match header_joined(&this.0.headers.borrow(), &name) {
+        m.add_method(
+            "get_header",
+            |lua, this, name: LuaString| match header_joined(
+                &this.0.headers.borrow(),
+                &name.as_bytes(),
+            ) {
                 Some(v) => Ok(Some(lua.create_string(&v)?)),
                 None => Ok(None),
-            }
-        });
+            },
+        );
         // req:get_headers() -> { lowercase-name = value | {values} } (ngx.req.get_headers)
         m.add_method("get_headers", |lua, this, ()| {
             headers_table(lua, &this.0.headers.borrow())
@@ -689,13 +691,14 @@ fn add_methods(m: &mut Methods) {
         m.add_method(
             "set_header",
             |_, this, (name, value): (String, LuaValue)| {
-                set_header(&mut this.0.headers.borrow_mut(), &name, &value)?;
+                set_header(this.0.headers.borrow_mut().map_mut(), &name, &value)?;
                 Ok(true)
             },
         );
         // req:clear_header(name) -> true
         m.add_method("clear_header", |_, this, name: String| {
-            this.0.headers.borrow_mut().remove(header_name(&name)?);
+            header_name(&name)?;
+            this.0.headers.borrow_mut().remove(name.as_bytes());
             Ok(true)
         });
         // req:get_remote_addr() -> "127.0.0.1" (ngx.var.remote_addr)
@@ -745,9 +748,9 @@ fn add_methods(m: &mut Methods) {
                     .0
                     .headers
                     .borrow()
-                    .get(hyper::header::CONTENT_TYPE)
+                    .get(b"content-type")
                     .map(|v| {
-                        v.as_bytes().get(..33).is_some_and(|p| {
+                        v.get(..33).is_some_and(|p| {
                             p.eq_ignore_ascii_case(b"application/x-www-form-urlencoded")
                         })
                     })

@@ -7,11 +7,12 @@
 //! upstream, dropped after `POOL_IDLE_TIMEOUT` (below nginx's 75 s keepalive_timeout).
 
 use crate::h1client::{self, io_reason, Conn, Error, Head, OutHead, ResponseBody};
+use crate::headers::Headers;
 use crate::http;
 use crate::request::{empty, full, BoxBody, ReqInner};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, StatusCode};
 use mlua::prelude::*;
 use std::cell::RefCell;
@@ -233,7 +234,7 @@ pub enum ResBody {
 /// to the client with its body streamed.
 pub struct Response {
     pub status: RefCell<StatusCode>,
-    pub headers: RefCell<HeaderMap>,
+    pub headers: RefCell<Headers>,
     pub body: RefCell<ResBody>,
     headers_table: RefCell<Option<LuaTable>>,
 }
@@ -335,7 +336,7 @@ impl LuaUserData for Response {
         m.add_method(
             "set_header",
             |_, this, (name, value): (String, LuaValue)| {
-                crate::request::set_header(&mut this.headers.borrow_mut(), &name, &value)?;
+                crate::request::set_header(this.headers.borrow_mut().map_mut(), &name, &value)?;
                 *this.headers_table.borrow_mut() = None;
                 Ok(true)
             },
@@ -382,15 +383,14 @@ pub async fn proxy_request(
     let method = inner.method.borrow().clone();
     let out = {
         let headers = inner.headers.borrow();
-        let named = http::connection_named(&headers);
         let ip = inner.client_ip();
-        let xff = http::forwarded_for(&headers, ip);
-        let extra: [(&HeaderName, &[u8]); 3] = [
-            (&http::X_FORWARDED_FOR, &xff),
-            (&http::X_REAL_IP, ip.as_bytes()),
-            (&header::HOST, key.as_bytes()),
+        let fwd = http::forwarding(&headers, ip);
+        let extra: [(&[u8], &[u8]); 3] = [
+            (b"x-forwarded-for", &fwd.xff),
+            (b"x-real-ip", ip.as_bytes()),
+            (b"host", key.as_bytes()),
         ];
-        let extra = if headers.contains_key(header::HOST) {
+        let extra = if fwd.has_host {
             &extra[..2]
         } else {
             &extra[..]
@@ -401,9 +401,9 @@ pub async fn proxy_request(
             &headers,
             |n| {
                 http::is_hop_by_hop(n)
-                    || *n == http::X_FORWARDED_FOR
-                    || *n == http::X_REAL_IP
-                    || named.contains(n)
+                    || n.eq_ignore_ascii_case(b"x-forwarded-for")
+                    || n.eq_ignore_ascii_case(b"x-real-ip")
+                    || fwd.named.iter().any(|t| t.eq_ignore_ascii_case(n))
             },
             extra,
             body.length(),
@@ -497,7 +497,14 @@ async fn client_request(
         .parse()
         .map_err(|_| LuaError::runtime(format!("invalid path in url '{url}'")))?;
     let key: Rc<str> = Rc::from(auth.as_str());
-    let out = h1client::encode_request(&method, &uri, &headers, |_| false, &[], body.length());
+    let out = h1client::encode_request(
+        &method,
+        &uri,
+        &Headers::Map(headers),
+        |_| false,
+        &[],
+        body.length(),
+    );
     match send(&key, &method, &out, body, &opts).await {
         Ok((head, body)) => {
             let r = make_response(head, body);
