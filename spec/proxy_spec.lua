@@ -230,6 +230,74 @@ describe("header pass-through", function()
     end)
 end)
 
+describe("req:proxy on every path", function()
+    -- A plain call takes the fast path (src/fastproxy.rs); options, a spawned task and an
+    -- ended request take mlua's async method. All must answer alike.
+    it("answers the same from the handler, with options, from a task, twice, and after the end", function()
+        local policy = util.write_temp("paths_policy.lua", [[
+            local luaproxy = require "luaproxy"
+            local backends
+            local function show(res, err)
+                if not res then return 200, "err=" .. tostring(err) end
+                return 200, "status=" .. res.status .. " from=" .. tostring(res.headers["x-backend"])
+            end
+            return {
+                init_worker = function(config) backends = config.backends end,
+                handler = function(req)
+                    local p, b = req:get_path(), backends[1]
+                    if p == "/plain" then return show(req:proxy(b)) end
+                    if p == "/opts" then return show(req:proxy(b, { read_timeout = 5 })) end
+                    if p == "/task" then
+                        local ok, res, err = luaproxy.spawn(function() return req:proxy(b) end):wait()
+                        return show(res, err)
+                    end
+                    if p == "/twice" then
+                        local first = req:proxy(b)
+                        first:read_body()
+                        return show(req:proxy(backends[2]))
+                    end
+                    if p == "/refused" then return show(req:proxy("127.0.0.1:1")) end
+                    if p == "/misuse" then return show(req.proxy(b)) end
+                end,
+            }
+        ]])
+        with_proxy(function(t)
+            for _, case in ipairs{
+                { "/plain", 200, "status=200 from=b1" },
+                { "/opts", 200, "status=200 from=b1" },
+                { "/task", 200, "status=200 from=b1" },
+                { "/twice", 200, "status=200 from=b2" },
+                { "/refused", 200, "err=connection refused" },
+                { "/misuse", 500 },
+            } do
+                local status, body = util.get(t.url .. case[1])
+                assert.are.equal(case[2], status, case[1])
+                if case[3] then assert.are.equal(case[3], body, case[1]) end
+            end
+        end, policy)
+    end)
+
+    it("returns 'request has ended' to a task that calls it after the handler returned", function()
+        local seen = luaproxy.shared.new("proxy_spec_ended", "64k")
+        local policy = util.write_temp("ended_policy.lua", [[
+            local luaproxy = require "luaproxy"
+            return function(req)
+                luaproxy.spawn(function()
+                    luaproxy.sleep(0.05)
+                    local res, err = req:proxy("127.0.0.1:1")
+                    luaproxy.shared.proxy_spec_ended:set("got", tostring(res) .. " " .. tostring(err))
+                end)
+                return 200, "ok"
+            end
+        ]])
+        with_proxy(function(t)
+            assert.are.equal(200, (util.get(t.url .. "/")))
+            assert.is_true(util.wait_for(function() return seen:get("got") ~= nil end, 5))
+            assert.are.equal("nil request has ended", seen:get("got"))
+        end, policy)
+    end)
+end)
+
 describe("policy errors", function()
     it("a Lua error gives 500 with a generic body, and the next request is served", function()
         local policy = util.write_temp("error_policy.lua", [[

@@ -4,6 +4,7 @@
 
 pub mod alloc;
 pub mod cache;
+pub mod fastproxy;
 pub mod h1client;
 pub mod h1server;
 pub mod headers;

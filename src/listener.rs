@@ -137,6 +137,9 @@ impl Drop for DrainOnDrop {
             crate::request::clear_live(self.1.get());
         }
         self.0.guards.borrow_mut().clear();
+        // A `req:proxy` exchange cut short (client gone) holds the request and an upstream
+        // connection: both go now.
+        drop(std::mem::take(&mut *self.0.proxy.borrow_mut()));
         *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
     }
 }
@@ -253,6 +256,7 @@ async fn handle(
         limits: w.limits.clone(),
         start: Instant::now(),
         upstream: RefCell::new(None),
+        proxy: Default::default(),
     });
     let drain = DrainOnDrop(inner.clone(), Cell::new(0));
     let ready = w.req_meta.get() || {
@@ -266,7 +270,7 @@ async fn handle(
             drain.1.set(id);
             let mut args = LuaMultiValue::new();
             args.push_back(obj);
-            call_protected(&w.lua, w.handler.clone(), args).await
+            crate::fastproxy::driving(call_protected(&w.lua, w.handler.clone(), args)).await
         }
         false => Err("cannot set up request objects".to_string()),
     };

@@ -54,6 +54,9 @@ pub struct ReqInner {
     pub start: Instant,
     /// The upstream the request was proxied to, for the log.
     pub upstream: RefCell<Option<String>>,
+    /// `req:proxy`'s exchange on the fast path (see `fastproxy`). It holds this request, so
+    /// the request's end drops it.
+    pub proxy: RefCell<crate::fastproxy::ProxyCall>,
 }
 
 impl ReqInner {
@@ -62,9 +65,12 @@ impl ReqInner {
         use crate::upstream::ReqBody;
         let mut b = self.body.borrow_mut();
         match std::mem::replace(&mut *b, BodyState::Taken) {
-            // No body at all (most GETs): sendable again, so a stale pooled connection can be
-            // retried without probing it first.
-            BodyState::Stream(inc) if inc.is_end_stream() => Ok(ReqBody::Bytes(Bytes::new())),
+            // No body at all (most GETs): sendable again, by a retry on a stale pooled
+            // connection or by a second proxy call (the next backend after a failure).
+            BodyState::Stream(inc) if inc.is_end_stream() => {
+                *b = BodyState::Buffered(Bytes::new());
+                Ok(ReqBody::Bytes(Bytes::new()))
+            }
             BodyState::Stream(inc) => Ok(ReqBody::Stream(Box::pin(ClientBody::new(inc, self)))),
             BodyState::Buffered(bytes) => {
                 // Keep the buffered copy: a retry or a second proxy call can send it again.
@@ -281,7 +287,7 @@ pub unsafe fn live_at(l: *mut ffi::lua_State, idx: c_int) -> Option<Rc<ReqInner>
     LIVE.with(|m| m.borrow().get(&id).cloned())
 }
 
-const ENDED: &str = "request has ended";
+pub const ENDED: &str = "request has ended";
 
 /// Registers request methods on a table with mlua's `add_method` shapes, so the method bodies
 /// read as they would on a userdata.
@@ -365,6 +371,7 @@ pub fn install_metatable(lua: &Lua) -> LuaResult<()> {
         return Err(e);
     }
     let methods = m.t;
+    crate::fastproxy::install(lua, &methods)?;
     let mt = lua.create_table()?;
     mt.raw_set("__index", &methods)?;
     mt.raw_set("__name", "luaproxy.request")?;

@@ -371,6 +371,19 @@ pub async fn proxy_request(
     addr: String,
     opts: Options,
 ) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
+    match proxy_exchange(inner, addr, opts).await? {
+        Ok(r) => Ok((Some(lua.create_userdata(r)?), None)),
+        Err(e) => Ok((None, Some(e))),
+    }
+}
+
+/// The exchange behind `req:proxy` (see `proxy_request`): `Err` for misuse, else the response
+/// or the short error string.
+pub async fn proxy_exchange(
+    inner: Rc<ReqInner>,
+    addr: String,
+    opts: Options,
+) -> crate::fastproxy::Outcome {
     let key: Rc<str> = Rc::from(authority(&addr));
     if key.is_empty() {
         return Err(LuaError::runtime("req:proxy: address must be 'host:port'"));
@@ -378,7 +391,7 @@ pub async fn proxy_request(
     *inner.upstream.borrow_mut() = Some(key.to_string());
     let body = match inner.take_body() {
         Ok(b) => b,
-        Err(e) => return Ok((None, Some(e.to_string()))),
+        Err(e) => return Ok(Err(e.to_string())),
     };
     let method = inner.method.borrow().clone();
     let out = {
@@ -410,10 +423,7 @@ pub async fn proxy_request(
         )
     };
     match send(&key, &method, &out, body, &opts).await {
-        Ok((head, body)) => {
-            let r = make_response(head, body);
-            Ok((Some(lua.create_userdata(r)?), None))
-        }
+        Ok((head, body)) => Ok(Ok(make_response(head, body))),
         Err(e) => {
             // A failure of the client's own body (too large, too slow) is the client's fault;
             // the listener answers with the recorded status, and the log names the cause.
@@ -430,7 +440,7 @@ pub async fn proxy_request(
                     inner.uri.borrow()
                 ),
             );
-            Ok((None, Some(e)))
+            Ok(Err(e))
         }
     }
 }
