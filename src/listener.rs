@@ -118,13 +118,15 @@ impl Body for GuardedBody {
     }
 }
 
-/// What finished requests leave for Lua's collector is mostly memory Lua cannot see: mlua's
-/// box of each finished async call (`req:proxy`) and each upstream response's state. Counting
-/// only the userdata's few bytes, the collector fell behind (no steps: 375 MB after 16 s of
-/// wrk -c100; BENCHMARKS.md, session 3), so the worker steps it by this much...
+/// What finished requests leave for Lua's collector is mostly memory Lua cannot see: each
+/// upstream response's state (and mlua's box of each finished async call, when a policy uses
+/// one). Counting only the userdata's few bytes, the collector fell behind (no steps: 375 MB
+/// after 16 s of wrk -c100; BENCHMARKS.md, session 3), so the worker steps it by this much...
 const GC_STEP_KB: i32 = 1;
-/// ... once every this many requests (RSS 19-21 MB under the same load; BENCHMARKS.md).
-const GC_STEP_EVERY: u64 = 2;
+/// ... once every this many requests. Every 2nd request until `req:proxy` stopped leaving an
+/// mlua future box per call; every 4th keeps RSS at 19-21 MB over 3 x 8 s of post5k at
+/// wrk -c100 (as every 2nd did) and saves ~500 instructions per request.
+const GC_STEP_EVERY: u64 = 4;
 
 /// Ends a request when handling ends, even when the handling future is dropped first (client
 /// abort): its guards (leases) and body go, and its id (the second field, once its Lua object
