@@ -736,6 +736,22 @@ impl Store {
         let now = Now::default();
         let new_cost = cost(key, &val);
         let mut g = self.lock();
+        // The common case, a live key overwritten with a value that fits without evicting
+        // anything, in one lookup (the general way below takes three).
+        if !matches!(mode, Mode::Add) {
+            let Inner { map, used, .. } = &mut *g;
+            if let Some(e) = map.get_mut(key) {
+                if e.live_at(&now) && *used - e.cost + new_cost <= self.capacity {
+                    *used = *used - e.cost + new_cost;
+                    e.val = Stored::new(val);
+                    e.flags = flags;
+                    e.expires = ttl.map(|t| now.get() + t);
+                    e.cost = new_cost;
+                    *e.touched.get_mut() = self.tick();
+                    return Ok(false);
+                }
+            }
+        }
         let old = g.map.get(key).filter(|e| e.live_at(&now)).is_some();
         match mode {
             Mode::Add if old => return Err(SetErr::Exists),
@@ -1115,6 +1131,43 @@ mod tests {
             .collect();
         assert_eq!(left, vec![1, 2, 4, 5, 6, 8, 9]);
         assert_eq!(s.free_space(), 0);
+    }
+
+    #[test]
+    fn overwrites_keep_exact_accounting_and_evict_only_when_needed() {
+        let str_val = |n: usize| Val::Str(vec![b'v'; n]);
+        let c = |n: usize| cost(b"a", &str_val(n));
+        let s = Store::new("t", c(10) + c(10));
+        let set = |k: &[u8], n, mode| s.store(k, str_val(n), None, 0, mode, true);
+        assert_eq!(set(b"a", 10, Mode::Set), Ok(false));
+        assert_eq!(set(b"b", 10, Mode::Set), Ok(false));
+        assert_eq!(s.free_space(), 0);
+        // In place (the one-lookup way): smaller, then the same size again.
+        assert_eq!(set(b"a", 4, Mode::Set), Ok(false));
+        assert_eq!(s.free_space(), 6);
+        assert_eq!(set(b"a", 10, Mode::Replace), Ok(false));
+        assert_eq!(s.free_space(), 0);
+        assert_eq!(s.get(b"a").unwrap().map(|(v, _)| v), Some(str_val(10)));
+        // Growing past capacity evicts the other key (forcible), never the one being set.
+        assert_eq!(set(b"a", 12, Mode::Set), Ok(true));
+        assert_eq!(s.get(b"b").unwrap(), None);
+        assert_eq!(s.free_space(), c(10) + c(10) - c(12));
+        assert_eq!(set(b"a", 1, Mode::Add), Err(SetErr::Exists));
+        // An expired entry is not overwritten in place by replace.
+        s.store(
+            b"e",
+            Val::Int(1),
+            Some(Duration::from_millis(1)),
+            0,
+            Mode::Set,
+            true,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            s.store(b"e", Val::Int(2), None, 0, Mode::Replace, true),
+            Err(SetErr::NotFound)
+        );
     }
 
     #[test]

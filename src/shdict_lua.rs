@@ -109,6 +109,10 @@ pub fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
 
 /// An exptime: `Ok(None)` for 0 (never expires), clamped like every number of seconds.
 pub(crate) fn ttl_secs(t: f64) -> Result<Option<Duration>, &'static str> {
+    if t == 0.0 {
+        // Most writes never expire: skip the float-to-Duration conversion.
+        return Ok(None);
+    }
     match crate::runtime::seconds(t) {
         Some(d) if d.is_zero() => Ok(None),
         Some(d) => Ok(Some(d)),
