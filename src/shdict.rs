@@ -770,6 +770,42 @@ impl Store {
         )
     }
 
+    /// `set`/`replace` of the string `s` over a live string of the same length: the bytes are
+    /// copied into the entry's own buffer, so nothing is allocated or freed (a buffer another
+    /// worker allocated is costly to free, and a free inside the lock holds everyone up).
+    /// `false` when that does not apply; the caller then takes `store`.
+    pub fn store_str_in_place(
+        &self,
+        key: &[u8],
+        s: &[u8],
+        ttl: Option<Duration>,
+        flags: u32,
+        mode: Mode,
+    ) -> bool {
+        if matches!(mode, Mode::Add) {
+            return false;
+        }
+        let now = Now::default();
+        let mut g = self.lock();
+        let Some(e) = g.map.get_mut(key) else {
+            return false;
+        };
+        if !e.live_at(&now) {
+            return false;
+        }
+        let Stored::Other(Val::Str(v)) = &mut e.val else {
+            return false;
+        };
+        if v.len() != s.len() {
+            return false;
+        }
+        v.copy_from_slice(s);
+        e.flags = flags;
+        e.expires = ttl.map(|t| now.get() + t);
+        *e.touched.get_mut() = self.tick();
+        true
+    }
+
     pub fn delete(&self, key: &[u8]) {
         self.lock().remove(key);
     }
@@ -1153,6 +1189,14 @@ mod tests {
         assert_eq!(s.get(b"b").unwrap(), None);
         assert_eq!(s.free_space(), c(10) + c(10) - c(12));
         assert_eq!(set(b"a", 1, Mode::Add), Err(SetErr::Exists));
+        // Same length: copied into the entry's buffer; anything else goes the usual way.
+        let free = s.free_space();
+        assert!(s.store_str_in_place(b"a", &[b'w'; 12], None, 7, Mode::Set));
+        assert_eq!(s.get(b"a").unwrap(), Some((Val::Str(vec![b'w'; 12]), 7)));
+        assert_eq!(s.free_space(), free);
+        assert!(!s.store_str_in_place(b"a", &[b'w'; 11], None, 0, Mode::Set));
+        assert!(!s.store_str_in_place(b"a", &[b'w'; 12], None, 0, Mode::Add));
+        assert!(!s.store_str_in_place(b"zz", &[b'w'; 12], None, 0, Mode::Replace));
         // An expired entry is not overwritten in place by replace.
         s.store(
             b"e",

@@ -148,6 +148,12 @@ pub unsafe extern "C" fn luaproxy_dict_store(
     };
     let out = &mut *out;
     out.forcible = 0;
+    if vtype == 1 && !s.is_null() && slen > 0 {
+        let bytes = std::slice::from_raw_parts(s, slen);
+        if store.store_str_in_place(k, bytes, ttl, flags, mode) {
+            return 0;
+        }
+    }
     let v = match vtype {
         0 if mode == Mode::Set => {
             store.delete(k);
