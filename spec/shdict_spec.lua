@@ -220,7 +220,7 @@ describe("luaproxy.shared", function()
             return {
                 init_worker = function()
                     local d = luaproxy.shared[%q]
-                    for _ = 1, 50000 do d:incr("n", 1, 0) end
+                    for _ = 1, 100000 do d:incr("n", 1, 0) end
                 end,
                 handler = function() return 200 end,
             }
@@ -230,6 +230,6 @@ describe("luaproxy.shared", function()
             srv:close()
             srv:wait()
         end)
-        assert.are.equal(100000, luaproxy.shared[name]:get("n"))
+        assert.are.equal(200000, luaproxy.shared[name]:get("n"))
     end)
 end)
