@@ -231,9 +231,9 @@ describe("header pass-through", function()
 end)
 
 describe("req:proxy on every path", function()
-    -- A plain call takes the fast path (src/fastproxy.rs); options, a spawned task and an
-    -- ended request take mlua's async method. All must answer alike.
-    it("answers the same from the handler, with options, from a task, twice, and after the end", function()
+    -- A plain call takes the fast path (src/fastproxy.rs); options, a spawned task, an ended
+    -- request and misuse take mlua's async method. All must answer alike.
+    it("answers the same from the handler, with options, from a task, twice, refused and misused", function()
         local policy = util.write_temp("paths_policy.lua", [[
             local luaproxy = require "luaproxy"
             local backends
@@ -258,6 +258,7 @@ describe("req:proxy on every path", function()
                     end
                     if p == "/refused" then return show(req:proxy("127.0.0.1:1")) end
                     if p == "/misuse" then return show(req.proxy(b)) end
+                    if p == "/badaddr" then return show(req:proxy("\255:80")) end
                 end,
             }
         ]])
@@ -269,6 +270,7 @@ describe("req:proxy on every path", function()
                 { "/twice", 200, "status=200 from=b2" },
                 { "/refused", 200, "err=connection refused" },
                 { "/misuse", 500 },
+                { "/badaddr", 500 },
             } do
                 local status, body = util.get(t.url .. case[1])
                 assert.are.equal(case[2], status, case[1])

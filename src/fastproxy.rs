@@ -3,7 +3,7 @@
 //!
 //! mlua runs an async Rust function from Lua by boxing its future into a fresh userdata,
 //! calling through its error-handling trampoline on every poll, and leaving the userdata for
-//! the collector (~3k instructions per call, measured with callgrind). Here the exchange's
+//! the collector (~2.3k instructions per proxied request: BENCHMARKS.md, session 4). Here the exchange's
 //! future lives in the request itself (`ReqInner::proxy`), two plain C functions start and
 //! poll it, and a small Lua wrapper yields mlua's own "pending" marker between polls, so
 //! the handler's coroutine is suspended and resumed by the same `AsyncThread` as before.
@@ -80,32 +80,31 @@ fn poll_call(inner: &ReqInner, waker: &Waker) -> bool {
 }
 
 /// `done = start(req, addr)`: `nil` when the fast path does not apply (the wrapper then calls
-/// the mlua method); else whether the exchange already finished.
+/// the mlua method, which also raises the misuse errors); else whether the exchange already
+/// finished.
 unsafe extern "C-unwind" fn start(l: *mut ffi::lua_State) -> c_int {
+    match try_start(l) {
+        None => ffi::lua_pushnil(l),
+        Some(done) => ffi::lua_pushboolean(l, done as c_int),
+    }
+    1
+}
+
+unsafe fn try_start(l: *mut ffi::lua_State) -> Option<bool> {
     let waker = WAKER.with(Cell::get);
     if waker.is_null() || ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
-        ffi::lua_pushnil(l);
-        return 1;
+        return None;
     }
-    let Some(inner) = live_at(l, 1) else {
-        ffi::lua_pushnil(l);
-        return 1;
-    };
+    let inner = live_at(l, 1)?;
     if !matches!(*inner.proxy.borrow(), ProxyCall::Idle) {
-        drop(inner);
-        ffi::lua_pushnil(l);
-        return 1;
+        return None;
     }
     let mut len = 0;
     let p = ffi::lua_tolstring(l, 2, &mut len);
-    let addr =
-        String::from_utf8_lossy(std::slice::from_raw_parts(p as *const u8, len)).into_owned();
-    let fut = crate::upstream::proxy_exchange(inner.clone(), addr, Options::default());
+    let addr = std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()?;
+    let fut = crate::upstream::proxy_exchange(inner.clone(), addr.to_string(), Options::default());
     *inner.proxy.borrow_mut() = ProxyCall::Running(Box::pin(fut));
-    let done = poll_call(&inner, &*waker);
-    drop(inner);
-    ffi::lua_pushboolean(l, done as c_int);
-    1
+    Some(poll_call(&inner, &*waker))
 }
 
 /// `done = poll(req)`: polls the exchange again after the handler was woken.

@@ -544,9 +544,18 @@ fn encode_head<B: Body>(
     let mut has_date = false;
     let mut has_cl = false;
     for (name, value) in resp.headers.iter() {
-        if name.eq_ignore_ascii_case(b"connection")
-            || name.eq_ignore_ascii_case(b"transfer-encoding")
-        {
+        if name.eq_ignore_ascii_case(b"connection") {
+            // A response that asks to close (ours after a refused body, or a policy's) ends
+            // the connection; the line itself is ours to write, below.
+            if value
+                .split(|&c| c == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            {
+                keep = false;
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
             continue;
         }
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -846,5 +855,13 @@ mod tests {
         assert!(keep);
         let (h, _, keep) = head(&resp(200, "x"), Method::GET, Version::HTTP_11, false);
         assert!(h.contains("connection: close\r\n") && !keep, "{h}");
+        // A response asking to close closes a connection the client would keep.
+        let mut r = resp(200, "x");
+        r.headers
+            .map_mut()
+            .insert("connection", HeaderValue::from_static("keep-alive, Close"));
+        let (h, _, keep) = head(&r, Method::GET, Version::HTTP_11, true);
+        assert!(h.contains("connection: close\r\n") && !keep, "{h}");
+        assert!(!h.contains("keep-alive"), "{h}");
     }
 }

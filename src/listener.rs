@@ -5,7 +5,6 @@
 //! same listening socket; nothing Lua crosses threads, only the socket and plain config data.
 
 use crate::h1server::{self, ClientConn, HeadError, IncomingBody, RequestHead, Response};
-use crate::headers::Headers;
 use crate::http::Limits;
 use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
 use crate::runtime::{self, call_protected, LoopGuard};
@@ -332,15 +331,6 @@ fn send_timeout(limits: &Limits) -> Duration {
 /// like nginx's lingering close.
 const LINGER: Duration = Duration::from_secs(2);
 
-fn wants_close<B>(resp: &Response<B>) -> bool {
-    // Raw fields are an upstream's (or a cached copy of them): parse_head left Connection out.
-    matches!(resp.headers, Headers::Map(_))
-        && resp
-            .headers
-            .get_all(b"connection")
-            .any(|v| v.eq_ignore_ascii_case(b"close"))
-}
-
 /// Serves one client connection: head, policy, response, and again while the connection
 /// stays open. Requests on one connection run one after another (pipelined ones wait in the
 /// read buffer).
@@ -412,9 +402,6 @@ async fn serve_conn(
             && !(w.keepalive_requests > 0 && served >= w.keepalive_requests)
             && !*shutdown.borrow();
         let mut resp = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip).await;
-        if wants_close(&resp) {
-            keep = false;
-        }
         let mut guards = std::mem::take(&mut resp.body._guards);
         let written = h1server::write_response(
             &conn,

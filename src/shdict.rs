@@ -148,6 +148,44 @@ impl Entry {
     fn live_at(&self, now: &Now) -> bool {
         self.expires.is_none_or(|e| e > now.get())
     }
+
+    /// Writes a new value over this one (the caller has charged `cost`). The entry keeps its
+    /// place in the LRU index, which catches up lazily: its tick says it is the newest.
+    #[inline]
+    fn overwrite(
+        &mut self,
+        val: New<'_>,
+        flags: u32,
+        expires: Option<Instant>,
+        cost: usize,
+        tick: u64,
+    ) {
+        match (val, &mut self.val) {
+            // No allocation, and no free (inside the lock) of a buffer another worker may
+            // have allocated: that made 2-worker `set` 0.7x nginx's (BENCHMARKS.md).
+            (New::Str(s), Stored::Other(Val::Str(v))) if v.len() == s.len() => v.copy_from_slice(s),
+            (val, slot) => *slot = val.into_stored(),
+        }
+        self.flags = flags;
+        self.expires = expires;
+        self.cost = cost;
+        *self.touched.get_mut() = tick;
+    }
+}
+
+/// A value on its way into the store: ready, or a string still in the caller's buffer.
+enum New<'a> {
+    Val(Stored),
+    Str(&'a [u8]),
+}
+
+impl New<'_> {
+    fn into_stored(self) -> Stored {
+        match self {
+            New::Val(v) => v,
+            New::Str(s) => Stored::new(Val::Str(s.to_vec())),
+        }
+    }
 }
 
 /// The time, read on first use: most operations touch only entries that never expire, so most
@@ -592,7 +630,7 @@ impl Store {
         self.put(
             &mut g,
             key,
-            Stored::new(new.clone()),
+            New::Val(Stored::new(new.clone())),
             cost(key, &new),
             0,
             ttl,
@@ -603,35 +641,73 @@ impl Store {
     }
 
     /// Makes room for and writes one entry, replacing whatever `key` held; `Ok(forcible)`.
+    /// A key overwritten with a value that fits (the common case) takes one lookup; this
+    /// part is inlined into every caller, the rest is `put_evicting`.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn put(
         &self,
         g: &mut Inner,
         key: &[u8],
-        val: Stored,
+        val: New<'_>,
         new_cost: usize,
         flags: u32,
         ttl: Option<Duration>,
         now: &Now,
         force: bool,
     ) -> Result<bool, SetErr> {
-        let credit = g.map.get(key).map_or(0, |e| e.cost);
+        let credit = {
+            let Inner { map, used, .. } = &mut *g;
+            match map.get_mut(key) {
+                Some(e) if *used - e.cost + new_cost <= self.capacity => {
+                    *used = *used - e.cost + new_cost;
+                    e.overwrite(
+                        val,
+                        flags,
+                        ttl.map(|t| now.get() + t),
+                        new_cost,
+                        self.tick(),
+                    );
+                    return Ok(false);
+                }
+                Some(e) => e.cost,
+                None => 0,
+            }
+        };
+        self.put_evicting(g, key, val, new_cost, credit, flags, ttl, now, force)
+    }
+
+    /// `put` for a new key or one whose new value does not fit without making room.
+    #[allow(clippy::too_many_arguments)]
+    fn put_evicting(
+        &self,
+        g: &mut Inner,
+        key: &[u8],
+        val: New<'_>,
+        new_cost: usize,
+        credit: usize,
+        flags: u32,
+        ttl: Option<Duration>,
+        now: &Now,
+        force: bool,
+    ) -> Result<bool, SetErr> {
         let forcible = g.make_room(self.capacity, new_cost, credit, key, now, force)?;
         let tick = self.tick();
         let expires = ttl.map(|t| now.get() + t);
         let Inner { map, used, .. } = g;
         match map.get_mut(key) {
-            // Overwritten in place: the index keeps its old position and catches up lazily
-            // (the entry's tick says it is the newest).
             Some(e) => {
                 *used = *used - e.cost + new_cost;
-                e.val = val;
-                e.flags = flags;
-                e.expires = expires;
-                e.cost = new_cost;
-                *e.touched.get_mut() = tick;
+                e.overwrite(val, flags, expires, new_cost, tick);
             }
-            None => g.insert(Arc::from(key), val, flags, expires, new_cost, tick),
+            None => g.insert(
+                Arc::from(key),
+                val.into_stored(),
+                flags,
+                expires,
+                new_cost,
+                tick,
+            ),
         }
         Ok(forcible)
     }
@@ -650,7 +726,7 @@ impl Store {
                 self.put(
                     &mut g,
                     key,
-                    Stored::List(Default::default()),
+                    New::Val(Stored::List(Default::default())),
                     base,
                     0,
                     None,
@@ -733,77 +809,57 @@ impl Store {
         mode: Mode,
         force: bool,
     ) -> Result<bool, SetErr> {
-        let now = Now::default();
         let new_cost = cost(key, &val);
-        let mut g = self.lock();
-        // The common case, a live key overwritten with a value that fits without evicting
-        // anything, in one lookup (the general way below takes three).
-        if !matches!(mode, Mode::Add) {
-            let Inner { map, used, .. } = &mut *g;
-            if let Some(e) = map.get_mut(key) {
-                if e.live_at(&now) && *used - e.cost + new_cost <= self.capacity {
-                    *used = *used - e.cost + new_cost;
-                    e.val = Stored::new(val);
-                    e.flags = flags;
-                    e.expires = ttl.map(|t| now.get() + t);
-                    e.cost = new_cost;
-                    *e.touched.get_mut() = self.tick();
-                    return Ok(false);
-                }
-            }
-        }
-        let old = g.map.get(key).filter(|e| e.live_at(&now)).is_some();
-        match mode {
-            Mode::Add if old => return Err(SetErr::Exists),
-            Mode::Replace if !old => return Err(SetErr::NotFound),
-            _ => {}
-        }
-        self.put(
-            &mut g,
+        self.store_new(
             key,
-            Stored::new(val),
+            New::Val(Stored::new(val)),
             new_cost,
-            flags,
             ttl,
-            &now,
+            flags,
+            mode,
             force,
         )
     }
 
-    /// `set`/`replace` of the string `s` over a live string of the same length: the bytes are
-    /// copied into the entry's own buffer, so nothing is allocated or freed (a buffer another
-    /// worker allocated is costly to free, and a free inside the lock holds everyone up).
-    /// `false` when that does not apply; the caller then takes `store`.
-    pub fn store_str_in_place(
+    /// `store` of a string still in the caller's buffer (a Lua string): over an entry holding
+    /// a string of the same length it is copied into that entry's buffer, and nothing is
+    /// allocated or freed.
+    pub fn store_str(
         &self,
         key: &[u8],
         s: &[u8],
         ttl: Option<Duration>,
         flags: u32,
         mode: Mode,
-    ) -> bool {
-        if matches!(mode, Mode::Add) {
-            return false;
-        }
+        force: bool,
+    ) -> Result<bool, SetErr> {
+        let new_cost = key.len() + s.len() + ENTRY_OVERHEAD;
+        self.store_new(key, New::Str(s), new_cost, ttl, flags, mode, force)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn store_new(
+        &self,
+        key: &[u8],
+        val: New<'_>,
+        new_cost: usize,
+        ttl: Option<Duration>,
+        flags: u32,
+        mode: Mode,
+        force: bool,
+    ) -> Result<bool, SetErr> {
         let now = Now::default();
         let mut g = self.lock();
-        let Some(e) = g.map.get_mut(key) else {
-            return false;
-        };
-        if !e.live_at(&now) {
-            return false;
+        if !matches!(mode, Mode::Set) {
+            let old = g.map.get(key).filter(|e| e.live_at(&now)).is_some();
+            match mode {
+                Mode::Add if old => return Err(SetErr::Exists),
+                Mode::Replace if !old => return Err(SetErr::NotFound),
+                _ => {}
+            }
         }
-        let Stored::Other(Val::Str(v)) = &mut e.val else {
-            return false;
-        };
-        if v.len() != s.len() {
-            return false;
-        }
-        v.copy_from_slice(s);
-        e.flags = flags;
-        e.expires = ttl.map(|t| now.get() + t);
-        *e.touched.get_mut() = self.tick();
-        true
+        self.put(&mut g, key, val, new_cost, flags, ttl, &now, force)
     }
 
     pub fn delete(&self, key: &[u8]) {
@@ -877,7 +933,7 @@ impl Store {
             let forcible = self.put(
                 &mut g,
                 key,
-                Stored::new(newval.clone()),
+                New::Val(Stored::new(newval.clone())),
                 c,
                 0,
                 init_ttl,
@@ -1189,14 +1245,24 @@ mod tests {
         assert_eq!(s.get(b"b").unwrap(), None);
         assert_eq!(s.free_space(), c(10) + c(10) - c(12));
         assert_eq!(set(b"a", 1, Mode::Add), Err(SetErr::Exists));
-        // Same length: copied into the entry's buffer; anything else goes the usual way.
-        let free = s.free_space();
-        assert!(s.store_str_in_place(b"a", &[b'w'; 12], None, 7, Mode::Set));
+        // A string of the same length is copied into the entry's buffer; anything else
+        // gets a new one.
+        let buf = |s: &Store| match &s.lock().map.get(&b"a"[..]).unwrap().val {
+            Stored::Other(Val::Str(v)) => v.as_ptr() as usize,
+            _ => 0,
+        };
+        let (free, before) = (s.free_space(), buf(&s));
+        let str_set = |k: &[u8], n, mode| s.store_str(k, &vec![b'w'; n], None, 7, mode, true);
+        assert_eq!(str_set(b"a", 12, Mode::Set), Ok(false));
+        assert_eq!(buf(&s), before);
         assert_eq!(s.get(b"a").unwrap(), Some((Val::Str(vec![b'w'; 12]), 7)));
         assert_eq!(s.free_space(), free);
-        assert!(!s.store_str_in_place(b"a", &[b'w'; 11], None, 0, Mode::Set));
-        assert!(!s.store_str_in_place(b"a", &[b'w'; 12], None, 0, Mode::Add));
-        assert!(!s.store_str_in_place(b"zz", &[b'w'; 12], None, 0, Mode::Replace));
+        assert_eq!(str_set(b"a", 11, Mode::Set), Ok(false));
+        assert_ne!(buf(&s), 0);
+        assert_eq!(s.get(b"a").unwrap(), Some((Val::Str(vec![b'w'; 11]), 7)));
+        assert_eq!(s.free_space(), free + 1);
+        assert_eq!(str_set(b"a", 11, Mode::Add), Err(SetErr::Exists));
+        assert_eq!(str_set(b"zz", 12, Mode::Replace), Err(SetErr::NotFound));
         // An expired entry is not overwritten in place by replace.
         s.store(
             b"e",

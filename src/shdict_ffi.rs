@@ -148,27 +148,25 @@ pub unsafe extern "C" fn luaproxy_dict_store(
     };
     let out = &mut *out;
     out.forcible = 0;
-    if vtype == 1 && !s.is_null() && slen > 0 {
-        let bytes = std::slice::from_raw_parts(s, slen);
-        if store.store_str_in_place(k, bytes, ttl, flags, mode) {
-            return 0;
-        }
-    }
-    let v = match vtype {
+    let force = force != 0;
+    let stored = match vtype {
         0 if mode == Mode::Set => {
             store.delete(k);
             return 0;
         }
-        1 if !s.is_null() || slen == 0 => Val::Str(if slen == 0 {
-            Vec::new()
-        } else {
-            std::slice::from_raw_parts(s, slen).to_vec()
-        }),
-        2 => number(num),
-        3 => Val::Bool(num != 0.0),
+        1 if !s.is_null() || slen == 0 => {
+            let bytes = if slen == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(s, slen)
+            };
+            store.store_str(k, bytes, ttl, flags, mode, force)
+        }
+        2 => store.store(k, number(num), ttl, flags, mode, force),
+        3 => store.store(k, Val::Bool(num != 0.0), ttl, flags, mode, force),
         _ => return FALLBACK,
     };
-    match store.store(k, v, ttl, flags, mode, force != 0) {
+    match stored {
         Ok(forcible) => {
             out.forcible = forcible as i32;
             0

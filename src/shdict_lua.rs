@@ -404,16 +404,16 @@ unsafe fn store_impl(l: *mut ffi::lua_State, name: &str, mode: Mode, force: bool
         store.delete(key);
         return ret(l, true, None, false);
     }
-    if ffi::lua_type(l, 3) == ffi::LUA_TSTRING {
+    let stored = if ffi::lua_type(l, 3) == ffi::LUA_TSTRING {
         let mut len = 0;
         let p = ffi::lua_tolstring(l, 3, &mut len);
         let bytes = std::slice::from_raw_parts(p as *const u8, len);
-        if len > 0 && store.store_str_in_place(key, bytes, ttl, flags, mode) {
-            return ret(l, true, None, false);
-        }
-    }
-    let v = raw_to_val(l, 3, 0).map_err(|e| format!("dict:{name}: {e}"))?;
-    match store.store(key, v, ttl, flags, mode, force) {
+        store.store_str(key, bytes, ttl, flags, mode, force)
+    } else {
+        let v = raw_to_val(l, 3, 0).map_err(|e| format!("dict:{name}: {e}"))?;
+        store.store(key, v, ttl, flags, mode, force)
+    };
+    match stored {
         Ok(forcible) => ret(l, true, None, forcible),
         Err(e) => ret(l, false, Some(e.as_str()), false),
     }
