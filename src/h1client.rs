@@ -59,29 +59,37 @@ impl Conn {
 
     /// Reads more bytes into `buf`; `Ok(0)` is end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        poll_fill(&self.stream, &mut self.buf, cx)
+        poll_fill(&mut self.stream, &mut self.buf, cx)
     }
 }
 
 /// Reads what `stream` has into `buf` (growing it by `READ_CHUNK` when nearly full);
 /// `Ok(0)` is end of stream. Shared by both sides' connections.
+///
+/// Through tokio's `poll_read`, not `try_read`: a read that does not fill the space offered
+/// clears the socket's readiness (the kernel buffer is drained), so a later `try_read` on an
+/// idle connection costs no syscall unless the reactor saw bytes arrive meanwhile (that is
+/// how the pool proves a connection clean, `upstream::pool_take`); and every read draws on
+/// the task's cooperative budget, so a peer whose bytes never run out cannot keep the
+/// worker from its other connections.
 pub fn poll_fill(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
-    loop {
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_CHUNK);
-        }
-        match stream.try_read_buf(buf) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::task::ready!(stream.poll_read_ready(cx))?;
-            }
-            Err(e) => return Poll::Ready(Err(e)),
-        }
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
     }
+    let mut space = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+    std::task::ready!(tokio::io::AsyncRead::poll_read(
+        Pin::new(stream),
+        cx,
+        &mut space
+    ))?;
+    let n = space.filled().len();
+    // SAFETY: the read initialized the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
 }
 
 /// True when `buf` holds the blank line that ends a head, looking only at bytes from `from`
@@ -510,11 +518,24 @@ pub async fn write_all_parts(
     }
 }
 
-/// Reads a response head (skipping 100 Continue and other 1xx heads).
+/// Interim (1xx) responses skipped before a final one; more is a broken or hostile upstream
+/// keeping the exchange busy without answering.
+const MAX_INTERIM: usize = 32;
+
+/// Reads a response head (skipping 100 Continue and other 1xx heads, at most `MAX_INTERIM`).
+/// The deadline is checked on every pass, not only when the socket would block: an upstream
+/// whose bytes never run out cannot hold the exchange past it.
 pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> {
     let mut got_any = !conn.buf.is_empty();
     let mut scanned = 0;
+    let mut interim = 0;
     loop {
+        if conn
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Err(Error::Timeout);
+        }
         let ready = !conn.buf.is_empty()
             && (scanned == 0 || head_complete(&conn.buf, scanned) || conn.buf.len() > MAX_HEAD);
         scanned = conn.buf.len();
@@ -524,6 +545,10 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
                 scanned = 0;
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
                 {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(Error::Invalid("too many 1xx responses"));
+                    }
                     continue;
                 }
                 if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -564,77 +589,168 @@ pub enum Chunk {
     Done,
 }
 
-/// Decodes a chunked body held in `buf`, returning the next piece of data, `Ok(None)` when
-/// more input is needed, and moving to `Done` after the last chunk and trailers.
-pub fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
-    loop {
-        match *state {
-            Chunk::Size => {
-                let Some(end) = find_crlf(buf) else {
-                    return if buf.len() > MAX_CHUNK_LINE {
-                        Err("chunk size line too long")
-                    } else {
-                        Ok(None)
-                    };
-                };
-                let line = &buf[..end];
-                let hex_end = line.iter().position(|&c| c == b';').unwrap_or(line.len());
-                let digits = &line[..hex_end];
-                if digits.is_empty()
-                    || digits.len() > 15
-                    || !digits.iter().all(u8::is_ascii_hexdigit)
-                {
-                    return Err("bad chunk size");
-                }
-                let size = u64::from_str_radix(std::str::from_utf8(digits).unwrap_or("x"), 16)
-                    .map_err(|_| "bad chunk size")?;
-                buf.advance(end + 2);
-                *state = if size == 0 {
-                    Chunk::Trailers
-                } else {
-                    Chunk::Data(size)
-                };
-            }
-            Chunk::Data(left) => {
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                let take = (left as usize).min(buf.len());
-                let data = buf.split_to(take).freeze();
-                let left = left - take as u64;
-                *state = if left == 0 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left)
-                };
-                return Ok(Some(data));
-            }
-            Chunk::DataEnd => {
-                if buf.len() < 2 {
-                    return Ok(None);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err("chunk not followed by crlf");
-                }
-                buf.advance(2);
-                *state = Chunk::Size;
-            }
-            Chunk::Trailers => {
-                let Some(end) = find_crlf(buf) else {
-                    return if buf.len() > 16 * 1024 {
-                        Err("trailers too large")
-                    } else {
-                        Ok(None)
-                    };
-                };
-                buf.advance(end + 2);
-                if end == 0 {
-                    *state = Chunk::Done;
-                }
-            }
-            Chunk::Done => return Ok(None),
+/// Chunk-extension bytes allowed in one message (hyper's limit): extensions carry nothing we
+/// use, and without a cap they are an unmetered stream inside a metered body.
+const MAX_CHUNK_EXT: usize = 16 * 1024;
+/// Trailer section limits (hyper's): bytes and fields.
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+const MAX_TRAILER_FIELDS: usize = 100;
+
+/// A chunked body being decoded (RFC 9112 §7.1), strictly: every line ends in CRLF, no
+/// control byte but HTAB appears in size lines or trailers (a bare LF or CR inside a chunk
+/// extension is how one request hides inside another for a lenient front proxy), and
+/// extensions and trailers have caps. `overhead` counts the framing bytes consumed (size
+/// lines, extensions, CRLFs, trailers), so a body limit can count wire bytes, not only data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunked {
+    pub state: Chunk,
+    ext_bytes: usize,
+    trailer_bytes: usize,
+    trailer_fields: usize,
+    pub overhead: u64,
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Chunked {
+            state: Chunk::Size,
+            ext_bytes: 0,
+            trailer_bytes: 0,
+            trailer_fields: 0,
+            overhead: 0,
         }
     }
+}
+
+/// A byte that may not appear in a size line or trailer field (CTLs but HTAB; RFC 9110 §5.5).
+fn is_ctl(c: u8) -> bool {
+    (c < 0x20 && c != b'\t') || c == 0x7f
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == Chunk::Done
+    }
+
+    /// Decodes what `buf` holds, returning the next piece of data, `Ok(None)` when more input
+    /// is needed, and moving to `Done` after the last chunk and trailers.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
+        loop {
+            match self.state {
+                Chunk::Size => {
+                    let Some(end) = find_crlf(buf) else {
+                        if buf.iter().any(|&c| is_ctl(c) && c != b'\r') {
+                            return Err("bad chunk size line");
+                        }
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err("chunk size line too long")
+                        } else {
+                            Ok(None)
+                        };
+                    };
+                    let line = &buf[..end];
+                    if line.iter().any(|&c| is_ctl(c)) {
+                        return Err("bad chunk size line");
+                    }
+                    let hex_end = line
+                        .iter()
+                        .position(|c| !c.is_ascii_hexdigit())
+                        .unwrap_or(line.len());
+                    let digits = &line[..hex_end];
+                    if digits.is_empty() || digits.len() > 15 {
+                        return Err("bad chunk size");
+                    }
+                    let rest = &line[hex_end..];
+                    let ext = rest.trim_ascii_start();
+                    if !ext.is_empty() && ext[0] != b';' {
+                        return Err("bad chunk size");
+                    }
+                    self.ext_bytes += rest.len();
+                    if self.ext_bytes > MAX_CHUNK_EXT {
+                        return Err("chunk extensions too large");
+                    }
+                    let size = digits.iter().fold(0u64, |n, &c| {
+                        n * 16 + u64::from((c as char).to_digit(16).unwrap_or(0))
+                    });
+                    buf.advance(end + 2);
+                    self.overhead += end as u64 + 2;
+                    self.state = if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                Chunk::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (left as usize).min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    self.state = if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    return Ok(Some(data));
+                }
+                Chunk::DataEnd => {
+                    if buf.len() < 2 {
+                        if buf.first().is_some_and(|&c| c != b'\r') {
+                            return Err("chunk not followed by crlf");
+                        }
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("chunk not followed by crlf");
+                    }
+                    buf.advance(2);
+                    self.overhead += 2;
+                    self.state = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    let Some(end) = find_crlf(buf) else {
+                        if buf.iter().any(|&c| is_ctl(c) && c != b'\r') {
+                            return Err("bad trailer field");
+                        }
+                        return if self.trailer_bytes + buf.len() > MAX_TRAILER_BYTES {
+                            Err("trailers too large")
+                        } else {
+                            Ok(None)
+                        };
+                    };
+                    if end > 0 {
+                        let line = &buf[..end];
+                        let colon = line.iter().position(|&c| c == b':');
+                        let name_ok =
+                            colon.is_some_and(|i| i > 0 && line[..i].iter().all(|&c| is_token(c)));
+                        if !name_ok || line.iter().any(|&c| is_ctl(c)) {
+                            return Err("bad trailer field");
+                        }
+                        self.trailer_fields += 1;
+                        if self.trailer_fields > MAX_TRAILER_FIELDS {
+                            return Err("too many trailer fields");
+                        }
+                    }
+                    self.trailer_bytes += end + 2;
+                    if self.trailer_bytes > MAX_TRAILER_BYTES {
+                        return Err("trailers too large");
+                    }
+                    buf.advance(end + 2);
+                    self.overhead += end as u64 + 2;
+                    if end == 0 {
+                        self.state = Chunk::Done;
+                    }
+                }
+                Chunk::Done => return Ok(None),
+            }
+        }
+    }
+}
+
+/// A `tchar` of RFC 9110 §5.6.2.
+fn is_token(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
 fn find_crlf(b: &[u8]) -> Option<usize> {
@@ -710,7 +826,7 @@ pub type Release = Box<dyn FnOnce(Conn)>;
 
 enum BodyMode {
     Length(u64),
-    Chunked(Chunk),
+    Chunked(Chunked),
     UntilClose,
 }
 
@@ -730,7 +846,7 @@ impl ResponseBody {
         let mode = match head.framing {
             Framing::None => BodyMode::Length(0),
             Framing::Length(n) => BodyMode::Length(n),
-            Framing::Chunked => BodyMode::Chunked(Chunk::Size),
+            Framing::Chunked => BodyMode::Chunked(Chunked::default()),
             Framing::UntilClose => BodyMode::UntilClose,
         };
         let mut b = ResponseBody {
@@ -800,12 +916,12 @@ impl Body for ResponseBody {
                         this.idle.progress();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    BodyMode::Chunked(state) => match decode_chunk(state, &mut conn.buf) {
+                    BodyMode::Chunked(state) => match state.decode(&mut conn.buf) {
                         Ok(Some(data)) => {
                             this.idle.progress();
                             return Poll::Ready(Some(Ok(Frame::data(data))));
                         }
-                        Ok(None) if *state == Chunk::Done => {
+                        Ok(None) if state.is_done() => {
                             this.finish();
                             return Poll::Ready(None);
                         }
@@ -928,45 +1044,91 @@ mod tests {
         assert!(head(&big).is_err());
     }
 
+    fn decode_all(input: &[u8]) -> Result<(Vec<u8>, Chunked), &'static str> {
+        let mut buf = BytesMut::from(input);
+        let mut st = Chunked::default();
+        let mut out = Vec::new();
+        loop {
+            match st.decode(&mut buf)? {
+                Some(d) => out.extend_from_slice(&d),
+                None => return Ok((out, st)),
+            }
+        }
+    }
+
     #[test]
     fn chunked_decoding() {
-        let mut buf =
-            BytesMut::from(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n"[..]);
-        let mut st = Chunk::Size;
-        let mut out = Vec::new();
-        while let Some(d) = decode_chunk(&mut st, &mut buf).unwrap() {
-            out.extend_from_slice(&d);
-        }
+        let whole = b"5;ext=1\r\nhello\r\n6 ; a=\"b c\"\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
+        let (out, st) = decode_all(whole).unwrap();
         assert_eq!(out, b"hello world");
-        assert_eq!(st, Chunk::Done);
-        assert!(buf.is_empty());
-        for bad in ["zz\r\n", "5\r\nhelloXX", "0x5\r\n", "\r\n"] {
-            let mut buf = BytesMut::from(bad.as_bytes());
-            let mut st = Chunk::Size;
-            let mut r = Ok(None);
-            for _ in 0..3 {
-                r = decode_chunk(&mut st, &mut buf);
-                if r.is_err() {
-                    break;
-                }
-            }
-            assert!(r.is_err(), "{bad:?} should fail");
+        assert!(st.is_done());
+        assert_eq!(st.overhead as usize, whole.len() - 11);
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"0x5\r\n",
+            b"\r\n",
+            b"2;\nxx\r\n",
+            b"2;a\rb\r\nxx\r\n",
+            b"2;a\0\r\nxx\r\n",
+            b"2\n",
+            b"2 x\r\n",
+            b"10000000000000000\r\n",
+            b"0\r\nX-T: a\0b\r\n\r\n",
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\n folded: x\r\n\r\n",
+        ] {
+            assert!(
+                decode_all(bad).is_err(),
+                "{:?} should fail",
+                String::from_utf8_lossy(bad)
+            );
         }
+    }
+
+    #[test]
+    fn chunk_extensions_and_trailers_have_caps() {
+        let ext = format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(4000));
+        assert!(decode_all(ext.as_bytes()).is_ok());
+        let many: String = (0..5)
+            .map(|_| format!("1;{}\r\nx\r\n", "e".repeat(4000)))
+            .collect();
+        assert_eq!(
+            decode_all(many.as_bytes()).unwrap_err(),
+            "chunk extensions too large"
+        );
+        let fields: String = (0..101).map(|i| format!("t{i}: v\r\n")).collect();
+        let body = format!("0\r\n{fields}\r\n");
+        assert_eq!(
+            decode_all(body.as_bytes()).unwrap_err(),
+            "too many trailer fields"
+        );
+        let big = format!("0\r\nt: {}\r\n\r\n", "v".repeat(17 * 1024));
+        assert_eq!(
+            decode_all(big.as_bytes()).unwrap_err(),
+            "trailers too large"
+        );
+        // Refused while still arriving, not only once its line ends.
+        let partial = format!("0\r\nt: {}", "v".repeat(17 * 1024));
+        assert_eq!(
+            decode_all(partial.as_bytes()).unwrap_err(),
+            "trailers too large"
+        );
     }
 
     #[test]
     fn chunked_decoding_across_reads() {
         let whole = b"3\r\nabc\r\n0\r\n\r\n";
         let mut buf = BytesMut::new();
-        let mut st = Chunk::Size;
+        let mut st = Chunked::default();
         let mut out = Vec::new();
         for b in whole {
             buf.extend_from_slice(&[*b]);
-            while let Some(d) = decode_chunk(&mut st, &mut buf).unwrap() {
+            while let Some(d) = st.decode(&mut buf).unwrap() {
                 out.extend_from_slice(&d);
             }
         }
         assert_eq!(out, b"abc");
-        assert_eq!(st, Chunk::Done);
+        assert!(st.is_done());
     }
 }

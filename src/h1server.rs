@@ -8,8 +8,7 @@
 //! body is ready. The framing rules of docs/architecture.md are enforced on the way in.
 
 use crate::h1client::{
-    decode_chunk, head_complete, io_reason, push_num, write_all_parts, Chunk, IdleTimer,
-    LazyDeadline,
+    head_complete, io_reason, push_num, write_all_parts, Chunked, IdleTimer, LazyDeadline,
 };
 use crate::headers::{field_at, Headers};
 use crate::http::{self, Limits, Reject};
@@ -37,7 +36,7 @@ pub const MAX_DRAIN: u64 = 1024 * 1024;
 enum BodyLeft {
     Done,
     Length(u64),
-    Chunked(Chunk),
+    Chunked(Chunked),
 }
 
 /// One client connection: the socket, bytes read but not used yet, and where the current
@@ -51,6 +50,9 @@ pub struct ClientConn {
     continue_pending: bool,
     /// Bytes of the interim 100 response still to write.
     continue_out: &'static [u8],
+    /// Framing bytes of the current request's chunked body consumed so far (size lines,
+    /// extensions, trailers): a body limit counts them with the data.
+    framing: u64,
 }
 
 pub type Shared = Rc<RefCell<ClientConn>>;
@@ -65,12 +67,13 @@ impl ClientConn {
             body: BodyLeft::Done,
             continue_pending: false,
             continue_out: &[],
+            framing: 0,
         }))
     }
 
     /// Reads what the socket has into `buf`; `Ok(0)` is end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        crate::h1client::poll_fill(&self.stream, &mut self.buf, cx)
+        crate::h1client::poll_fill(&mut self.stream, &mut self.buf, cx)
     }
 
     /// True when nothing of the current request's body is left on the wire.
@@ -250,7 +253,7 @@ pub fn parse_request(
     facts.finish();
     http::validate_request(&method, &uri, version, &facts, limits).map_err(HeadError::Bad)?;
     let framing = match facts.length {
-        _ if facts.transfer_encodings > 0 => BodyLeft::Chunked(Chunk::Size),
+        _ if facts.transfer_encodings > 0 => BodyLeft::Chunked(Chunked::default()),
         Some(Ok(0)) | None => BodyLeft::Done,
         Some(Ok(n)) => BodyLeft::Length(n),
         Some(Err(())) => return Err(bad(StatusCode::BAD_REQUEST, "invalid content-length")),
@@ -302,6 +305,7 @@ pub async fn read_head(
                     if let Some((n, head)) = parse_request(&c.buf, limits)? {
                         c.buf.advance(n);
                         c.body = head.framing;
+                        c.framing = 0;
                         c.continue_pending = head.expect_continue;
                         return Ok(head);
                     }
@@ -378,6 +382,11 @@ impl IncomingBody {
     pub fn new(conn: Shared) -> IncomingBody {
         IncomingBody { conn }
     }
+
+    /// Framing bytes (chunk size lines, extensions, trailers) read so far with the data.
+    pub fn framing_bytes(&self) -> u64 {
+        self.conn.borrow().framing
+    }
 }
 
 impl Body for IncomingBody {
@@ -391,7 +400,9 @@ impl Body for IncomingBody {
         let mut c = self.conn.borrow_mut();
         loop {
             if !c.buf.is_empty() {
-                let ClientConn { buf, body, .. } = &mut *c;
+                let ClientConn {
+                    buf, body, framing, ..
+                } = &mut *c;
                 match body {
                     BodyLeft::Done => return Poll::Ready(None),
                     BodyLeft::Length(left) => {
@@ -403,19 +414,23 @@ impl Body for IncomingBody {
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    BodyLeft::Chunked(state) => match decode_chunk(state, buf) {
-                        Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                        Ok(None) if *state == Chunk::Done => {
-                            *body = BodyLeft::Done;
-                            return Poll::Ready(None);
+                    BodyLeft::Chunked(state) => {
+                        let r = state.decode(buf);
+                        *framing = state.overhead;
+                        match r {
+                            Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                            Ok(None) if state.is_done() => {
+                                *body = BodyLeft::Done;
+                                return Poll::Ready(None);
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                // The stream cannot be parsed past this point.
+                                *body = BodyLeft::Done;
+                                return Poll::Ready(Some(Err(BodyError::Malformed(e))));
+                            }
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            // The stream cannot be parsed past this point.
-                            *body = BodyLeft::Done;
-                            return Poll::Ready(Some(Err(BodyError::Malformed(e))));
-                        }
-                    },
+                    }
                 }
             } else if c.body == BodyLeft::Done {
                 return Poll::Ready(None);

@@ -177,16 +177,20 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // The limit counts bytes on the wire: a chunked body's framing (extensions, trailers)
+        // is as much the client's to send as its data.
+        if let Poll::Ready(Some(Ok(_)) | None) = polled {
+            let data = polled_len(&polled);
+            this.seen += data;
+            if this.limit > 0 && this.seen + this.inner.framing_bytes() > this.limit {
+                let e = this.fail(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.progress();
-                if let Some(d) = frame.data_ref() {
-                    this.seen += d.len() as u64;
-                    if this.limit > 0 && this.seen > this.limit {
-                        let e = this.fail(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -213,6 +217,13 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+fn polled_len<E>(p: &Poll<Option<Result<Frame<Bytes>, E>>>) -> u64 {
+    match p {
+        Poll::Ready(Some(Ok(f))) => f.data_ref().map_or(0, |d| d.len() as u64),
+        _ => 0,
     }
 }
 

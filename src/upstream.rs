@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 const POOL_MAX_IDLE: usize = 64;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Per-call options, all in seconds.
 #[derive(Clone, Debug)]
@@ -76,14 +75,27 @@ thread_local! {
         RefCell::new(HashMap::with_hasher(ahash::RandomState::new()));
 }
 
-fn pool_take(key: &str) -> Option<(Conn, Duration)> {
+/// An idle connection for `key` that is proven clean: nothing arrived on it since its last
+/// response ended. Bytes on an idle connection (a response the upstream sent unasked, the
+/// body of a HEAD/204/304 answer, more body than the head announced) would be read as the
+/// answer to the next request, another client's: the connection is closed instead (nginx
+/// closes an idle upstream connection on any read event; hyper fails "unexpected bytes on
+/// an idle connection"). A connection the upstream closed meanwhile goes the same way.
+fn pool_take(key: &str) -> Option<Conn> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.get_mut(key)?;
         while let Some(idle) = list.pop() {
-            let idle_for = idle.since.elapsed();
-            if idle_for < POOL_IDLE_TIMEOUT {
-                return Some((idle.conn, idle_for));
+            if idle.since.elapsed() >= POOL_IDLE_TIMEOUT {
+                continue;
+            }
+            match idle_state(&idle.conn) {
+                Idleness::Clean => return Some(idle.conn),
+                Idleness::Closed => {}
+                Idleness::Stray => crate::log::log(
+                    crate::log::WARN,
+                    &format!("upstream {key} sent bytes on an idle connection: closed it"),
+                ),
             }
         }
         None
@@ -104,10 +116,22 @@ fn pool_put(key: &Rc<str>, conn: Conn) {
     });
 }
 
-/// True when an idle connection still looks open (no EOF, no stray bytes waiting).
-fn still_open(conn: &Conn) -> bool {
+enum Idleness {
+    Clean,
+    Closed,
+    Stray,
+}
+
+/// What an idle connection holds. `try_read` makes no syscall while the socket's readiness
+/// is clear, and reads clear it when they drain the socket (`h1client::poll_fill`); so a
+/// clean connection is usually proven clean without one, from what the reactor has seen.
+fn idle_state(conn: &Conn) -> Idleness {
     let mut probe = [0u8; 1];
-    matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    match conn.stream.try_read(&mut probe) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Idleness::Clean,
+        Ok(n) if n > 0 => Idleness::Stray,
+        _ => Idleness::Closed,
+    }
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr, String> {
@@ -186,9 +210,10 @@ async fn exchange(
     Ok((head, body))
 }
 
-/// Sends one request to `addr`, on an idle pooled connection when there is one. A pooled
-/// connection the upstream closed meanwhile is retried once on a new connection when the
-/// body can be sent again; a streamed body is only sent on a connection that looks open.
+/// Sends one request to `addr`, on a clean idle pooled connection when there is one. A
+/// pooled connection the upstream closed while the request was on its way is retried on
+/// another when that is safe: the body can be sent again, and the request was not sent or
+/// is idempotent.
 async fn send(
     key: &Rc<str>,
     method: &Method,
@@ -203,13 +228,7 @@ async fn send(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
-    while let Some((conn, idle_for)) = pool_take(key) {
-        // Upstreams close idle connections after seconds (nginx: keepalive_timeout 75 s), and
-        // announce the other closes with `Connection: close`; so only a request that could not
-        // be retried, on a connection idle for a while, pays for the extra syscall of a probe.
-        if !(replayable && idempotent) && idle_for > PROBE_AFTER && !still_open(&conn) {
-            continue;
-        }
+    while let Some(conn) = pool_take(key) {
         match exchange(conn, key, method, head, &mut body, opts).await {
             Ok(x) => return Ok(x),
             Err(Error::WriteFailed(_)) if replayable => continue,
