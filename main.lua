@@ -67,16 +67,9 @@ local function main(settings)
     for k, v in pairs(settings) do config[k] = v end
     config.backends = backends
 
-    local srv, err = luaproxy.serve{
-        listen = settings.listen,
-        policy = policy,
-        workers = settings.workers,
-        config = config,
-        max_body_size = settings.max_body_size,
-        body_timeout = settings.body_timeout,
-        header_timeout = settings.header_timeout,
-        keepalive_requests = settings.keepalive_requests,
-    }
+    local opts = { listen = settings.listen, policy = policy, workers = settings.workers, config = config }
+    for _, k in ipairs(cli.SERVER_SETTINGS) do opts[k] = settings[k] end
+    local srv, err = luaproxy.serve(opts)
     if not srv then
         for _, s in ipairs(demos) do s:close() end
         return nil, err
@@ -104,7 +97,9 @@ end
 
 local ok, perr, rerr = pcall(luaproxy.run, main, settings)
 if not ok then
-    io.stderr:write("luaproxy: ", tostring(perr):match("^[^\n]*"), "\n")
+    -- One line: the message without its traceback or the error wrappers' prefixes.
+    local msg = tostring(perr):match("^[^\n]*"):gsub("runtime error: ", ""):gsub("^luaproxy%.serve: ", "")
+    io.stderr:write("luaproxy: ", msg, "\n")
     os.exit(1)
 elseif not perr then
     io.stderr:write("luaproxy: ", tostring(rerr), "\n")

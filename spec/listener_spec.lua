@@ -206,11 +206,11 @@ describe("serve errors", function()
 end)
 
 describe("idle connections", function()
-    it("a connection left with an unread body after its response is closed after header_timeout", function()
+    it("a connection left with an unread body after its response is closed after client_body_timeout", function()
         -- The handler answers without reading the 5000-byte body the client announced; the
         -- client then sends nothing more. Without our watchdog the server would hold this
         -- connection (and its loop) forever.
-        serve_in_process([[function(req) return 200, "early" end]], "; header_timeout = 0.5", function(port)
+        serve_in_process([[function(req) return 200, "early" end]], "; client_body_timeout = 0.5", function(port)
             local t0 = luaproxy.now()
             local out = util.raw(port, "POST / HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 5000\\r\\n\\r\\nxx", 4)
             local took = luaproxy.now() - t0

@@ -102,7 +102,8 @@ unsafe fn try_start(l: *mut ffi::lua_State) -> Option<bool> {
     let mut len = 0;
     let p = ffi::lua_tolstring(l, 2, &mut len);
     let addr = std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()?;
-    let fut = crate::upstream::proxy_exchange(inner.clone(), addr.to_string(), Options::default());
+    let opts = Options::defaults(&inner.limits);
+    let fut = crate::upstream::proxy_exchange(inner.clone(), addr.to_string(), opts);
     *inner.proxy.borrow_mut() = ProxyCall::Running(Box::pin(fut));
     Some(poll_call(&inner, &*waker))
 }

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-const MAX_HEADERS: usize = 100;
 const READ_CHUNK: usize = 16 * 1024;
 /// An unread request body up to this size is read and dropped after the response so the
 /// connection can carry the next request; a larger one closes the connection instead.
@@ -110,6 +109,9 @@ pub struct RequestHead {
     pub uri: Uri,
     pub version: Version,
     pub headers: Headers,
+    /// The path normalized as nginx's `$uri` (`http::normalize_path`), when it differs from
+    /// the target's.
+    pub path: Option<Bytes>,
     /// The client allows another request on this connection after this one.
     pub keep_alive: bool,
     framing: BodyLeft,
@@ -183,8 +185,15 @@ pub fn parse_request(
     limits: &Limits,
 ) -> Result<Option<(usize, RequestHead)>, HeadError> {
     // Uninitialized: zeroing the whole array was a 3 KB memset per parse.
-    let mut hdrs = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut hdrs = [const { std::mem::MaybeUninit::uninit() }; crate::settings::MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut []);
+    let line_end = buf
+        .iter()
+        .take(limits.max_line + 1)
+        .position(|&c| c == b'\n');
+    if line_end.is_none() && buf.len() > limits.max_line {
+        return Err(bad(StatusCode::URI_TOO_LONG, "request line too long"));
+    }
     let n = match req.parse_with_uninit_headers(buf, &mut hdrs) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
@@ -217,6 +226,24 @@ pub fn parse_request(
             "request header section too large",
         ));
     }
+    if req.headers.len() > limits.max_headers {
+        return Err(bad(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many request headers",
+        ));
+    }
+    // nginx's large_client_header_buffers: one buffer holds the request line (414) or one
+    // header field (431).
+    if req
+        .headers
+        .iter()
+        .any(|h| h.name.len() + h.value.len() + 2 > limits.max_line)
+    {
+        return Err(bad(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header field too large",
+        ));
+    }
     // One copy of the head; everything below slices it.
     let head = Bytes::copy_from_slice(&buf[..n]);
     let base = buf.as_ptr() as usize;
@@ -224,7 +251,16 @@ pub fn parse_request(
         let at = s.as_ptr() as usize - base;
         head.slice(at..at + s.len())
     };
-    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+    // Methods are case-sensitive (RFC 9110 §9.1): like nginx, only upper-case letters, `_`
+    // and `-`, so `get` is not taken for GET by one hop and for something else by another.
+    let method = req.method.unwrap_or("");
+    if !method
+        .bytes()
+        .all(|c| c.is_ascii_uppercase() || c == b'_' || c == b'-')
+    {
+        return Err(bad(StatusCode::BAD_REQUEST, "malformed request"));
+    }
+    let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| bad(StatusCode::BAD_REQUEST, "malformed request"))?;
     let version = if req.version == Some(0) {
         Version::HTTP_10
@@ -232,12 +268,25 @@ pub fn parse_request(
         Version::HTTP_11
     };
     let target = req.path.unwrap_or("");
+    let mut authority = None;
     let uri = match Uri::from_maybe_shared(part(target.as_bytes())) {
-        // Absolute-form targets are accepted; upstreams get origin-form.
-        Ok(u) if u.scheme().is_some() => match u.path_and_query() {
-            Some(pq) => Uri::try_from(pq.as_str()).unwrap_or(u),
-            None => u,
-        },
+        // Absolute-form: upstreams get origin-form, and the target's authority is the host
+        // (RFC 9112 §3.2.2: a Host field that says otherwise is replaced).
+        Ok(u) if u.scheme().is_some() => {
+            if !matches!(u.scheme_str(), Some("http" | "https")) {
+                return Err(bad(StatusCode::BAD_REQUEST, "bad request target"));
+            }
+            match u.authority().map(|a| a.as_str()) {
+                Some(a) if http::valid_host(a.as_bytes()) => {
+                    authority = Some(Bytes::copy_from_slice(a.as_bytes()))
+                }
+                _ => return Err(bad(StatusCode::BAD_REQUEST, "bad request target")),
+            }
+            match u.path_and_query() {
+                Some(pq) => Uri::try_from(pq.as_str()).unwrap_or(u),
+                None => Uri::from_static("/"),
+            }
+        }
         Ok(u) => u,
         Err(_) => return Err(bad(StatusCode::BAD_REQUEST, "bad request target")),
     };
@@ -246,12 +295,30 @@ pub fn parse_request(
     let mut at = Vec::with_capacity(req.headers.len());
     let mut facts = http::HeadFacts::default();
     for h in req.headers.iter() {
-        facts.note(h.name.as_bytes(), h.value);
-        at.push(field_at(buf, h.name.as_bytes(), h.value));
+        let name = h.name.as_bytes();
+        if !limits.underscores_in_headers && name.contains(&b'_') {
+            continue;
+        }
+        facts.note(name, h.value);
+        at.push(field_at(buf, name, h.value));
     }
-    let headers = Headers::Raw { buf: head, at };
+    let mut headers = Headers::Raw { buf: head, at };
     facts.finish();
     http::validate_request(&method, &uri, version, &facts, limits).map_err(HeadError::Bad)?;
+    // The fields the client's `Connection` names are its hop-by-hop ones: gone before the
+    // policy runs, so what the policy sets under those names is forwarded.
+    for name in &facts.connection_named {
+        headers.remove(name);
+    }
+    if let Some(a) = authority {
+        let m = headers.map_mut();
+        if let Ok(v) = hyper::header::HeaderValue::from_maybe_shared(a) {
+            m.insert(hyper::header::HOST, v);
+        }
+    }
+    let path = http::normalize_path(uri.path().as_bytes())
+        .map_err(|why| bad(StatusCode::BAD_REQUEST, why))?
+        .map(Bytes::from);
     let framing = match facts.length {
         _ if facts.transfer_encodings > 0 => BodyLeft::Chunked(Chunked::default()),
         Some(Ok(0)) | None => BodyLeft::Done,
@@ -270,6 +337,7 @@ pub fn parse_request(
         RequestHead {
             method,
             uri,
+            path,
             version,
             headers,
             keep_alive,
@@ -279,17 +347,25 @@ pub fn parse_request(
     )))
 }
 
-/// Reads the next request head. Waiting for it ends `timeout` after the wait starts (idle
-/// keep-alive connections close then too; `deadline` is the connection's timer for it) or when
-/// `shutdown` fires with no byte of a request read yet.
+/// Reads the next request head. Waiting for it ends `timeout` after the wait starts, or, with
+/// `idle` (a kept-alive connection between requests), `idle` after it while no byte has come
+/// and `timeout` after the first byte; `deadline` is the connection's timer for both. It also
+/// ends when `shutdown` fires with no byte of a request read yet.
 pub async fn read_head(
     conn: &Shared,
     limits: &Limits,
     timeout: Duration,
+    idle: Option<Duration>,
     deadline: &mut LazyDeadline,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<RequestHead, HeadError> {
-    let give_up = Instant::now() + timeout;
+    let mut waiting_idle = idle.is_some() && conn.borrow().buf.is_empty();
+    let mut give_up = Instant::now()
+        + if waiting_idle {
+            idle.unwrap_or(timeout)
+        } else {
+            timeout
+        };
     let mut stopping = false;
     let mut scanned = 0;
     loop {
@@ -345,7 +421,12 @@ pub async fn read_head(
                     bad(StatusCode::BAD_REQUEST, "incomplete request head")
                 });
             }
-            Woke::Read(Ok(_)) => {}
+            Woke::Read(Ok(_)) => {
+                if waiting_idle {
+                    waiting_idle = false;
+                    give_up = Instant::now() + timeout;
+                }
+            }
             Woke::Timeout => return Err(HeadError::Timeout),
             Woke::Shutdown => stopping = true,
         }
@@ -834,6 +915,94 @@ mod tests {
         );
         let big = "v".repeat(40 * 1024);
         assert_eq!(reason(&format!("GET / HTTP/1.1\r\nX: {big}")).0, 431);
+    }
+
+    #[test]
+    fn head_rewrites_before_the_policy() {
+        let head = |raw: &str| parse(raw).ok().flatten().unwrap().1;
+        let names = |h: &RequestHead| -> Vec<String> {
+            h.headers
+                .iter()
+                .map(|(n, v)| {
+                    format!(
+                        "{}={}",
+                        String::from_utf8_lossy(n),
+                        String::from_utf8_lossy(v)
+                    )
+                })
+                .collect()
+        };
+        // Fields the client's Connection names go; Host and framing never do.
+        let h = head(
+            "POST / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Auth, Host, Content-Length\r\n\
+             X-Auth: me\r\nContent-Length: 2\r\n\r\nok",
+        );
+        assert_eq!(
+            names(&h),
+            [
+                "Host=a",
+                "Connection=keep-alive, X-Auth, Host, Content-Length",
+                "Content-Length=2"
+            ]
+        );
+        assert_eq!(h.framing, BodyLeft::Length(2));
+        // Underscored names are dropped unless allowed.
+        let h = head("GET / HTTP/1.1\r\nHost: a\r\nX_Real_IP: 6.6.6.6\r\n\r\n");
+        assert_eq!(names(&h), ["Host=a"]);
+        let allow = Limits {
+            underscores_in_headers: true,
+            ..Default::default()
+        };
+        let (_, h) = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nX_Real_IP: 1\r\n\r\n", &allow)
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(names(&h), ["Host=a", "X_Real_IP=1"]);
+        // An absolute-form target's authority replaces Host.
+        let h = head("GET http://target.example:81/x?y HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert_eq!(names(&h), ["host=target.example:81"]);
+        assert_eq!(h.uri.to_string(), "/x?y");
+        // The normalized path rides along when it differs.
+        assert_eq!(
+            head("GET /a//b/../c HTTP/1.1\r\nHost: a\r\n\r\n")
+                .path
+                .as_deref(),
+            Some(&b"/a/c"[..])
+        );
+        assert_eq!(head("GET /a/c HTTP/1.1\r\nHost: a\r\n\r\n").path, None);
+    }
+
+    #[test]
+    fn line_and_path_limits() {
+        let long = "a".repeat(9000);
+        assert_eq!(
+            reason(&format!("GET /{long} HTTP/1.1\r\nHost: a\r\n\r\n")).0,
+            414
+        );
+        assert_eq!(reason(&format!("GET /{long}")).0, 414);
+        assert_eq!(
+            reason(&format!("GET / HTTP/1.1\r\nHost: a\r\nX: {long}\r\n\r\n")),
+            (431, "request header field too large")
+        );
+        assert_eq!(
+            reason("GET /../x HTTP/1.1\r\nHost: a\r\n\r\n"),
+            (400, "path above the root")
+        );
+        assert_eq!(
+            reason("GET /a%00 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            (400, "encoded nul in path")
+        );
+        assert_eq!(reason("GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n").0, 400);
+        assert_eq!(
+            reason("GET http://a@b/x HTTP/1.1\r\nHost: a\r\n\r\n").0,
+            400
+        );
+        let few = Limits {
+            max_headers: 2,
+            ..Default::default()
+        };
+        let r = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\n\r\n", &few);
+        assert!(matches!(r, Err(HeadError::Bad(Reject { status, .. })) if status.as_u16() == 431));
     }
 
     #[test]

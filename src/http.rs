@@ -3,16 +3,36 @@
 
 use crate::headers::Headers;
 use hyper::{Method, StatusCode, Version};
+use std::time::Duration;
 
-/// Limits applied to every request before the policy sees it.
+/// What every request of a server carries: the limits applied before the policy sees it
+/// and the defaults its upstream exchanges use (`settings.rs` fills it from nginx-named
+/// settings).
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Request body bytes; 0 = unlimited. Over it: 413.
+    /// Request body bytes on the wire; 0 = unlimited. Over it: 413.
     pub max_body: u64,
     /// Request line plus all header lines, in bytes. Over it: 431.
     pub max_head: usize,
-    /// Seconds of silence allowed between two body reads. Over it: 408.
-    pub body_timeout: f64,
+    /// The request line (414 past it) or one header field (431).
+    pub max_line: usize,
+    /// Header fields in a request. Over it: 431.
+    pub max_headers: usize,
+    /// Silence allowed between two body reads. Over it: 408.
+    pub body_timeout: Duration,
+    /// Header fields whose names hold `_` are kept (nginx's `underscores_in_headers`);
+    /// otherwise they are dropped as the head is read: `X_Real_IP` must not pass for
+    /// `X-Real-IP` behind a server that maps both to one name.
+    pub underscores_in_headers: bool,
+    /// Clients whose `Forwarded`/`X-Forwarded-Host`/`X-Forwarded-Proto` are believed.
+    pub trusted_ips: Vec<Cidr>,
+    /// `req:proxy` defaults (per-call options win).
+    pub proxy_connect_timeout: Duration,
+    pub proxy_read_timeout: Duration,
+    pub proxy_send_timeout: Duration,
+    /// Idle upstream connections kept per upstream and worker, and for how long.
+    pub upstream_keepalive: usize,
+    pub upstream_keepalive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -20,7 +40,16 @@ impl Default for Limits {
         Limits {
             max_body: 1024 * 1024,
             max_head: 32 * 1024,
-            body_timeout: 60.0,
+            max_line: 8 * 1024,
+            max_headers: 100,
+            body_timeout: Duration::from_secs(60),
+            underscores_in_headers: false,
+            trusted_ips: Vec::new(),
+            proxy_connect_timeout: Duration::from_secs(5),
+            proxy_read_timeout: Duration::from_secs(60),
+            proxy_send_timeout: Duration::from_secs(60),
+            upstream_keepalive: 64,
+            upstream_keepalive_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -49,6 +78,9 @@ pub struct HeadFacts<'a> {
     pub connection_close: bool,
     pub connection_keep_alive: bool,
     pub expect_continue: bool,
+    /// Field names `Connection` lists besides keep-alive and close (never Host or framing
+    /// ones, which are ours to decide): those fields are the client's hop-by-hop ones.
+    pub connection_named: Vec<&'a [u8]>,
     /// The declared body length once `finish` ran: `Some(Err)` when it is not a plain decimal
     /// number.
     pub length: Option<Result<u64, ()>>,
@@ -71,8 +103,17 @@ impl<'a> HeadFacts<'a> {
             }
             10 if name.eq_ignore_ascii_case(b"connection") => {
                 for t in value.split(|&c| c == b',').map(<[u8]>::trim_ascii) {
-                    self.connection_close |= t.eq_ignore_ascii_case(b"close");
-                    self.connection_keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                    if t.eq_ignore_ascii_case(b"close") {
+                        self.connection_close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        self.connection_keep_alive = true;
+                    } else if !(t.is_empty()
+                        || t.eq_ignore_ascii_case(b"host")
+                        || t.eq_ignore_ascii_case(b"content-length")
+                        || t.eq_ignore_ascii_case(b"transfer-encoding"))
+                    {
+                        self.connection_named.push(t);
+                    }
                 }
             }
             6 if name.eq_ignore_ascii_case(b"expect") => {
@@ -228,33 +269,36 @@ pub fn is_hop_by_hop(n: &[u8]) -> bool {
 pub struct Forwarding<'a> {
     /// The request names a Host.
     pub has_host: bool,
-    /// The headers `Connection` names (to be dropped with it), never Host or Content-Length:
-    /// framing is ours to decide. The usual tokens (`keep-alive`, `close`) name nothing.
-    pub named: Vec<&'a [u8]>,
     /// The `X-Forwarded-For` value to send: the client's own list with `client_ip`
-    /// appended, or just the address.
+    /// appended (nginx's `$proxy_add_x_forwarded_for`: the last entry is the one to trust).
     pub xff: Vec<u8>,
+    /// The `Forwarded` value to send (RFC 7239): ours, after a trusted client's own.
+    pub forwarded: Vec<u8>,
+    /// The `X-Forwarded-Host` to send, when not the client's own.
+    pub xf_host: &'a [u8],
+    /// A trusted client's `X-Forwarded-Proto`/`-Host` are kept (else ours replace them).
+    pub keep_proto: bool,
+    pub keep_host: bool,
 }
 
-pub fn forwarding<'a>(headers: &'a Headers, client_ip: &str) -> Forwarding<'a> {
+/// Reads what forwarding needs. `trusted`: the client is a proxy whose `Forwarded` and
+/// `X-Forwarded-Host/-Proto` are believed (`trusted_ips`); anyone else's are replaced.
+pub fn forwarding<'a>(headers: &'a Headers, client_ip: &str, trusted: bool) -> Forwarding<'a> {
     let mut f = Forwarding {
         xff: Vec::with_capacity(client_ip.len() + 32),
         ..Default::default()
     };
     for (name, v) in headers.iter() {
         match name.len() {
-            4 if name.eq_ignore_ascii_case(b"host") => f.has_host = true,
-            10 if name.eq_ignore_ascii_case(b"connection") => {
-                for t in v.split(|&c| c == b',') {
-                    let t = t.trim_ascii();
-                    if !(t.is_empty()
-                        || t.eq_ignore_ascii_case(b"keep-alive")
-                        || t.eq_ignore_ascii_case(b"close")
-                        || t.eq_ignore_ascii_case(b"host")
-                        || t.eq_ignore_ascii_case(b"content-length"))
-                    {
-                        f.named.push(t);
-                    }
+            4 if name.eq_ignore_ascii_case(b"host") => {
+                f.has_host = true;
+                f.xf_host = v;
+            }
+            9 if trusted && name.eq_ignore_ascii_case(b"forwarded") => {
+                let v = v.trim_ascii();
+                if !v.is_empty() {
+                    f.forwarded.extend_from_slice(v);
+                    f.forwarded.extend_from_slice(b", ");
                 }
             }
             15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => {
@@ -264,11 +308,63 @@ pub fn forwarding<'a>(headers: &'a Headers, client_ip: &str) -> Forwarding<'a> {
                     f.xff.extend_from_slice(b", ");
                 }
             }
+            16 if trusted && name.eq_ignore_ascii_case(b"x-forwarded-host") => f.keep_host = true,
+            17 if trusted && name.eq_ignore_ascii_case(b"x-forwarded-proto") => f.keep_proto = true,
             _ => {}
         }
     }
     f.xff.extend_from_slice(client_ip.as_bytes());
+    // for=IP;host=HOST;proto=http, quoted where RFC 7239 wants it (IPv6, a port).
+    let v6 = client_ip.contains(':');
+    f.forwarded
+        .extend_from_slice(if v6 { b"for=\"[" } else { b"for=" });
+    f.forwarded.extend_from_slice(client_ip.as_bytes());
+    f.forwarded.extend_from_slice(if v6 { b"]\"" } else { b"" });
+    if f.has_host && f.xf_host.iter().all(|&c| c != b'"' && c != b'\\') {
+        f.forwarded.extend_from_slice(b";host=\"");
+        f.forwarded.extend_from_slice(f.xf_host);
+        f.forwarded.push(b'"');
+    }
+    f.forwarded.extend_from_slice(b";proto=http");
     f
+}
+
+/// An address block (`10.0.0.0/8`, `::1`, `127.0.0.1`): `trusted_ips`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: std::net::IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, bits) = match s.split_once('/') {
+            Some((a, b)) => (a, Some(b.parse::<u8>().ok()?)),
+            None => (s, None),
+        };
+        let net: std::net::IpAddr = addr.trim_matches(|c| c == '[' || c == ']').parse().ok()?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        (bits <= max).then_some(Cidr { net, bits })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::*;
+        let ip = match ip {
+            V6(v6) if self.net.is_ipv4() => match v6.to_ipv4_mapped() {
+                Some(v4) => V4(v4),
+                None => return false,
+            },
+            ip => ip,
+        };
+        let (a, b, width) = match (self.net, ip) {
+            (V4(n), V4(i)) => (u128::from(u32::from(n)), u128::from(u32::from(i)), 32),
+            (V6(n), V6(i)) => (u128::from(n), u128::from(i), 128),
+            _ => return false,
+        };
+        let shift = width - u32::from(self.bits);
+        shift >= width || (a >> shift) == (b >> shift)
+    }
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -278,6 +374,73 @@ fn hex(c: u8) -> Option<u8> {
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     }
+}
+
+/// Why a request path cannot be normalized (each a 400).
+pub const BAD_ESCAPE: &str = "bad percent-encoding in path";
+pub const ENCODED_NUL: &str = "encoded nul in path";
+pub const ABOVE_ROOT: &str = "path above the root";
+
+/// The path a policy matches on, as nginx's `$uri` is made from `$request_uri`: `%XX`
+/// escapes decoded (`%2F` too: nginx matches locations on it), `.` and `..` segments
+/// resolved, runs of `/` merged. `Ok(None)` when `path` is already in that form (the usual
+/// case, found in one scan). A path that climbs above the root, a bad escape or an encoded
+/// NUL is refused: what such a path means depends on who decodes it, and a policy's
+/// prefix rules must not be passed by spelling a path another way (`/%61dmin`, `//admin`,
+/// `/x/../admin`).
+pub fn normalize_path(path: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
+    let plain = !path.contains(&b'%')
+        && !path
+            .windows(2)
+            .any(|w| w[0] == b'/' && (w[1] == b'/' || w[1] == b'.'));
+    if plain {
+        return Ok(None);
+    }
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        if path[i] == b'%' {
+            let h = |j: usize| path.get(j).copied().and_then(hex);
+            let (Some(a), Some(b)) = (h(i + 1), h(i + 2)) else {
+                return Err(BAD_ESCAPE);
+            };
+            let c = a * 16 + b;
+            if c == 0 {
+                return Err(ENCODED_NUL);
+            }
+            decoded.push(c);
+            i += 3;
+        } else {
+            decoded.push(path[i]);
+            i += 1;
+        }
+    }
+    let mut segs: Vec<&[u8]> = Vec::new();
+    let mut trailing = false;
+    for seg in decoded.split(|&c| c == b'/').skip(1) {
+        trailing = true;
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                if segs.pop().is_none() {
+                    return Err(ABOVE_ROOT);
+                }
+            }
+            s => {
+                segs.push(s);
+                trailing = false;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(decoded.len());
+    for s in &segs {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    if trailing || segs.is_empty() {
+        out.push(b'/');
+    }
+    Ok(if out == path { None } else { Some(out) })
 }
 
 /// Decodes `%XX` escapes and `+` as space; invalid escapes stay as they are (like ngx).
@@ -399,27 +562,80 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_reads_connection_host_and_xff_in_one_pass() {
+    fn forwarding_reads_host_xff_and_forwarded_in_one_pass() {
         let mut h = Headers::default();
-        let f = forwarding(&h, "127.0.0.1");
-        assert_eq!((f.has_host, f.named.len()), (false, 0));
+        let f = forwarding(&h, "127.0.0.1", false);
+        assert!(!f.has_host);
         assert_eq!(f.xff, b"127.0.0.1");
+        assert_eq!(f.forwarded, b"for=127.0.0.1;proto=http");
         let m = h.map_mut();
-        m.insert(
-            "connection",
-            HeaderValue::from_static("x-secret, host, keep-alive, close, Content-Length"),
-        );
-        m.insert("host", HeaderValue::from_static("a"));
+        m.insert("host", HeaderValue::from_static("a:8080"));
         m.append("x-forwarded-for", HeaderValue::from_static(" 10.0.0.1 "));
         m.append("x-forwarded-for", HeaderValue::from_static(""));
         m.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
-        let f = forwarding(&h, "127.0.0.2");
-        assert!(f.has_host);
-        assert_eq!(f.named, vec![&b"x-secret"[..]]);
+        m.append("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        m.append("x-forwarded-proto", HeaderValue::from_static("https"));
+        let f = forwarding(&h, "127.0.0.2", false);
+        assert!(f.has_host && !f.keep_proto && !f.keep_host);
+        assert_eq!(f.xf_host, b"a:8080");
         assert_eq!(f.xff, b"10.0.0.1, 10.0.0.2, 127.0.0.2");
+        assert_eq!(f.forwarded, b"for=127.0.0.2;host=\"a:8080\";proto=http");
+        let f = forwarding(&h, "::1", true);
+        assert!(f.keep_proto && !f.keep_host);
+        assert_eq!(
+            f.forwarded,
+            &b"for=6.6.6.6, for=\"[::1]\";host=\"a:8080\";proto=http"[..]
+        );
         assert!(is_hop_by_hop(b"Connection") && is_hop_by_hop(b"te"));
         assert!(is_hop_by_hop(b"keep-alive") && is_hop_by_hop(b"Transfer-Encoding"));
         assert!(!is_hop_by_hop(b"host") && !is_hop_by_hop(b"x-connection"));
+    }
+
+    #[test]
+    fn address_blocks() {
+        let c = |s: &str| Cidr::parse(s).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(c("10.0.0.0/8").contains(ip("10.200.1.2")));
+        assert!(!c("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(c("127.0.0.1").contains(ip("127.0.0.1")));
+        assert!(!c("127.0.0.1").contains(ip("127.0.0.2")));
+        assert!(c("0.0.0.0/0").contains(ip("8.8.8.8")));
+        assert!(c("::1").contains(ip("::1")));
+        assert!(c("fd00::/8").contains(ip("fd12::1")));
+        assert!(c("127.0.0.0/8").contains(ip("::ffff:127.0.0.9")));
+        assert!(!c("::1").contains(ip("127.0.0.1")));
+        for bad in ["10.0.0.0/33", "x", "1.2.3.4/", "::1/129"] {
+            assert!(Cidr::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn paths_normalize_like_nginx_uri() {
+        let n = |p: &str| {
+            normalize_path(p.as_bytes())
+                .map(|o| String::from_utf8(o.unwrap_or_else(|| p.as_bytes().to_vec())).unwrap())
+        };
+        assert_eq!(n("/a/b"), Ok("/a/b".into()));
+        assert_eq!(normalize_path(b"/a/b.c/d-e_f~"), Ok(None));
+        assert_eq!(n("/%70rivate/x"), Ok("/private/x".into()));
+        assert_eq!(n("//private//x"), Ok("/private/x".into()));
+        assert_eq!(n("/public/../private/x"), Ok("/private/x".into()));
+        assert_eq!(n("/public/./../private/x"), Ok("/private/x".into()));
+        assert_eq!(n("/public/%2e%2E/private"), Ok("/private".into()));
+        assert_eq!(n("/a%2Fb"), Ok("/a/b".into()));
+        assert_eq!(n("/a/b/"), Ok("/a/b/".into()));
+        assert_eq!(n("/a/."), Ok("/a/".into()));
+        assert_eq!(n("/a/b/.."), Ok("/a/".into()));
+        assert_eq!(n("/a/.."), Ok("/".into()));
+        assert_eq!(n("/.hidden/x"), Ok("/.hidden/x".into()));
+        assert_eq!(n("/..x/y"), Ok("/..x/y".into()));
+        assert_eq!(n("/echo/%41/./b//c"), Ok("/echo/A/b/c".into()));
+        assert_eq!(n("/../x"), Err(ABOVE_ROOT));
+        assert_eq!(n("/%2e%2e/x"), Err(ABOVE_ROOT));
+        assert_eq!(n("/a/../../x"), Err(ABOVE_ROOT));
+        assert_eq!(n("/a%00b"), Err(ENCODED_NUL));
+        assert_eq!(n("/%zz"), Err(BAD_ESCAPE));
+        assert_eq!(n("/a%4"), Err(BAD_ESCAPE));
     }
 
     #[test]

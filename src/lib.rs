@@ -14,9 +14,11 @@ pub mod listener;
 pub mod log;
 pub mod request;
 pub mod runtime;
+pub mod settings;
 pub mod shdict;
 pub mod shdict_ffi;
 pub mod shdict_lua;
+pub mod units;
 pub mod upstream;
 
 use mlua::prelude::*;

@@ -8,6 +8,7 @@ use crate::h1server::{self, ClientConn, HeadError, IncomingBody, RequestHead, Re
 use crate::http::Limits;
 use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
 use crate::runtime::{self, call_protected, LoopGuard};
+use crate::settings::{self, Settings};
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use hyper::header::{self, HeaderValue};
@@ -29,10 +30,9 @@ struct Worker {
     lua: Lua,
     handler: LuaFunction,
     limits: Rc<Limits>,
-    header_timeout: Duration,
-    /// How long a response write may wait for the client to take bytes.
-    send_timeout: Duration,
-    keepalive_requests: usize,
+    settings: Settings,
+    /// Open connections of the whole server, against `max_connections`.
+    cap: Arc<ConnCap>,
     /// This VM's light userdata metatable is the request one.
     req_meta: Cell<bool>,
     /// Requests handled, for pacing the collector steps.
@@ -72,23 +72,62 @@ impl Balance {
     }
 }
 
-/// Counts a connection as open on a worker while it lives; counted from the moment it is
-/// accepted, since a burst of accepts runs before any connection task starts.
-struct OpenConn(Option<(Arc<Balance>, usize)>);
+/// Open client connections of one server (all its workers) against `max_connections`.
+/// At the cap every worker stops accepting until a connection closes: new clients wait in
+/// the listen backlog instead of costing memory and descriptors (and EMFILE never comes
+/// from clients alone).
+struct ConnCap {
+    open: std::sync::atomic::AtomicUsize,
+    max: usize,
+    closed: Notify,
+}
+
+impl ConnCap {
+    fn new(max: usize) -> Arc<ConnCap> {
+        Arc::new(ConnCap {
+            open: Default::default(),
+            max,
+            closed: Notify::new(),
+        })
+    }
+
+    /// Waits until the server holds fewer than `max` connections.
+    async fn room(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let closed = self.closed.notified();
+            if self.open.load(Relaxed) < self.max {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// Counts a connection as open on a worker and in the server while it lives; counted from
+/// the moment it is accepted, since a burst of accepts runs before any connection task
+/// starts.
+struct OpenConn(Option<(Arc<Balance>, usize)>, Arc<ConnCap>);
 
 impl OpenConn {
-    fn new(b: Option<(&Arc<Balance>, usize)>) -> OpenConn {
+    fn new(b: Option<(&Arc<Balance>, usize)>, cap: &Arc<ConnCap>) -> OpenConn {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some((b, i)) = b {
-            b.open[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            b.open[i].fetch_add(1, Relaxed);
         }
-        OpenConn(b.map(|(b, i)| (b.clone(), i)))
+        cap.open.fetch_add(1, Relaxed);
+        OpenConn(b.map(|(b, i)| (b.clone(), i)), cap.clone())
     }
 }
 
 impl Drop for OpenConn {
     fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some((b, i)) = &self.0 {
-            b.open[*i].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            b.open[*i].fetch_sub(1, Relaxed);
+        }
+        if self.1.open.fetch_sub(1, Relaxed) >= self.1.max {
+            self.1.closed.notify_waiters();
         }
     }
 }
@@ -247,6 +286,7 @@ async fn handle(
     let inner = Rc::new(ReqInner {
         method: RefCell::new(head.method),
         uri: RefCell::new(head.uri),
+        path: RefCell::new(head.path),
         version: head.version,
         headers: RefCell::new(head.headers),
         peer,
@@ -322,11 +362,6 @@ async fn handle(
     })
 }
 
-/// Writes to a client that takes no bytes for `body_timeout` fail (nginx's send_timeout).
-fn send_timeout(limits: &Limits) -> Duration {
-    runtime::seconds(limits.body_timeout).unwrap_or(Duration::from_secs(60))
-}
-
 /// How long a connection we close keeps reading (and discarding) what the client still sends,
 /// like nginx's lingering close.
 const LINGER: Duration = Duration::from_secs(2);
@@ -345,13 +380,17 @@ async fn serve_conn(
     let conn = ClientConn::new(stream);
     let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
     let mut head_deadline = crate::h1client::LazyDeadline::default();
-    let send_timeout = w.send_timeout;
+    let send_timeout = w.settings.send_timeout;
     let mut served = 0usize;
     loop {
+        // The first head is due within client_header_timeout of the accept; a kept-alive
+        // connection may then idle for keepalive_timeout before its next head begins.
+        let idle = (served > 0).then_some(w.settings.keepalive_timeout);
         let head = match h1server::read_head(
             &conn,
             &w.limits,
-            w.header_timeout,
+            w.settings.client_header_timeout,
+            idle,
             &mut head_deadline,
             &mut shutdown,
         )
@@ -398,8 +437,10 @@ async fn serve_conn(
         };
         served += 1;
         let (method, version) = (head.method.clone(), head.version);
+        let at_limit = w.settings.keepalive_requests > 0 && served >= w.settings.keepalive_requests;
         let mut keep = head.keep_alive
-            && !(w.keepalive_requests > 0 && served >= w.keepalive_requests)
+            && !at_limit
+            && !w.settings.keepalive_timeout.is_zero()
             && !*shutdown.borrow();
         let mut resp = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip).await;
         let mut guards = std::mem::take(&mut resp.body._guards);
@@ -424,7 +465,7 @@ async fn serve_conn(
             }
         }
         let clean = conn.borrow().body_done()
-            || (keep && h1server::drain_body(&conn, w.header_timeout).await);
+            || (keep && h1server::drain_body(&conn, w.limits.body_timeout).await);
         if !keep || !clean {
             if !clean || !conn.borrow().idle() {
                 // The client may still be sending: closing with unread bytes would send a
@@ -450,6 +491,7 @@ async fn accept_loop(
     mut handed: Option<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
 ) {
     loop {
+        w.cap.room().await;
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
@@ -457,13 +499,13 @@ async fn accept_loop(
                         Some((b, me)) => match b.elsewhere(*me) {
                             Some(j) => {
                                 if let Ok(s) = stream.into_std() {
-                                    let _ = b.handoff[j].send((s, peer, OpenConn::new(Some((b, j)))));
+                                    let _ = b.handoff[j].send((s, peer, OpenConn::new(Some((b, j)), &w.cap)));
                                 }
                                 continue;
                             }
-                            None => OpenConn::new(Some((b, *me))),
+                            None => OpenConn::new(Some((b, *me)), &w.cap),
                         },
-                        None => OpenConn::new(None),
+                        None => OpenConn::new(None, &w.cap),
                     };
                     tokio::task::spawn_local(serve_conn(w.clone(), stream, peer, shutdown.clone(), open));
                 }
@@ -493,9 +535,8 @@ struct WorkerSpec {
     config: serde_json::Value,
     package_path: Option<String>,
     package_cpath: Option<String>,
-    limits: Limits,
-    header_timeout: Duration,
-    keepalive_requests: usize,
+    settings: Settings,
+    cap: Arc<ConnCap>,
 }
 
 /// Loads the policy into a fresh VM: the file must return a handler function or a table
@@ -619,10 +660,9 @@ fn worker_thread(
                 let w = Rc::new(Worker {
                     lua: lua.clone(),
                     handler,
-                    limits: Rc::new(spec.limits.clone()),
-                    header_timeout: spec.header_timeout,
-                    send_timeout: send_timeout(&spec.limits),
-                    keepalive_requests: spec.keepalive_requests,
+                    limits: Rc::new(spec.settings.limits.clone()),
+                    settings: spec.settings.clone(),
+                    cap: spec.cap.clone(),
                     requests: Cell::new(0),
                     req_meta: Cell::new(false),
                     balance: Some((balance, id)),
@@ -716,20 +756,49 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, String> {
     Ok(sock.into())
 }
 
-fn opt_secs(t: &LuaTable, key: &str, default: f64) -> LuaResult<f64> {
-    match t.get::<Option<f64>>(key)? {
-        None => Ok(default),
-        Some(v) if v.is_finite() && v > 0.0 => Ok(v),
-        Some(_) => Err(LuaError::runtime(format!(
-            "luaproxy.serve: {key} must be > 0 seconds"
-        ))),
+/// The keys of `luaproxy.serve{...}` that are not settings.
+const SERVE_KEYS: &[&str] = &["listen", "handler", "policy", "workers", "config"];
+
+/// Reads the settings in `opts` (every key but `SERVE_KEYS`), in nginx's names and forms.
+fn settings_from(opts: &LuaTable) -> LuaResult<Settings> {
+    let mut s = Settings::default();
+    let err = |e: String| LuaError::runtime(format!("luaproxy.serve: {e}"));
+    for pair in opts.pairs::<LuaValue, LuaValue>() {
+        let (k, v) = pair?;
+        let key = match &k {
+            LuaValue::String(k) => k.to_str()?.to_string(),
+            other => return Err(err(format!("bad option name ({})", other.type_name()))),
+        };
+        if SERVE_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        let value = match v {
+            LuaValue::Integer(n) => settings::Value::Num(n as f64),
+            LuaValue::Number(n) => settings::Value::Num(n),
+            LuaValue::String(s) => settings::Value::Str(s.to_str()?.to_string()),
+            LuaValue::Boolean(b) => settings::Value::Bool(b),
+            LuaValue::Table(t) => settings::Value::List(
+                t.sequence_values::<String>()
+                    .collect::<LuaResult<_>>()
+                    .map_err(|_| err(format!("setting '{key}': expected a list of strings")))?,
+            ),
+            other => {
+                return Err(err(format!(
+                    "setting '{key}': bad value (a {})",
+                    other.type_name()
+                )))
+            }
+        };
+        s.set(&key, &value).map_err(err)?;
     }
+    Ok(s)
 }
 
 /// `srv, err = luaproxy.serve{ listen = "127.0.0.1:8080", handler = fn | policy = "file.lua",
-/// workers = N, config = {...}, max_body_size = bytes, body_timeout = s, header_timeout = s,
-/// keepalive_requests = n }`. Returns once every worker is listening; `nil, err` when the
-/// address is bad or taken, or the policy fails to load.
+/// workers = N, config = {...}, <settings> }`: the settings are `settings::NAMES`, with
+/// nginx's names, units and defaults (docs/api.md). Returns once every worker is
+/// listening; `nil, err` when the address is bad or taken, or the policy fails to load.
+/// An unknown setting or a bad value raises an error naming it.
 async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Option<String>)> {
     let listen: String = opts
         .get::<Option<String>>("listen")?
@@ -750,21 +819,8 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
             )))
         }
     };
-    let mut limits = Limits::default();
-    if let Some(n) = opts.get::<Option<i64>>("max_body_size")? {
-        if n < 0 {
-            return Err(LuaError::runtime(
-                "luaproxy.serve: max_body_size must be >= 0",
-            ));
-        }
-        limits.max_body = n as u64;
-    }
-    limits.body_timeout = opt_secs(&opts, "body_timeout", limits.body_timeout)?;
-    let header_timeout =
-        runtime::seconds(opt_secs(&opts, "header_timeout", 30.0)?).unwrap_or_default();
-    let keepalive_requests = opts
-        .get::<Option<usize>>("keepalive_requests")?
-        .unwrap_or(1000);
+    let settings = settings_from(&opts)?;
+    runtime::raise_nofile_limit();
     let config_value: LuaValue = opts.get("config")?;
     let config: serde_json::Value = if config_value.is_nil() {
         serde_json::Value::Object(Default::default())
@@ -800,10 +856,9 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
         let w = Rc::new(Worker {
             lua: lua.clone(),
             handler,
-            send_timeout: send_timeout(&limits),
-            limits: Rc::new(limits),
-            header_timeout,
-            keepalive_requests,
+            limits: Rc::new(settings.limits.clone()),
+            cap: ConnCap::new(settings.max_connections),
+            settings,
             requests: Cell::new(0),
             req_meta: Cell::new(false),
             balance: None,
@@ -824,9 +879,8 @@ async fn lua_serve(lua: Lua, opts: LuaTable) -> LuaResult<(Option<Server>, Optio
         config,
         package_path: package.get("path")?,
         package_cpath: package.get("cpath")?,
-        limits,
-        header_timeout,
-        keepalive_requests,
+        cap: ConnCap::new(settings.max_connections),
+        settings,
     };
     let mut readies = Vec::new();
     let mut sockets = vec![std_listener];

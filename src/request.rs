@@ -41,6 +41,9 @@ pub enum BodyState {
 pub struct ReqInner {
     pub method: RefCell<Method>,
     pub uri: RefCell<Uri>,
+    /// `uri`'s path normalized (nginx's `$uri`) when that differs from it; `req:get_path()`
+    /// returns it, `req:get_uri()` the target as sent.
+    pub path: RefCell<Option<Bytes>>,
     pub version: Version,
     pub headers: RefCell<Headers>,
     pub peer: SocketAddr,
@@ -150,7 +153,7 @@ pub struct ClientBody {
 
 impl ClientBody {
     fn new(inner: IncomingBody, req: &ReqInner) -> ClientBody {
-        let idle = crate::runtime::seconds(req.limits.body_timeout.max(0.001)).unwrap_or_default();
+        let idle = req.limits.body_timeout;
         ClientBody {
             inner,
             seen: 0,
@@ -475,12 +478,12 @@ unsafe extern "C-unwind" fn raw_get_path(l: *mut ffi::lua_State) -> c_int {
     let Some(inner) = live_at(l, 1) else {
         return fallback(l);
     };
-    let Ok(uri) = inner.uri.try_borrow() else {
+    let (Ok(uri), Ok(path)) = (inner.uri.try_borrow(), inner.path.try_borrow()) else {
         drop(inner);
         return fallback(l);
     };
-    push_bytes(l, uri.path().as_bytes());
-    drop(uri);
+    push_bytes(l, path.as_deref().unwrap_or(uri.path().as_bytes()));
+    drop((uri, path));
     drop(inner);
     1
 }
@@ -619,7 +622,8 @@ pub fn args_table(
     Ok(t)
 }
 
-fn set_uri(inner: &ReqInner, path: Option<&str>, query: Option<Option<&str>>) -> LuaResult<()> {
+fn set_uri(inner: &ReqInner, new_path: Option<&str>, query: Option<Option<&str>>) -> LuaResult<()> {
+    let path = new_path;
     let cur = inner.uri.borrow().clone();
     let path = path.unwrap_or(cur.path());
     let query = match query {
@@ -633,6 +637,9 @@ fn set_uri(inner: &ReqInner, path: Option<&str>, query: Option<Option<&str>>) ->
     let uri: Uri = s
         .parse()
         .map_err(|_| LuaError::runtime(format!("invalid request target '{s}'")))?;
+    if new_path.is_some() {
+        *inner.path.borrow_mut() = None;
+    }
     *inner.uri.borrow_mut() = uri;
     Ok(())
 }
@@ -650,9 +657,11 @@ fn add_methods(m: &mut Methods) {
             *this.0.method.borrow_mut() = m;
             Ok(true)
         });
-        // req:get_path() -> "/a/b" (no query string)
-        m.add_method("get_path", |_, this, ()| {
-            Ok(this.0.uri.borrow().path().to_string())
+        // req:get_path() -> "/a/b": normalized like nginx's $uri (decoded, dot segments
+        // resolved, slashes merged), no query string
+        m.add_method("get_path", |lua, this, ()| match &*this.0.path.borrow() {
+            Some(p) => lua.create_string(p),
+            None => lua.create_string(this.0.uri.borrow().path()),
         });
         // req:set_path(path) -> true
         m.add_method("set_path", |_, this, path: String| {
@@ -790,7 +799,7 @@ fn add_methods(m: &mut Methods) {
             "proxy",
             |lua, this, (addr, opts): (String, Option<LuaTable>)| async move {
                 crate::runtime::check_loop("req:proxy")?;
-                let opts = crate::upstream::Options::from_lua(opts.as_ref())?;
+                let opts = crate::upstream::Options::from_lua(opts.as_ref(), &this.0.limits)?;
                 // Boxed: mlua keeps a finished call's future until Lua collects it, so the
                 // exchange's state (kilobytes) must not live inline in it.
                 Box::pin(crate::upstream::proxy_request(

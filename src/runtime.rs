@@ -164,14 +164,35 @@ pub fn ignore_sigpipe() {
     });
 }
 
+/// Raises the soft limit on open files to the hard one, once per process (HAProxy sizes its
+/// own the same way): every client connection costs a descriptor, and a proxied one a second.
+/// With Debian's default soft limit of 1024, about 500 clients would make `accept` fail with
+/// EMFILE long before `max_connections`.
+pub fn raise_nofile_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit read and write the plain struct passed by pointer.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    });
+}
+
 /// The longest time a number of seconds from Lua stands for (100 years): larger values mean
 /// the same, so no conversion or time arithmetic on them can overflow and panic.
-pub const MAX_SECONDS: f64 = 100.0 * 365.25 * 86400.0;
+pub use crate::units::MAX_SECONDS;
 
 /// Seconds from Lua as a `Duration`, clamped to `MAX_SECONDS`; `None` for NaN, infinities and
 /// negative numbers. Every timeout, sleep and time to live goes through here.
 pub fn seconds(v: f64) -> Option<Duration> {
-    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v.min(MAX_SECONDS)))
+    crate::units::seconds(v)
 }
 
 fn seconds_arg(name: &str, v: f64) -> LuaResult<Duration> {

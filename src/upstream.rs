@@ -8,7 +8,7 @@
 
 use crate::h1client::{self, io_reason, Conn, Error, Head, OutHead, ResponseBody};
 use crate::headers::Headers;
-use crate::http;
+use crate::http::{self, Limits};
 use crate::request::{empty, full, BoxBody, ReqInner};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -21,53 +21,80 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-const POOL_MAX_IDLE: usize = 64;
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Per-call options, all in seconds.
+/// Per-call options. Defaults come from the server's settings (`proxy_*_timeout`,
+/// `upstream_keepalive*`), or from `Limits::default()` outside a server.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub connect_timeout: Duration,
     /// Time to the response head, and between two reads of the response body.
     pub read_timeout: Duration,
+    /// Time the request may take to be written while the upstream takes no bytes.
+    pub send_timeout: Duration,
+    /// The most a response body read into memory (`res:read_body()`, `request_uri`) may be.
+    pub max_body_size: u64,
+    /// Idle connections kept per upstream in this worker, and for how long.
+    pub keepalive: usize,
+    pub keepalive_timeout: Duration,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            connect_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-fn secs(t: &LuaTable, key: &str, default: Duration) -> LuaResult<Duration> {
-    match t.get::<Option<f64>>(key)? {
-        None => Ok(default),
-        Some(v) if v > 0.0 => crate::runtime::seconds(v)
-            .ok_or_else(|| LuaError::runtime(format!("{key} must be a number of seconds > 0"))),
-        Some(_) => Err(LuaError::runtime(format!(
-            "{key} must be a number of seconds > 0"
-        ))),
-    }
-}
+/// A response body read into Lua is bounded by default: 16 MiB.
+pub const DEFAULT_READ_LIMIT: u64 = 16 * 1024 * 1024;
 
 impl Options {
-    pub fn from_lua(t: Option<&LuaTable>) -> LuaResult<Options> {
-        let d = Options::default();
-        match t {
-            None => Ok(d),
-            Some(t) => Ok(Options {
-                connect_timeout: secs(t, "connect_timeout", d.connect_timeout)?,
-                read_timeout: secs(t, "read_timeout", d.read_timeout)?,
-            }),
+    pub fn defaults(l: &Limits) -> Options {
+        Options {
+            connect_timeout: l.proxy_connect_timeout,
+            read_timeout: l.proxy_read_timeout,
+            send_timeout: l.proxy_send_timeout,
+            max_body_size: DEFAULT_READ_LIMIT,
+            keepalive: l.upstream_keepalive,
+            keepalive_timeout: l.upstream_keepalive_timeout,
         }
+    }
+
+    /// `t`'s `connect_timeout`, `read_timeout`, `send_timeout` (seconds or "30s") and
+    /// `max_body_size` (bytes or "16m") over `defaults`.
+    pub fn from_lua(t: Option<&LuaTable>, defaults: &Limits) -> LuaResult<Options> {
+        let mut o = Options::defaults(defaults);
+        let Some(t) = t else { return Ok(o) };
+        for (key, slot) in [
+            ("connect_timeout", &mut o.connect_timeout),
+            ("read_timeout", &mut o.read_timeout),
+            ("send_timeout", &mut o.send_timeout),
+        ] {
+            let v: LuaValue = t.get(key)?;
+            let d = match &v {
+                LuaValue::Nil => continue,
+                LuaValue::Integer(n) => crate::units::seconds(*n as f64),
+                LuaValue::Number(n) => crate::units::seconds(*n),
+                LuaValue::String(s) => crate::units::parse_duration(&s.to_str()?),
+                _ => None,
+            };
+            *slot = d.filter(|d| !d.is_zero()).ok_or_else(|| {
+                LuaError::runtime(format!(
+                    "{key} must be a number of seconds > 0 or a duration such as \"30s\""
+                ))
+            })?;
+        }
+        let v: LuaValue = t.get("max_body_size")?;
+        let size = match &v {
+            LuaValue::Nil => Some(o.max_body_size),
+            LuaValue::Integer(n) => u64::try_from(*n).ok(),
+            LuaValue::Number(n) if n.fract() == 0.0 && *n >= 0.0 => Some(*n as u64),
+            LuaValue::String(s) => crate::units::parse_size(&s.to_str()?),
+            _ => None,
+        };
+        o.max_body_size = size.ok_or_else(|| {
+            LuaError::runtime("max_body_size must be a number of bytes or a size such as \"16m\"")
+        })?;
+        Ok(o)
     }
 }
 
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// When this idle connection is no longer worth keeping.
+    until: Instant,
 }
 
 thread_local! {
@@ -86,7 +113,7 @@ fn pool_take(key: &str) -> Option<Conn> {
         let mut p = p.borrow_mut();
         let list = p.get_mut(key)?;
         while let Some(idle) = list.pop() {
-            if idle.since.elapsed() >= POOL_IDLE_TIMEOUT {
+            if Instant::now() >= idle.until {
                 continue;
             }
             match idle_state(&idle.conn) {
@@ -102,16 +129,19 @@ fn pool_take(key: &str) -> Option<Conn> {
     })
 }
 
-fn pool_put(key: &Rc<str>, conn: Conn) {
+fn pool_put(key: &Rc<str>, conn: Conn, keep: usize, idle: Duration) {
+    if keep == 0 {
+        return;
+    }
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.entry(key.clone()).or_default();
-        if list.len() >= POOL_MAX_IDLE {
+        if list.len() >= keep {
             list.remove(0);
         }
         list.push(Idle {
             conn,
-            since: Instant::now(),
+            until: Instant::now() + idle,
         });
     });
 }
@@ -183,7 +213,7 @@ async fn exchange(
     body: &mut ReqBody,
     opts: &Options,
 ) -> Result<(Head, ResponseBody), Error> {
-    conn.set_deadline(Some(opts.read_timeout));
+    conn.set_deadline(Some(opts.send_timeout));
     let io = async {
         match body {
             ReqBody::Bytes(b) => {
@@ -195,17 +225,19 @@ async fn exchange(
                 h1client::write_request(&mut conn, head, s.as_mut()).await?;
             }
         }
+        conn.set_deadline(Some(opts.read_timeout));
         h1client::read_head(&mut conn, method).await
     };
     let head = io.await?;
     // The body has its own idle timeout.
     conn.set_deadline(None);
     let key = key.clone();
+    let (keep, idle) = (opts.keepalive, opts.keepalive_timeout);
     let body = ResponseBody::new(
         conn,
         &head,
         opts.read_timeout,
-        Box::new(move |c| pool_put(&key, c)),
+        Box::new(move |c| pool_put(&key, c, keep, idle)),
     );
     Ok((head, body))
 }
@@ -256,6 +288,8 @@ pub struct Response {
     pub headers: RefCell<Headers>,
     pub body: RefCell<ResBody>,
     headers_table: RefCell<Option<LuaTable>>,
+    /// The most `read_body` takes into memory (`max_body_size`).
+    read_limit: u64,
 }
 
 impl Response {
@@ -266,6 +300,7 @@ impl Response {
             headers: RefCell::new(c.headers.clone()),
             body: RefCell::new(ResBody::Read(c.body.clone())),
             headers_table: RefCell::new(None),
+            read_limit: DEFAULT_READ_LIMIT,
         }
     }
 
@@ -298,14 +333,26 @@ impl Response {
                 Ok(b)
             }
             ResBody::Taken => Err("response body was already sent".into()),
-            ResBody::Stream(body) => match body.collect().await {
-                Ok(c) => {
-                    let b = c.to_bytes();
-                    *self.body.borrow_mut() = ResBody::Read(b.clone());
-                    Ok(b)
+            ResBody::Stream(mut body) => {
+                // Bounded: an upstream's body enters Lua memory only up to `read_limit`;
+                // past it the body (and its connection) is dropped.
+                if body.size_hint().lower() > self.read_limit {
+                    return Err("response body too large".into());
                 }
-                Err(e) => Err(e.to_string()),
-            },
+                let mut buf = bytes::BytesMut::new();
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| e.to_string())?;
+                    if let Some(d) = frame.data_ref() {
+                        if (buf.len() + d.len()) as u64 > self.read_limit {
+                            return Err("response body too large".into());
+                        }
+                        buf.extend_from_slice(d);
+                    }
+                }
+                let b = buf.freeze();
+                *self.body.borrow_mut() = ResBody::Read(b.clone());
+                Ok(b)
+            }
         }
     }
 }
@@ -344,10 +391,15 @@ impl LuaUserData for Response {
                 Err(e) => Ok((None, Some(e))),
             }
         });
-        // res:set_status(code) -> true (what the client will get)
-        m.add_method("set_status", |_, this, code: u16| {
-            let s = StatusCode::from_u16(code)
-                .map_err(|_| LuaError::runtime(format!("invalid status {code}")))?;
+        // res:set_status(code) -> true (what the client will get: a final status, 200-999)
+        m.add_method("set_status", |_, this, code: i64| {
+            let s = u16::try_from(code)
+                .ok()
+                .filter(|c| (200..=999).contains(c))
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .ok_or_else(|| {
+                    LuaError::runtime(format!("res:set_status: invalid status {code} (200-999)"))
+                })?;
             *this.status.borrow_mut() = s;
             Ok(true)
         });
@@ -364,12 +416,13 @@ impl LuaUserData for Response {
 }
 
 /// The head's hop-by-hop headers were left out when it was parsed (`h1client::parse_head`).
-fn make_response(head: Head, body: ResponseBody) -> Response {
+fn make_response(head: Head, body: ResponseBody, read_limit: u64) -> Response {
     Response {
         status: RefCell::new(head.status),
         headers: RefCell::new(head.headers),
         body: RefCell::new(ResBody::Stream(Box::pin(body))),
         headers_table: RefCell::new(None),
+        read_limit,
     }
 }
 
@@ -416,33 +469,53 @@ pub async fn proxy_exchange(
     let out = {
         let headers = inner.headers.borrow();
         let ip = inner.client_ip();
-        let fwd = http::forwarding(&headers, ip);
-        let extra: [(&[u8], &[u8]); 3] = [
-            (b"x-forwarded-for", &fwd.xff),
-            (b"x-real-ip", ip.as_bytes()),
-            (b"host", key.as_bytes()),
+        let trusted = inner
+            .limits
+            .trusted_ips
+            .iter()
+            .any(|c| c.contains(inner.peer.ip()));
+        let fwd = http::forwarding(&headers, ip, trusted);
+        let candidates: [(bool, &[u8], &[u8]); 6] = [
+            (true, b"x-forwarded-for", &fwd.xff),
+            (true, b"x-real-ip", ip.as_bytes()),
+            (true, b"forwarded", &fwd.forwarded),
+            (!fwd.keep_proto, b"x-forwarded-proto", b"http"),
+            (
+                !fwd.keep_host && fwd.has_host,
+                b"x-forwarded-host",
+                fwd.xf_host,
+            ),
+            (!fwd.has_host, b"host", key.as_bytes()),
         ];
-        let extra = if fwd.has_host {
-            &extra[..2]
-        } else {
-            &extra[..]
-        };
+        let mut extra: [(&[u8], &[u8]); 6] = [(b"", b""); 6];
+        let mut k = 0;
+        for (on, name, value) in candidates {
+            if on {
+                extra[k] = (name, value);
+                k += 1;
+            }
+        }
+        let (keep_proto, keep_host) = (fwd.keep_proto, fwd.keep_host);
         h1client::encode_request(
             &method,
             &inner.uri.borrow(),
             &headers,
             |n| {
                 http::is_hop_by_hop(n)
-                    || n.eq_ignore_ascii_case(b"x-forwarded-for")
-                    || n.eq_ignore_ascii_case(b"x-real-ip")
-                    || fwd.named.iter().any(|t| t.eq_ignore_ascii_case(n))
+                    || (n.len() >= 6
+                        && (n.eq_ignore_ascii_case(b"forwarded")
+                            || n.eq_ignore_ascii_case(b"expect")
+                            || n.eq_ignore_ascii_case(b"x-forwarded-for")
+                            || n.eq_ignore_ascii_case(b"x-real-ip")
+                            || (!keep_proto && n.eq_ignore_ascii_case(b"x-forwarded-proto"))
+                            || (!keep_host && n.eq_ignore_ascii_case(b"x-forwarded-host"))))
             },
-            extra,
+            &extra[..k],
             body.length(),
         )
     };
     match send(&key, &method, &out, body, &opts).await {
-        Ok((head, body)) => Ok(Ok(make_response(head, body))),
+        Ok((head, body)) => Ok(Ok(make_response(head, body, opts.max_body_size))),
         Err(e) => {
             // A failure of the client's own body (too large, too slow) is the client's fault;
             // the listener answers with the recorded status, and the log names the cause.
@@ -499,7 +572,7 @@ async fn client_request(
             )))
         }
     };
-    let opts = Options::from_lua(params.as_ref())?;
+    let opts = Options::from_lua(params.as_ref(), &Limits::default())?;
     let mut method = Method::GET;
     let mut headers = HeaderMap::new();
     let mut body = ReqBody::Bytes(Bytes::new());
@@ -536,7 +609,7 @@ async fn client_request(
     );
     match send(&key, &method, &out, body, &opts).await {
         Ok((head, body)) => {
-            let r = make_response(head, body);
+            let r = make_response(head, body, opts.max_body_size);
             let mut held = 2;
             if read_all {
                 match r.read_body().await {

@@ -23,12 +23,25 @@ local DEFAULTS = {
     policy = "examples/least_conn.lua",
 }
 
--- Settings a --config file may hold, with the Lua type each must have.
+-- Server settings, with nginx's names: main.lua passes them to luaproxy.serve, which checks
+-- their values (sizes as 1048576 or "1m", durations as 30 or "30s") and names the key of a
+-- bad one. The last three are older aliases.
+local SERVER_SETTINGS = {
+    "client_max_body_size", "client_header_timeout", "client_body_timeout", "send_timeout",
+    "keepalive_timeout", "keepalive_requests", "large_client_header_buffers", "max_headers",
+    "proxy_connect_timeout", "proxy_read_timeout", "proxy_send_timeout", "max_connections",
+    "underscores_in_headers", "trusted_ips", "upstream_keepalive", "upstream_keepalive_timeout",
+    "max_body_size", "header_timeout", "body_timeout",
+}
+_M.SERVER_SETTINGS = SERVER_SETTINGS
+
+local IS_SERVER_SETTING = {}
+for _, k in ipairs(SERVER_SETTINGS) do IS_SERVER_SETTING[k] = true end
+
+-- The program's and the policies' settings, with the Lua type each must have.
 local SETTING_TYPES = {
     listen = "string", backends = "table", workers = "number", policy = "string",
-    max_body_size = "number", body_timeout = "number", header_timeout = "number",
-    keepalive_requests = "number", api_key_header = "string", log_level = "string",
-    demo_ports = "table", dicts = "table",
+    api_key_header = "string", log_level = "string", demo_ports = "table", dicts = "table",
 }
 
 local function load_config(path)
@@ -48,10 +61,14 @@ local function load_config(path)
     end
     for k, v in pairs(conf) do
         local want = SETTING_TYPES[k]
-        if not want then
+        if IS_SERVER_SETTING[k] then
+            local t = type(v)
+            if t ~= "number" and t ~= "string" and t ~= "boolean" and t ~= "table" then
+                return nil, "config file '" .. path .. "': setting '" .. k .. "' has a bad value (a " .. t .. ")"
+            end
+        elseif not want then
             return nil, "config file '" .. path .. "': unknown setting '" .. tostring(k) .. "'"
-        end
-        if type(v) ~= want then
+        elseif type(v) ~= want then
             return nil, "config file '" .. path .. "': setting '" .. k .. "' must be a " .. want
         end
     end
