@@ -250,6 +250,7 @@ fn paths_reach_the_policy_normalized() {
         denied_row("dot_dotdot", get("/public/./../private/x"), 403),
         denied_row("pct_dotdot", get("/public/%2e%2e/private/x"), 403),
         denied_row("pct_dotdot_upper_to_bare_private", get("/public/%2E%2e/private"), 403),
+        denied_row("pct_2f_slash", get("/private%2Fx"), 403),
         reject_row("dotdot_above_root", "{}", get("/../x"), 400),
         reject_row("pct_dotdot_above_root", "{}", get("/%2e%2e/x"), 400),
         reject_row("pct_00", "{}", get("/a%00b"), 400),
