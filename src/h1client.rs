@@ -423,7 +423,11 @@ where
                     } else {
                         queue.push(data);
                     }
-                    if queued >= 64 * 1024 || queue.len() >= 48 {
+                    // Whatever of the body has already arrived is queued (up to 64 KiB) before
+                    // the first write: a body that fails its checks (size, framing) while it
+                    // is all in hand sends the upstream nothing. `flush` writes long queues in
+                    // groups of 64 buffers.
+                    if queued >= 64 * 1024 || queue.len() >= 1024 {
                         flush(conn, &mut queue).await?;
                         queued = 0;
                     }

@@ -65,7 +65,11 @@ fn client_framing_and_smuggling() {
         many_trailers.extend_from_slice(format!("X-T{i}: 1\r\n").as_bytes());
     }
     many_trailers.extend_from_slice(b"\r\n");
-    let long_ext = cat(&[b"2;e=", "x".repeat(20 * 1024).as_bytes(), b"\r\nab\r\n0\r\n\r\n"]);
+    let long_ext = cat(&[
+        b"2;e=",
+        "x".repeat(20 * 1024).as_bytes(),
+        b"\r\nab\r\n0\r\n\r\n",
+    ]);
 
     let rows = vec![
         reject_row(
@@ -128,12 +132,23 @@ fn valid_chunked_with_extension_and_trailer_is_forwarded() {
         px.addr,
         &post_chunked(b"5;name=val\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n"),
     );
-    assert_eq!((r.status, r.body_str().as_str()), (200, "ok POST /up 11"), "{r:?}");
+    assert_eq!(
+        (r.status, r.body_str().as_str()),
+        (200, "ok POST /up 11"),
+        "{r:?}"
+    );
     std::thread::sleep(Duration::from_millis(20));
     let (reqs, rest) = up.requests();
-    assert!(reqs.len() == 1 && rest.is_empty(), "upstream got {reqs:?} and unparsed {}", show(&rest));
+    assert!(
+        reqs.len() == 1 && rest.is_empty(),
+        "upstream got {reqs:?} and unparsed {}",
+        show(&rest)
+    );
     let u = &reqs[0];
-    assert_eq!(u.body, b"hello world", "decoded body the upstream got: {u:?}");
+    assert_eq!(
+        u.body, b"hello world",
+        "decoded body the upstream got: {u:?}"
+    );
     let framing = u.values("content-length").len() + u.values("transfer-encoding").len();
     assert_eq!(framing, 1, "upstream framing headers: {u:?}");
 }
@@ -143,13 +158,20 @@ fn smuggling_attempt_on_a_kept_alive_connection_is_rejected() {
     let up = Upstream::ok();
     let px = Proxy::default_for(&up, "{}");
     let first: &[u8] = b"GET /first HTTP/1.1\r\nHost: a.example\r\n\r\n";
-    let second = post_cl("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    let second = post_cl(
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    );
     let rs = exchange_many(px.addr, &[first, &second], true);
     assert!(
         rs.len() == 2 && rs[0].status == 200 && rs[0].body_str() == "ok GET /first 0",
         "first request on the connection: {rs:?}"
     );
-    assert!(rs[1].status == 400 && rs[1].closed, "CL+TE as the second request: want 400 and a close, got {:?}", rs[1]);
+    assert!(
+        rs[1].status == 400 && rs[1].closed,
+        "CL+TE as the second request: want 400 and a close, got {:?}",
+        rs[1]
+    );
     let (reqs, rest) = up.requests();
     assert!(
         reqs.len() == 1 && reqs[0].target == "/first" && rest.is_empty(),
@@ -169,8 +191,15 @@ fn pipelined_requests_are_answered_in_order() {
         b"GET /p3 HTTP/1.1\r\nHost: a.example\r\n\r\n",
     ];
     let rs = exchange_pipelined(px.addr, &reqs);
-    let got: Vec<String> = rs.iter().map(|r| format!("{} {}", r.status, r.body_str())).collect();
-    assert_eq!(got, ["200 ok GET /p1 0", "200 ok POST /p2 3", "200 ok GET /p3 0"], "{rs:?}");
+    let got: Vec<String> = rs
+        .iter()
+        .map(|r| format!("{} {}", r.status, r.body_str()))
+        .collect();
+    assert_eq!(
+        got,
+        ["200 ok GET /p1 0", "200 ok POST /p2 3", "200 ok GET /p3 0"],
+        "{rs:?}"
+    );
 }
 
 // =======================================================================================
@@ -188,29 +217,132 @@ fn request_syntax() {
         "v".repeat(33 * 1024).as_bytes(),
         b"\r\n\r\n",
     ]);
+    let long_line = format!(
+        "GET /{} HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        "a".repeat(9000)
+    )
+    .into_bytes();
+    let long_field = format!(
+        "GET / HTTP/1.1\r\nHost: a.example\r\nX-Long: {}\r\n\r\n",
+        "v".repeat(9000)
+    )
+    .into_bytes();
+    let three_k: Vec<u8> = (0..3)
+        .map(|i| format!("X-F{i}: {}\r\n", "v".repeat(900)))
+        .collect::<String>()
+        .into_bytes();
+    let three_k = cat(&[b"GET / HTTP/1.1\r\nHost: a.example\r\n", &three_k, b"\r\n"]);
+    let six: String = (0..5).map(|i| format!("X-{i}: v\r\n")).collect();
+    let six = format!("GET / HTTP/1.1\r\nHost: a.example\r\n{six}\r\n").into_bytes();
     let b = |s: &str| s.as_bytes().to_vec();
     let rows = vec![
-        reject_row("lowercase_request_line", "{}", b("get / http/1.1\r\nHost: a.example\r\n\r\n"), 400),
-        reject_row("lowercase_method", "{}", b("get /x HTTP/1.1\r\nHost: a.example\r\n\r\n"), 400),
+        reject_row(
+            "lowercase_request_line",
+            "{}",
+            b("get / http/1.1\r\nHost: a.example\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "lowercase_method",
+            "{}",
+            b("get /x HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            400,
+        ),
         reject_row(
             "garbage_request_line",
             "{}",
             b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 garbage\r\n\r\n".to_vec(),
             400,
         ),
-        reject_row("http_2_0", "{}", b("GET / HTTP/2.0\r\nHost: a.example\r\n\r\n"), 505),
-        reject_row("http_1_2", "{}", b("GET / HTTP/1.2\r\nHost: a.example\r\n\r\n"), 505),
-        reject_row("missing_host_http11", "{}", b("GET / HTTP/1.1\r\n\r\n"), 400),
-        reject_row("two_host_lines", "{}", b("GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"), 400),
-        reject_row("host_with_space", "{}", b("GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), 400),
-        reject_row("host_with_slash", "{}", b("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), 400),
-        reject_row("host_with_at", "{}", b("GET / HTTP/1.1\r\nHost: a@b\r\n\r\n"), 400),
-        reject_row("target_without_slash", "{}", b("GET foo HTTP/1.1\r\nHost: a.example\r\n\r\n"), 400),
-        reject_row("target_star_on_get", "{}", b("GET * HTTP/1.1\r\nHost: a.example\r\n\r\n"), 400),
-        reject_row("connect", "{}", b("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"), 405),
-        reject_row("trace", "{}", b("TRACE / HTTP/1.1\r\nHost: a.example\r\n\r\n"), 405),
+        reject_row(
+            "http_2_0",
+            "{}",
+            b("GET / HTTP/2.0\r\nHost: a.example\r\n\r\n"),
+            505,
+        ),
+        reject_row(
+            "http_1_2",
+            "{}",
+            b("GET / HTTP/1.2\r\nHost: a.example\r\n\r\n"),
+            505,
+        ),
+        reject_row(
+            "missing_host_http11",
+            "{}",
+            b("GET / HTTP/1.1\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "two_host_lines",
+            "{}",
+            b("GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "host_with_space",
+            "{}",
+            b("GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "host_with_slash",
+            "{}",
+            b("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "host_with_at",
+            "{}",
+            b("GET / HTTP/1.1\r\nHost: a@b\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "target_without_slash",
+            "{}",
+            b("GET foo HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "target_star_on_get",
+            "{}",
+            b("GET * HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "connect",
+            "{}",
+            b("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"),
+            405,
+        ),
+        reject_row(
+            "trace",
+            "{}",
+            b("TRACE / HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            405,
+        ),
         reject_row("head_over_32k", "{}", big, 431),
         reject_row("101_header_lines", "{}", many, 431),
+        reject_row("request_line_over_8k", "{}", long_line, 414),
+        reject_row("one_field_over_8k", "{}", long_field, 431),
+        reject_row(
+            "head_over_large_client_header_buffers",
+            "{ large_client_header_buffers = \"2 1k\" }",
+            three_k,
+            431,
+        ),
+        reject_row("over_max_headers", "{ max_headers = 5 }", six, 431),
+        reject_row(
+            "absolute_form_ftp",
+            "{}",
+            b("GET ftp://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            400,
+        ),
+        reject_row(
+            "absolute_form_userinfo",
+            "{}",
+            b("GET http://u@a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n"),
+            400,
+        ),
     ];
     run_table("request_syntax", rows);
 }
@@ -220,7 +352,11 @@ fn http10_without_host_is_served() {
     let up = Upstream::ok();
     let px = Proxy::default_for(&up, "{}");
     let r = exchange_quick(px.addr, b"GET /v10 HTTP/1.0\r\n\r\n");
-    assert_eq!((r.status, r.body_str().as_str()), (200, "ok GET /v10 0"), "{r:?}");
+    assert_eq!(
+        (r.status, r.body_str().as_str()),
+        (200, "ok GET /v10 0"),
+        "{r:?}"
+    );
 }
 
 #[test]
@@ -228,9 +364,16 @@ fn bare_lf_head_is_accepted_and_forwarded_with_crlf() {
     let up = Upstream::ok();
     let px = Proxy::default_for(&up, "{}");
     let r = exchange_quick(px.addr, b"GET /lf HTTP/1.1\nHost: a.example\nX-Lf: 1\n\n");
-    assert_eq!((r.status, r.body_str().as_str()), (200, "ok GET /lf 0"), "{r:?}");
+    assert_eq!(
+        (r.status, r.body_str().as_str()),
+        (200, "ok GET /lf 0"),
+        "{r:?}"
+    );
     let got = up.bytes();
-    let bare = got.iter().enumerate().any(|(i, &c)| c == b'\n' && (i == 0 || got[i - 1] != b'\r'));
+    let bare = got
+        .iter()
+        .enumerate()
+        .any(|(i, &c)| c == b'\n' && (i == 0 || got[i - 1] != b'\r'));
     assert!(!bare, "upstream received a bare LF: {}", show(&got));
     let (reqs, _) = up.requests();
     assert_eq!(reqs.len(), 1, "{}", show(&got));
@@ -249,7 +392,11 @@ fn paths_reach_the_policy_normalized() {
         denied_row("dotdot", get("/public/../private/x"), 403),
         denied_row("dot_dotdot", get("/public/./../private/x"), 403),
         denied_row("pct_dotdot", get("/public/%2e%2e/private/x"), 403),
-        denied_row("pct_dotdot_upper_to_bare_private", get("/public/%2E%2e/private"), 403),
+        denied_row(
+            "pct_dotdot_upper_to_bare_private",
+            get("/public/%2E%2e/private"),
+            403,
+        ),
         denied_row("pct_2f_slash", get("/private%2Fx"), 403),
         reject_row("dotdot_above_root", "{}", get("/../x"), 400),
         reject_row("pct_dotdot_above_root", "{}", get("/%2e%2e/x"), 400),
@@ -263,16 +410,26 @@ fn paths_reach_the_policy_normalized() {
 fn get_path_is_normalized_and_get_uri_is_raw() {
     let up = Upstream::ok();
     let px = Proxy::default_for(&up, "{}");
-    let r = exchange_quick(px.addr, b"GET /echo/%41/./b//c?q=%41 HTTP/1.1\r\nHost: a.example\r\n\r\n");
+    let r = exchange_quick(
+        px.addr,
+        b"GET /echo/%41/./b//c?q=%41 HTTP/1.1\r\nHost: a.example\r\n\r\n",
+    );
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.body_str(), "path=/echo/A/b/c uri=/echo/%41/./b//c?q=%41", "{r:?}");
+    assert_eq!(
+        r.body_str(),
+        "path=/echo/A/b/c uri=/echo/%41/./b//c?q=%41",
+        "{r:?}"
+    );
 }
 
 #[test]
 fn absolute_form_target_sets_host_and_path() {
     let up = Upstream::ok();
     let px = Proxy::default_for(&up, "{}");
-    let r = exchange_quick(px.addr, b"GET http://target.example/x HTTP/1.1\r\nHost: other.example\r\n\r\n");
+    let r = exchange_quick(
+        px.addr,
+        b"GET http://target.example/x HTTP/1.1\r\nHost: other.example\r\n\r\n",
+    );
     assert_eq!(r.status, 200, "{r:?}");
     std::thread::sleep(Duration::from_millis(20));
     let (reqs, _) = up.requests();
@@ -300,7 +457,12 @@ fn size_limits() {
             post_cl("Content-Length: 2000\r\n", "b".repeat(2000).as_bytes()),
             413,
         ),
-        reject_row("chunked_crossing_limit", limit, post_chunked(&crossing), 413),
+        reject_row(
+            "chunked_crossing_limit",
+            limit,
+            post_chunked(&crossing),
+            413,
+        ),
     ];
     run_table("size_limits", rows);
 }
@@ -317,7 +479,10 @@ fn expect_100_continue_over_limit_gets_413_and_no_100() {
     );
     let mut errs = Vec::new();
     if !r.interim.is_empty() {
-        errs.push(format!("the proxy sent interim {:?} (100 Continue) for a body it must refuse", r.interim));
+        errs.push(format!(
+            "the proxy sent interim {:?} (100 Continue) for a body it must refuse",
+            r.interim
+        ));
     }
     if r.status != 413 {
         errs.push(format!("status {} (want 413)", r.status));
@@ -349,11 +514,24 @@ fn big_body_case(n: usize, opts: &str) {
         "{n}-byte body with {opts}: {r:?}"
     );
     let (reqs, rest) = up.requests();
-    assert!(reqs.len() == 1 && rest.is_empty(), "upstream got {} requests, {} stray bytes", reqs.len(), rest.len());
+    assert!(
+        reqs.len() == 1 && rest.is_empty(),
+        "upstream got {} requests, {} stray bytes",
+        reqs.len(),
+        rest.len()
+    );
     let got = &reqs[0].body;
     if got != &body {
-        let at = got.iter().zip(&body).position(|(a, b)| a != b).unwrap_or(got.len().min(body.len()));
-        panic!("upstream body differs: {} bytes received, {} sent, first difference at {at}", got.len(), body.len());
+        let at = got
+            .iter()
+            .zip(&body)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(body.len()));
+        panic!(
+            "upstream body differs: {} bytes received, {} sent, first difference at {at}",
+            got.len(),
+            body.len()
+        );
     }
 }
 
@@ -390,7 +568,10 @@ fn client_header_timeout_closes_a_stalled_head() {
         show(&bytes)
     );
     let (reqs, _) = up.requests();
-    assert!(reqs.iter().all(|r| r.target == "/after-check"), "the stalled head reached the upstream: {reqs:?}");
+    assert!(
+        reqs.iter().all(|r| r.target == "/after-check"),
+        "the stalled head reached the upstream: {reqs:?}"
+    );
 }
 
 #[test]
@@ -409,7 +590,10 @@ fn client_body_timeout_answers_408_or_closes() {
         "another client was not served meanwhile: {other:?}"
     );
     let ok = (r.status == 408 || (r.status == 0 && r.closed)) && took < Duration::from_secs(2);
-    assert!(ok, "client stalled mid-body: after {took:?} got {r:?} (want 408 or a close within ~2 s)");
+    assert!(
+        ok,
+        "client stalled mid-body: after {took:?} got {r:?} (want 408 or a close within ~2 s)"
+    );
 }
 
 // =======================================================================================
@@ -443,7 +627,11 @@ fn poisoning_upstream(first: Vec<u8>, later: Vec<u8>) -> Upstream {
 
 /// The first request, then six requests on new client connections that must each get the
 /// answer to their own request.
-fn check_poisoning(px: &Proxy, first: &[u8], first_ok: impl Fn(&Reply) -> bool) -> Result<(), String> {
+fn check_poisoning(
+    px: &Proxy,
+    first: &[u8],
+    first_ok: impl Fn(&Reply) -> bool,
+) -> Result<(), String> {
     let r = exchange_quick(px.addr, first);
     let mut errs = Vec::new();
     if !first_ok(&r) {
@@ -479,7 +667,10 @@ fn pool_poisoning() {
         (
             "get_then_stray_response",
             Box::new(|| {
-                let up = poisoning_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(), stray());
+                let up = poisoning_upstream(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                    stray(),
+                );
                 let px = Proxy::default_for(&up, "{}");
                 check_poisoning(&px, GET_A, |r| r.status == 200 && r.body == b"ok")
             }),
@@ -491,7 +682,9 @@ fn pool_poisoning() {
                 let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", s.len());
                 let up = poisoning_upstream(head.into_bytes(), s);
                 let px = Proxy::default_for(&up, "{}");
-                check_poisoning(&px, b"HEAD /a HTTP/1.1\r\nHost: a.example\r\n\r\n", |r| r.status == 200)
+                check_poisoning(&px, b"HEAD /a HTTP/1.1\r\nHost: a.example\r\n\r\n", |r| {
+                    r.status == 200
+                })
             }),
         ),
         (
@@ -513,7 +706,10 @@ fn pool_poisoning() {
         (
             "cl2_with_8_bytes_in_one_write",
             Box::new(|| {
-                let up = poisoning_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTRAY!".to_vec(), Vec::new());
+                let up = poisoning_upstream(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTRAY!".to_vec(),
+                    Vec::new(),
+                );
                 let px = Proxy::default_for(&up, "{}");
                 check_poisoning(&px, GET_A, |r| r.status == 200 && r.body == b"ok")
             }),
@@ -521,7 +717,10 @@ fn pool_poisoning() {
         (
             "request_uri_from_handler",
             Box::new(|| {
-                let up = poisoning_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(), stray());
+                let up = poisoning_upstream(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                    stray(),
+                );
                 let policy = r#"
                     local lp = require "luaproxy"
                     return function(req)
@@ -536,7 +735,10 @@ fn pool_poisoning() {
         (
             "post_with_body_first",
             Box::new(|| {
-                let up = poisoning_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(), stray());
+                let up = poisoning_upstream(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                    stray(),
+                );
                 let px = Proxy::default_for(&up, "{}");
                 check_poisoning(
                     &px,
@@ -631,7 +833,10 @@ fn hostile_upstream_answers() {
 
 #[test]
 fn upstream_refusing_connections_gives_502() {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let px = Proxy::start(&DEFAULT_POLICY.replace("UPSTREAM", &addr.to_string()), "{}");
     let r = exchange_with(px.addr, GOOD, Duration::from_secs(4), None);
     assert_eq!(r.status, 502, "{r:?}");
@@ -661,7 +866,12 @@ fn upstream_endless_100_continue_is_capped() {
     let px = Proxy::default_for(&up, "{}");
     let addr = px.addr;
     let a = std::thread::spawn(move || {
-        exchange_with(addr, b"GET /hundreds HTTP/1.1\r\nHost: a.example\r\n\r\n", Duration::from_secs(4), None)
+        exchange_with(
+            addr,
+            b"GET /hundreds HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            Duration::from_secs(4),
+            None,
+        )
     });
     std::thread::sleep(Duration::from_millis(50));
     let t0 = Instant::now();
@@ -669,8 +879,13 @@ fn upstream_endless_100_continue_is_capped() {
     let other_took = t0.elapsed();
     let r = a.join().unwrap();
     let mut errs = Vec::new();
-    if other.status != 200 || other.body_str() != "ok GET /other 0" || other_took > Duration::from_secs(1) {
-        errs.push(format!("another client was not served meanwhile (took {other_took:?}): {other:?}"));
+    if other.status != 200
+        || other.body_str() != "ok GET /other 0"
+        || other_took > Duration::from_secs(1)
+    {
+        errs.push(format!(
+            "another client was not served meanwhile (took {other_took:?}): {other:?}"
+        ));
     }
     if r.status != 502 {
         errs.push(format!(
@@ -738,7 +953,8 @@ fn upstream_closing_mid_body_closes_the_client_connection() {
 fn upstream_broken_chunked_mid_body_closes_the_client_connection() {
     let up = Upstream::new(|s, _, rec| {
         if rec.read_request(s).is_some() {
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
             rec.pause(Duration::from_millis(100));
             let _ = s.write_all(b"zz\r\nmore\r\n");
             rec.hold(s);
@@ -778,19 +994,36 @@ fn connection_naming_a_policy_header_does_not_remove_it() {
         &get_with(b"Connection: keep-alive, X-Auth-User\r\nX-Auth-User: client-value\r\n"),
         "{}",
     );
-    assert_eq!(u.values("x-auth-user"), ["policy-user"], "upstream head: {}", show(&u.head));
+    assert_eq!(
+        u.values("x-auth-user"),
+        ["policy-user"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn connection_named_header_is_dropped() {
-    let (_, u) = forwarded(&get_with(b"Connection: close, X-Drop-Me\r\nX-Drop-Me: 1\r\n"), "{}");
-    assert!(u.values("x-drop-me").is_empty(), "upstream head: {}", show(&u.head));
+    let (_, u) = forwarded(
+        &get_with(b"Connection: close, X-Drop-Me\r\nX-Drop-Me: 1\r\n"),
+        "{}",
+    );
+    assert!(
+        u.values("x-drop-me").is_empty(),
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn connection_naming_host_keeps_host() {
     let (_, u) = forwarded(&get_with(b"Connection: Host\r\n"), "{}");
-    assert_eq!(u.values("host"), ["a.example"], "upstream head: {}", show(&u.head));
+    assert_eq!(
+        u.values("host"),
+        ["a.example"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
@@ -821,45 +1054,91 @@ fn hop_by_hop_headers_never_reach_the_upstream() {
         .into_iter()
         .filter(|n| !u.values(n).is_empty())
         .collect();
-    assert!(leaked.is_empty(), "hop-by-hop {leaked:?} reached the upstream: {}", show(&u.head));
+    assert!(
+        leaked.is_empty(),
+        "hop-by-hop {leaked:?} reached the upstream: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn x_real_ip_is_replaced() {
     let (_, u) = forwarded(&get_with(b"X-Real-IP: 6.6.6.6\r\n"), "{}");
-    assert_eq!(u.values("x-real-ip"), ["127.0.0.1"], "upstream head: {}", show(&u.head));
+    assert_eq!(
+        u.values("x-real-ip"),
+        ["127.0.0.1"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn x_forwarded_for_is_appended() {
     let (_, u) = forwarded(&get_with(b"X-Forwarded-For: 1.2.3.4\r\n"), "{}");
-    assert_eq!(u.values("x-forwarded-for"), ["1.2.3.4, 127.0.0.1"], "upstream head: {}", show(&u.head));
+    assert_eq!(
+        u.values("x-forwarded-for"),
+        ["1.2.3.4, 127.0.0.1"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn underscore_header_dropped_by_default() {
     let (_, u) = forwarded(&get_with(b"X_Real_IP: 9.9.9.9\r\n"), "{}");
-    assert!(u.values("x_real_ip").is_empty(), "upstream head: {}", show(&u.head));
-    assert_eq!(u.values("x-real-ip"), ["127.0.0.1"], "upstream head: {}", show(&u.head));
+    assert!(
+        u.values("x_real_ip").is_empty(),
+        "upstream head: {}",
+        show(&u.head)
+    );
+    assert_eq!(
+        u.values("x-real-ip"),
+        ["127.0.0.1"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn underscore_header_forwarded_when_allowed() {
-    let (_, u) = forwarded(&get_with(b"X_Real_IP: 9.9.9.9\r\n"), "{ underscores_in_headers = true }");
-    assert_eq!(u.values("x_real_ip"), ["9.9.9.9"], "upstream head: {}", show(&u.head));
-    assert_eq!(u.values("x-real-ip"), ["127.0.0.1"], "upstream head: {}", show(&u.head));
+    let (_, u) = forwarded(
+        &get_with(b"X_Real_IP: 9.9.9.9\r\n"),
+        "{ underscores_in_headers = true }",
+    );
+    assert_eq!(
+        u.values("x_real_ip"),
+        ["9.9.9.9"],
+        "upstream head: {}",
+        show(&u.head)
+    );
+    assert_eq!(
+        u.values("x-real-ip"),
+        ["127.0.0.1"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn x_forwarded_host_is_replaced() {
     let (_, u) = forwarded(&get_with(b"X-Forwarded-Host: evil\r\n"), "{}");
-    assert_eq!(u.values("x-forwarded-host"), ["a.example"], "upstream head: {}", show(&u.head));
+    assert_eq!(
+        u.values("x-forwarded-host"),
+        ["a.example"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 #[test]
 fn x_forwarded_proto_is_replaced() {
     let (_, u) = forwarded(&get_with(b"X-Forwarded-Proto: https\r\n"), "{}");
-    assert_eq!(u.values("x-forwarded-proto"), ["http"], "upstream head: {}", show(&u.head));
+    assert_eq!(
+        u.values("x-forwarded-proto"),
+        ["http"],
+        "upstream head: {}",
+        show(&u.head)
+    );
 }
 
 /// `for=127.0.0.1;host=a.example;proto=http` as a map (names lowercased, quotes removed).
@@ -868,7 +1147,10 @@ fn forwarded_params(element: &str) -> Vec<(String, String)> {
         .split(';')
         .filter_map(|p| {
             let (k, val) = p.split_once('=')?;
-            Some((k.trim().to_ascii_lowercase(), val.trim().trim_matches('"').to_string()))
+            Some((
+                k.trim().to_ascii_lowercase(),
+                val.trim().trim_matches('"').to_string(),
+            ))
         })
         .collect();
     v.sort();
@@ -906,5 +1188,115 @@ fn set_status_100_in_policy_gives_500() {
     assert!(
         r.status == 500 && r.interim.is_empty(),
         "res:set_status(100): want a 500 and no 1xx answer, got {r:?}"
+    );
+}
+
+// =======================================================================================
+// Settings: keep-alive idle, connection cap; starvation
+
+#[test]
+fn keepalive_timeout_closes_an_idle_connection_but_not_a_busy_one() {
+    let up = Upstream::ok();
+    let px = Proxy::default_for(
+        &up,
+        "{ keepalive_timeout = 0.4, client_header_timeout = 5 }",
+    );
+    let mut c = Client::connect(px.addr);
+    c.send(GOOD).unwrap();
+    let r = c.read_reply(false, Duration::from_secs(3));
+    assert_eq!(r.status, 200, "{r:?}");
+    let t0 = Instant::now();
+    let (closed, bytes) = c.closed_within(Duration::from_secs(3));
+    let took = t0.elapsed();
+    assert!(
+        closed && took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "idle kept-alive connection: closed={closed} after {took:?} (want ~0.4 s); got {}",
+        show(&bytes)
+    );
+    // A connection that keeps asking is not cut by the idle limit.
+    let mut c = Client::connect(px.addr);
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(250));
+        c.send(GOOD).unwrap();
+        let r = c.read_reply(false, Duration::from_secs(3));
+        assert_eq!(r.status, 200, "request {i} on a busy connection: {r:?}");
+    }
+}
+
+#[test]
+fn max_connections_pauses_accepting_until_one_closes() {
+    let up = Upstream::ok();
+    let px = Proxy::default_for(&up, "{ max_connections = 2 }");
+    let mut a = Client::connect(px.addr);
+    let mut b = Client::connect(px.addr);
+    for c in [&mut a, &mut b] {
+        c.send(GOOD).unwrap();
+        assert_eq!(c.read_reply(false, Duration::from_secs(3)).status, 200);
+    }
+    // The third waits in the backlog: connected by the kernel, not served.
+    let mut third = Client::connect(px.addr);
+    third.send(GOOD).unwrap();
+    let r = third.read_reply(false, Duration::from_millis(600));
+    assert_eq!(
+        r.status, 0,
+        "a third connection was served past max_connections = 2: {r:?}"
+    );
+    drop(a);
+    let r = third.read_reply(false, Duration::from_secs(3));
+    assert_eq!(
+        r.status, 200,
+        "the third connection was not served once one closed: {r:?}"
+    );
+    drop(b);
+}
+
+#[test]
+fn a_client_streaming_trailers_gets_400_and_does_not_stall_others() {
+    let up = Upstream::ok();
+    let px = Proxy::default_for(&up, "{}");
+    let addr = px.addr;
+    let streamer = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        let _ = c.send(b"POST /up HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n");
+        let line = format!("X-T: {}\r\n", "t".repeat(4000));
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until && c.send(line.as_bytes()).is_ok() {}
+        c.read_reply(false, Duration::from_secs(2))
+    });
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        let r = exchange_quick(px.addr, GOOD);
+        worst = worst.max(t0.elapsed());
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = streamer.join().unwrap();
+    assert!(r.status == 400 || r.closed, "endless trailers: {r:?}");
+    assert!(
+        worst < Duration::from_millis(200),
+        "another client waited {worst:?} behind the streamer"
+    );
+}
+
+#[test]
+fn expect_is_answered_by_the_proxy_and_not_forwarded() {
+    let up = Upstream::ok();
+    let px = Proxy::default_for(&up, "{}");
+    let mut c = Client::connect(px.addr);
+    c.send(b"POST /up HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(b"hello").unwrap();
+    let r = c.read_reply(false, Duration::from_secs(3));
+    assert!(
+        r.interim.contains(&100),
+        "no 100 Continue before the final answer: {r:?}"
+    );
+    assert_eq!(r.body_str(), "ok POST /up 5", "{r:?}");
+    let (reqs, _) = up.requests();
+    assert!(
+        reqs[0].values("expect").is_empty(),
+        "Expect reached the upstream: {}",
+        show(&reqs[0].head)
     );
 }

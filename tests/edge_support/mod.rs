@@ -189,9 +189,9 @@ pub fn parse_up_request(buf: &[u8]) -> Result<Option<(UpReq, usize)>, String> {
         return Err(format!("bad request line: {}", show(first)));
     }
     let headers = parse_fields(&lines[1..]);
-    let te = headers
-        .iter()
-        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().ends_with(b"chunked"));
+    let te = headers.iter().any(|(n, v)| {
+        n.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().ends_with(b"chunked")
+    });
     let mut req = UpReq {
         method: parts[0].clone(),
         target: parts[1].clone(),
@@ -377,7 +377,9 @@ pub fn serve_ok(s: &mut TcpStream, rec: &Recorder) {
 }
 
 impl Upstream {
-    pub fn new(script: impl Fn(&mut TcpStream, usize, &Recorder) + Send + Sync + 'static) -> Upstream {
+    pub fn new(
+        script: impl Fn(&mut TcpStream, usize, &Recorder) + Send + Sync + 'static,
+    ) -> Upstream {
         let script: Script = Arc::new(script);
         let listener = TcpListener::bind("127.0.0.1:0").expect("upstream bind");
         listener.set_nonblocking(true).unwrap();
@@ -556,7 +558,12 @@ impl Proxy {
     pub fn start(policy: &str, opts: &str) -> Proxy {
         let (tx, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, o, st, tx2) = (policy.to_string(), opts.to_string(), stop.clone(), tx.clone());
+        let (p, o, st, tx2) = (
+            policy.to_string(),
+            opts.to_string(),
+            stop.clone(),
+            tx.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("edge-proxy".into())
             .spawn(move || {
@@ -581,7 +588,10 @@ impl Proxy {
 
     /// The default policy proxying to `up`, with `opts`.
     pub fn default_for(up: &Upstream, opts: &str) -> Proxy {
-        Proxy::start(&DEFAULT_POLICY.replace("UPSTREAM", &up.addr.to_string()), opts)
+        Proxy::start(
+            &DEFAULT_POLICY.replace("UPSTREAM", &up.addr.to_string()),
+            opts,
+        )
     }
 
     /// `policy` with `UPSTREAM` replaced by `up`'s address.
@@ -680,7 +690,8 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to proxy");
+        let s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to proxy");
         let _ = s.set_nodelay(true);
         let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
         Client {
@@ -706,7 +717,9 @@ impl Client {
         if left.is_zero() {
             return false;
         }
-        let _ = self.s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        let _ = self
+            .s
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))));
         let mut b = [0u8; 64 * 1024];
         match self.s.read(&mut b) {
             Ok(0) => {
@@ -747,7 +760,10 @@ impl Client {
             let Some(end) = end else {
                 r.raw.extend_from_slice(&self.buf);
                 r.error = Some(if self.eof {
-                    format!("connection closed before a complete response head ({} bytes)", self.buf.len())
+                    format!(
+                        "connection closed before a complete response head ({} bytes)",
+                        self.buf.len()
+                    )
                 } else {
                     format!("no complete response head within {timeout:?}")
                 });
@@ -759,8 +775,8 @@ impl Client {
             let head: Vec<u8> = self.buf.drain(..end).collect();
             r.raw.extend_from_slice(&head);
             let lines = head_lines(&head);
-            let first = String::from_utf8_lossy(lines.first().map(|l| &l[..]).unwrap_or(b""))
-                .to_string();
+            let first =
+                String::from_utf8_lossy(lines.first().map(|l| &l[..]).unwrap_or(b"")).to_string();
             let status = first
                 .split(' ')
                 .nth(1)
@@ -785,7 +801,9 @@ impl Client {
         let chunked = r
             .header("transfer-encoding")
             .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-        let cl = r.header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+        let cl = r
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok());
         if head_req || r.status == 204 || r.status == 304 || r.status == 101 {
             // no body
         } else if chunked {
@@ -905,7 +923,10 @@ pub fn exchange_with(
     let sent = c.send(bytes);
     let mut r = c.read_reply(is_head(bytes), timeout);
     if let (Err(e), 0) = (&sent, r.status) {
-        r.error = Some(format!("{} (writing the request failed: {e})", r.error.clone().unwrap_or_default()));
+        r.error = Some(format!(
+            "{} (writing the request failed: {e})",
+            r.error.clone().unwrap_or_default()
+        ));
     }
     if let (Some(d), false) = (close_wait, r.closed) {
         let (closed, extra) = c.closed_within(d);
@@ -944,7 +965,9 @@ pub fn exchange_many(addr: SocketAddr, reqs: &[&[u8]], check_close_last: bool) -
 pub fn exchange_pipelined(addr: SocketAddr, reqs: &[&[u8]]) -> Vec<Reply> {
     let mut c = Client::connect(addr);
     let _ = c.send(&reqs.concat());
-    reqs.iter().map(|r| c.read_reply(is_head(r), READ_TIMEOUT)).collect()
+    reqs.iter()
+        .map(|r| c.read_reply(is_head(r), READ_TIMEOUT))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1105,7 +1128,12 @@ pub fn run_table(table: &str, rows: Vec<(&'static str, RowFn)>) {
 
 /// A row that starts an ok upstream and the default policy with `opts`, and runs
 /// `check_reject` on `req`.
-pub fn reject_row(name: &'static str, opts: &'static str, req: Vec<u8>, want: u16) -> (&'static str, RowFn) {
+pub fn reject_row(
+    name: &'static str,
+    opts: &'static str,
+    req: Vec<u8>,
+    want: u16,
+) -> (&'static str, RowFn) {
     (
         name,
         Box::new(move || {
