@@ -818,7 +818,7 @@ impl Client {
                         if !self.fill(until) {
                             r.truncated = true;
                             r.body = partial_chunked(&self.buf);
-                            r.raw.extend(self.buf.drain(..));
+                            r.raw.append(&mut self.buf);
                             if !self.eof {
                                 r.error = Some("chunked body did not end in time".into());
                             }
@@ -828,7 +828,7 @@ impl Client {
                     Err(e) => {
                         r.truncated = true;
                         r.body = partial_chunked(&self.buf);
-                        r.raw.extend(self.buf.drain(..));
+                        r.raw.append(&mut self.buf);
                         r.error = Some(format!("broken chunked framing from the proxy: {e}"));
                         break;
                     }
