@@ -534,12 +534,6 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
     let mut scanned = 0;
     let mut interim = 0;
     loop {
-        if conn
-            .deadline
-            .is_some_and(|d| std::time::Instant::now() >= d)
-        {
-            return Err(Error::Timeout);
-        }
         let ready = !conn.buf.is_empty()
             && (scanned == 0 || head_complete(&conn.buf, scanned) || conn.buf.len() > MAX_HEAD);
         scanned = conn.buf.len();
@@ -581,6 +575,13 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
             });
         }
         got_any = true;
+        // Bytes keep coming without a head that ends: the deadline still holds.
+        if conn
+            .deadline
+            .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Err(Error::Timeout);
+        }
     }
 }
 

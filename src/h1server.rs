@@ -187,11 +187,8 @@ pub fn parse_request(
     // Uninitialized: zeroing the whole array was a 3 KB memset per parse.
     let mut hdrs = [const { std::mem::MaybeUninit::uninit() }; crate::settings::MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut []);
-    let line_end = buf
-        .iter()
-        .take(limits.max_line + 1)
-        .position(|&c| c == b'\n');
-    if line_end.is_none() && buf.len() > limits.max_line {
+    // A request line still open past max_line is refused before it grows further.
+    if buf.len() > limits.max_line && !buf[..=limits.max_line].contains(&b'\n') {
         return Err(bad(StatusCode::URI_TOO_LONG, "request line too long"));
     }
     let n = match req.parse_with_uninit_headers(buf, &mut hdrs) {
@@ -232,18 +229,6 @@ pub fn parse_request(
             "too many request headers",
         ));
     }
-    // nginx's large_client_header_buffers: one buffer holds the request line (414) or one
-    // header field (431).
-    if req
-        .headers
-        .iter()
-        .any(|h| h.name.len() + h.value.len() + 2 > limits.max_line)
-    {
-        return Err(bad(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request header field too large",
-        ));
-    }
     // One copy of the head; everything below slices it.
     let head = Bytes::copy_from_slice(&buf[..n]);
     let base = buf.as_ptr() as usize;
@@ -268,6 +253,11 @@ pub fn parse_request(
         Version::HTTP_11
     };
     let target = req.path.unwrap_or("");
+    // nginx's large_client_header_buffers: one buffer holds the request line (414) or one
+    // header field (431, checked below).
+    if method.as_str().len() + target.len() + 11 > limits.max_line {
+        return Err(bad(StatusCode::URI_TOO_LONG, "request line too long"));
+    }
     let mut authority = None;
     let uri = match Uri::from_maybe_shared(part(target.as_bytes())) {
         // Absolute-form: upstreams get origin-form, and the target's authority is the host
@@ -294,13 +284,21 @@ pub fn parse_request(
     // fields stay raw lines of the copy (see `headers`).
     let mut at = Vec::with_capacity(req.headers.len());
     let mut facts = http::HeadFacts::default();
+    let mut too_long = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
+        too_long |= name.len() + h.value.len() + 2 > limits.max_line;
         if !limits.underscores_in_headers && name.contains(&b'_') {
             continue;
         }
         facts.note(name, h.value);
         at.push(field_at(buf, name, h.value));
+    }
+    if too_long {
+        return Err(bad(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header field too large",
+        ));
     }
     let mut headers = Headers::Raw { buf: head, at };
     facts.finish();

@@ -284,8 +284,11 @@ pub struct Forwarding<'a> {
 /// Reads what forwarding needs. `trusted`: the client is a proxy whose `Forwarded` and
 /// `X-Forwarded-Host/-Proto` are believed (`trusted_ips`); anyone else's are replaced.
 pub fn forwarding<'a>(headers: &'a Headers, client_ip: &str, trusted: bool) -> Forwarding<'a> {
+    // Sized so that neither value grows while it is written (a few reallocations and their
+    // copies per request, otherwise).
     let mut f = Forwarding {
-        xff: Vec::with_capacity(client_ip.len() + 32),
+        xff: Vec::with_capacity(client_ip.len() + 64),
+        forwarded: Vec::with_capacity(client_ip.len() + 96),
         ..Default::default()
     };
     for (name, v) in headers.iter() {
