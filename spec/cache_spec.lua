@@ -87,7 +87,7 @@ describe("luaproxy.cache", function()
                 return 200, c:get("from_main").hello
             end
         ]])
-        luaproxy.run(function()
+        util.run(function()
             local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2 })
             local status, body = util.get("http://127.0.0.1:" .. srv.port .. "/")
             srv:close()
@@ -124,7 +124,7 @@ describe("luaproxy.cache", function()
                 return res
             end
         ]])
-        luaproxy.run(function()
+        util.run(function()
             local be = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = backend_policy, workers = 1 })
             local px = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = proxy_policy, workers = 2 })
             local url = "http://127.0.0.1:" .. px.port .. "/thing"
@@ -176,7 +176,7 @@ describe("luaproxy.cache", function()
                 return v and 200 or 502, v or err
             end
         ]])
-        luaproxy.run(function()
+        util.run(function()
             local be = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = backend_policy, workers = 1 })
             local px = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = proxy_policy, workers = 2 })
             local hdr = { headers = { ["X-Upstream"] = "127.0.0.1:" .. be.port } }

@@ -29,7 +29,7 @@ describe("main.lua start-up errors", function()
     end)
 
     it("an address in use exits 1 with one line", function()
-        luaproxy.run(function()
+        util.run(function()
             local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function() return 200 end })
             local out, code = util.sh(MAIN .. "--listen " .. srv.addr .. " --backend 127.0.0.1:9")
             srv:close()
@@ -72,7 +72,7 @@ end)
 
 describe("main.lua serving", function()
     it("creates the shared dicts a --config declares, visible to the policy", function()
-        luaproxy.run(function()
+        util.run(function()
             local port = util.free_port()
             local policy = util.write_temp("dict_policy.lua", [[
                 local luaproxy = require "luaproxy"
@@ -117,7 +117,7 @@ describe("main.lua serving", function()
     end
 
     it("demo mode: both embedded demo backends answer through the proxy", function()
-        luaproxy.run(function()
+        util.run(function()
             local port, d1, d2 = util.free_port(), util.free_port(), util.free_port()
             local conf = util.write_temp("demo.conf.lua", ("return { listen = '127.0.0.1:%d', demo_ports = { %d, %d }, workers = 2 }")
                 :format(port, d1, d2))
@@ -139,7 +139,7 @@ describe("main.lua serving", function()
     end)
 
     it("--backend: proxies to the given backends; 502 and its log line when one is down", function()
-        luaproxy.run(function()
+        util.run(function()
             local backend = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function() return 200, "from backend" end })
             local port, dead = util.free_port(), util.free_port()
             local pid, log = start("--listen 127.0.0.1:" .. port .. " --workers 1 --backend " .. backend.addr

@@ -7,7 +7,7 @@ local util = require "support.util"
 -- Runs fn(srv, seen) with a server in a forked shell-friendly way: the raw clients are
 -- blocking subprocesses, so the server runs in its own process (lua5.4 -e ...).
 local function serve_in_process(handler_src, opts_src, fn)
-    local port = luaproxy.run(util.free_port)
+    local port = util.run(util.free_port)
     local script = util.write_temp("srv.lua", ([[
         local luaproxy = require "luaproxy"
         luaproxy.set_log_level("crit")
@@ -20,7 +20,7 @@ local function serve_in_process(handler_src, opts_src, fn)
     os.execute("LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout 10 lua5.4 " .. script .. " & echo $! > " .. script .. ".pid")
     local pid = io.open(script .. ".pid"):read("l")
     local ok, err = pcall(function()
-        assert(luaproxy.run(function()
+        assert(util.run(function()
             return util.wait_for(function() return util.get("http://127.0.0.1:" .. port .. "/ping") ~= nil end, 5)
         end), "server did not start")
         fn(port)
@@ -173,7 +173,7 @@ end)
 
 describe("serve errors", function()
     it("nil, err for an address in use, a bad address, a missing or broken policy", function()
-        luaproxy.run(function()
+        util.run(function()
             local a = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function() return 200 end })
             local srv, err = luaproxy.serve{ listen = a.addr, handler = function() return 200 end }
             assert.is_nil(srv)
@@ -197,7 +197,7 @@ describe("serve errors", function()
     end)
 
     it("raises on misuse", function()
-        luaproxy.run(function()
+        util.run(function()
             assert.has_error(function() luaproxy.serve{ handler = print } end)
             assert.has_error(function() luaproxy.serve{ listen = "127.0.0.1:0" } end)
             assert.has_error(function() luaproxy.serve{ listen = "127.0.0.1:0", policy = "x", workers = 0 } end)
@@ -231,7 +231,7 @@ describe("workers", function()
                 return 200, "w" .. luaproxy.worker.id() .. "\n"
             end
         ]])
-        luaproxy.run(function()
+        util.run(function()
             local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2 })
             local urls = {}
             for i = 1, 60 do urls[i] = "http://127.0.0.1:" .. srv.port .. "/" .. i end
@@ -270,7 +270,7 @@ describe("memory", function()
             end
             for _, t in ipairs(tasks) do assert(t:wait()) end
         end
-        luaproxy.run(function()
+        util.run(function()
             local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2 })
             hammer(srv.port, 4000)                 -- warm up pools and allocator
             collectgarbage()
@@ -302,7 +302,7 @@ describe("after the handler returns", function()
                 return 200, "ok"
             end
         ]])
-        luaproxy.run(function()
+        util.run(function()
             local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 1 })
             local res = assert(luaproxy.http.request_uri("http://127.0.0.1:" .. srv.port .. "/",
                 { method = "POST", body = "unread" }))

@@ -10,7 +10,7 @@ local function dict(size)
 end
 
 local function sleep(s)
-    luaproxy.run(luaproxy.sleep, s)
+    util.run(luaproxy.sleep, s + 5, s)
 end
 
 describe("luaproxy.shared", function()
@@ -225,11 +225,74 @@ describe("luaproxy.shared", function()
                 handler = function() return 200 end,
             }
         ]]):format(name))
-        luaproxy.run(function()
+        util.run(function()
             local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2 })
             srv:close()
             srv:wait()
-        end)
+        end, 20)
         assert.are.equal(200000, luaproxy.shared[name]:get("n"))
+    end)
+
+    it("keeps every add when a counter turns float while 3 workers add to it lock-free", function()
+        -- Each worker adds 1 N times (after its first incr, the lock-free path). Worker 0, half
+        -- way, waits until every other worker is past N/10 and adds 0.5, which retires the
+        -- integer counter under the others' feet; they are still adding then (the progress
+        -- they logged is below 9N/10, where they would stop to wait for the switch if it had
+        -- not come yet, so they cannot have finished before it). All start together.
+        local name = "shdict_spec_float_race"
+        local d = luaproxy.shared.new(name, "64k")
+        local W, N = 3, 1000000
+        local policy = util.write_temp("float_race_policy.lua", ([[
+            local luaproxy = require "luaproxy"
+            local W, N = %d, %d
+            local function wait_until(what, cond)
+                local deadline = luaproxy.now() + 10
+                while not cond() do
+                    if luaproxy.now() > deadline then error("timed out waiting for " .. what) end
+                    luaproxy.sleep(0.0005)
+                end
+            end
+            return {
+                init_worker = function()
+                    local d = luaproxy.shared[%q]
+                    local me = luaproxy.worker.id()
+                    d:incr("ready", 1, 0)
+                    wait_until("every worker", function() return d:get("ready") == W end)
+                    for i = 1, N do
+                        d:incr("n", 1, 0)
+                        if i %% 1000 == 0 then d:set("p" .. me, i) end
+                        if me == 0 and i == N / 2 then
+                            wait_until("the others past N/10", function()
+                                for k = 1, W - 1 do
+                                    if (d:get("p" .. k) or 0) < N / 10 then return false end
+                                end
+                                return true
+                            end)
+                            local before = {}
+                            for k = 1, W - 1 do before[k] = d:get("p" .. k) end
+                            d:incr("n", 0.5)
+                            d:set("switched", true)
+                            for k = 1, W - 1 do d:set("at_switch" .. k, before[k]) end
+                        elseif me ~= 0 and i == N * 9 / 10 and not d:get("switched") then
+                            wait_until("the switch", function() return d:get("switched") end)
+                        end
+                    end
+                end,
+                handler = function() return 200 end,
+            }
+        ]]):format(W, N, name))
+        util.run(function()
+            local srv, err = luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = W }
+            assert(srv, err)
+            srv:close()
+            srv:wait()
+        end, 30)
+        for k = 1, W - 1 do
+            local at = d:get("at_switch" .. k) or -1   -- -1: no progress logged yet
+            assert.is_true(at >= N / 10 and at < N * 9 / 10, "worker " .. k .. " was at " .. at .. " of " .. N)
+        end
+        local n = d:get("n")
+        assert.are.equal("float", math.type(n))
+        assert.are.equal(W * N + 0.5, n)
     end)
 end)

@@ -431,6 +431,39 @@ pub async fn read_head(
     }
 }
 
+/// Runs `handling` (the policy's work on a request) unless the client goes away first:
+/// `None` when the client closed or reset its connection while nothing of it was left to read
+/// (the request and its body were in, no pipelined bytes waiting). A client that is still
+/// sending its body is not watched until the body is in, and one that has pipelined its next
+/// request not at all: those bytes are not ours to read here, and a peek would only see them. The handling is polled first, so a request answered
+/// at once never looks at the socket.
+pub async fn unless_client_gone<F: Future>(conn: &Shared, handling: F) -> Option<F::Output> {
+    tokio::pin!(handling);
+    let mut watching = true;
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = handling.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if watching {
+            let c = conn.borrow();
+            // Still sending its body, or its next request is buffered: nothing to watch now.
+            if c.buf.is_empty() && c.body == BodyLeft::Done {
+                let mut one = [0u8; 1];
+                let mut peek = tokio::io::ReadBuf::new(&mut one);
+                match c.stream.poll_peek(cx, &mut peek) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                    // Bytes of a next request: the socket stays readable, so peeking again
+                    // would find them again; watching ends here.
+                    Poll::Ready(Ok(_)) => watching = false,
+                    Poll::Pending => {}
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Why reading a request body stopped short.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyError {

@@ -442,7 +442,23 @@ async fn serve_conn(
             && !at_limit
             && !w.settings.keepalive_timeout.is_zero()
             && !*shutdown.borrow();
-        let mut resp = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip).await;
+        let request_line = (method.clone(), head.uri.clone());
+        let handled = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip);
+        let Some(mut resp) = h1server::unless_client_gone(&conn, handled).await else {
+            // Dropping the handling ends the request: its leases are released and its
+            // upstream exchange (and connection) dropped, as nginx does for a client abort
+            // (its 499) unless proxy_ignore_client_abort is on.
+            crate::log::log(
+                crate::log::INFO,
+                &format!(
+                    "client {} closed the connection while \"{} {}\" was handled (499)",
+                    peer.ip(),
+                    request_line.0,
+                    request_line.1
+                ),
+            );
+            return;
+        };
         let mut guards = std::mem::take(&mut resp.body._guards);
         let written = h1server::write_response(
             &conn,

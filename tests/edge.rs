@@ -1300,3 +1300,39 @@ fn expect_is_answered_by_the_proxy_and_not_forwarded() {
         show(&reqs[0].head)
     );
 }
+
+#[test]
+fn a_client_that_leaves_ends_its_upstream_exchange() {
+    // The upstream takes the request and never answers; it notes when the proxy hangs up.
+    let hung_up = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let seen = hung_up.clone();
+    let up = Upstream::new(move |s, _, rec| {
+        while let Some(r) = rec.read_request(s) {
+            if r.target != "/slow" {
+                answer_ok(s, &r);
+                continue;
+            }
+            rec.hold(s);
+            *seen.lock().unwrap() = Some(Instant::now());
+            return;
+        }
+    });
+    let px = Proxy::default_for(&up, "{}");
+    let mut c = Client::connect(px.addr);
+    c.send(b"GET /slow HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let left = Instant::now();
+    drop(c);
+    let until = left + Duration::from_secs(3);
+    while hung_up.lock().unwrap().is_none() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let when = *hung_up.lock().unwrap();
+    assert!(
+        when.is_some_and(|t| t.duration_since(left) < Duration::from_secs(1)),
+        "the upstream connection of a request whose client left was not closed within 1 s ({:?})",
+        when.map(|t| t.duration_since(left))
+    );
+    ok(still_serves_loose(&px));
+}

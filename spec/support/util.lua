@@ -33,6 +33,136 @@ function _M.curl(url, args)
     return status, out:gsub("\n__STATUS:%d+%s*$", "")
 end
 
+--- ... = util.run(fn, seconds?, ...): luaproxy.run(fn, ...) with a deadline (default 20 s).
+-- A watchdog task stops the loop once `seconds` have passed (luaproxy.stop() drops every
+-- pending task, servers included) and util.run then raises "spec deadline passed", so a
+-- regression that hangs (a server that never stops, a request that never ends, an error that
+-- does not abort) fails the spec instead of hanging busted. When fn returns, the loop is
+-- stopped too: whatever fn left running (a request in flight on a closed handler server,
+-- whose srv:wait() does not wait for it) is dropped rather than waited for without bound.
+-- An error in fn is raised as luaproxy.run raises it. (A Lua loop that never yields cannot be
+-- stopped this way; every subprocess the specs run is bounded by `timeout` instead.)
+function _M.run(fn, seconds, ...)
+    seconds = seconds or 20
+    local expired = false
+    local results = table.pack(luaproxy.run(function(...)
+        local dog = luaproxy.spawn(function()
+            luaproxy.sleep(seconds)
+            expired = true
+            luaproxy.stop()
+        end)
+        local r = table.pack(fn(...))
+        dog:kill()
+        luaproxy.stop()
+        return table.unpack(r, 1, r.n)
+    end, ...))
+    if expired then
+        error(("spec deadline passed: the loop was still running after %g s"):format(seconds), 2)
+    end
+    return table.unpack(results, 1, results.n)
+end
+
+--- pid = util.start(cmd, seconds, out?): runs the shell command `cmd` in the background under
+-- `timeout` (so it dies after `seconds` whatever happens), stdout+stderr to the file `out`
+-- (default /dev/null); returns the pid of `timeout`, which passes a TERM on to the command.
+function _M.start(cmd, seconds, out)
+    local p = assert(io.popen(("timeout -k 2 %d %s >%s 2>&1 </dev/null & echo $!")
+        :format(math.ceil(seconds), cmd, out or "/dev/null")))
+    local pid = tonumber(p:read("l"))
+    p:close()
+    return assert(pid, "could not start " .. cmd)
+end
+
+--- alive = util.alive(pid): running (a zombie nobody reaped does not count: the processes
+-- util.start starts are orphans, and PID 1 of a container may never reap them)
+function _M.alive(pid)
+    local stat = _M.read_file("/proc/" .. pid .. "/stat")
+    return stat ~= nil and stat:match("%) (%a)") ~= "Z"
+end
+
+--- util.stop(pid): TERM the process util.start started and wait (up to 3 s, then KILL) for it.
+function _M.stop(pid)
+    os.execute("kill " .. pid .. " 2>/dev/null")
+    for _ = 1, 150 do
+        if not _M.alive(pid) then return true end
+        os.execute("sleep 0.02")
+    end
+    os.execute("kill -9 " .. pid .. " 2>/dev/null")
+    return false
+end
+
+--- text = util.read_file(path) (nil if missing)
+function _M.read_file(path)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local text = f:read("a")
+    f:close()
+    return text
+end
+
+--- s = util.random_bytes(n): n bytes, every value 0..255 possible
+function _M.random_bytes(n)
+    local parts, chunk = {}, {}
+    for i = 1, n do
+        chunk[#chunk + 1] = math.random(0, 255)
+        if #chunk == 4096 or i == n then
+            parts[#parts + 1] = string.char(table.unpack(chunk))
+            chunk = {}
+        end
+    end
+    return table.concat(parts)
+end
+
+--- pos = util.first_difference(a, b): nil when equal, else the first differing byte (1-based)
+function _M.first_difference(a, b)
+    if a == b then return nil end
+    for i = 1, math.min(#a, #b) do
+        if a:byte(i) ~= b:byte(i) then return i end
+    end
+    return math.min(#a, #b) + 1
+end
+
+--- up = util.python_upstream(mode, seconds?, data?): spec/support/upstream.py in the
+-- background (see its modes), bounded by `timeout`. `up.addr`, `up.port`, `up.log()` (the
+-- lines it logged, one per request or event), `up.stop()` (may be called again). Async: call
+-- it inside the loop. Stop it from the spec's finally (busted keeps only the last finally a
+-- spec registers: one finally must stop everything).
+function _M.python_upstream(mode, seconds, data)
+    local dir = _M.write_temp("upstream.ready", "")
+    dir = dir:match("^(.*)/")
+    local log, ready = dir .. "/upstream.log", dir .. "/upstream.port"
+    local data_arg = ""
+    if data then
+        local data_file = dir .. "/upstream.data"
+        local f = assert(io.open(data_file, "wb"))
+        f:write(data)
+        f:close()
+        data_arg = " " .. data_file
+    end
+    local pid = _M.start(("python3 spec/support/upstream.py %s %s %s%s"):format(mode, ready, log, data_arg),
+        seconds or 20, dir .. "/upstream.out")
+    local port
+    _M.wait_for(function()
+        port = tonumber(_M.read_file(ready) or "")
+        return port or not _M.alive(pid)
+    end, 5)
+    if not port then
+        _M.stop(pid)
+        error("python upstream did not start: " .. tostring(_M.read_file(dir .. "/upstream.out")))
+    end
+    local up = { port = port, addr = "127.0.0.1:" .. port, pid = pid }
+    function up.log()
+        local lines = {}
+        for line in (_M.read_file(log) or ""):gmatch("[^\n]+") do lines[#lines + 1] = line end
+        return lines
+    end
+    local stopped = false
+    function up.stop()
+        if not stopped then stopped = true; _M.stop(pid) end
+    end
+    return up
+end
+
 --- port = util.free_port(): bind port 0, note the port, close it
 function _M.free_port()
     local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function() return 200 end })
