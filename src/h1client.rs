@@ -311,14 +311,15 @@ pub fn push_num(out: &mut impl bytes::BufMut, mut n: u64, radix: u64) {
 }
 
 /// Encodes a request head: the request line, `headers` except framing ones and those `skip`
-/// names, then `extra`, then the framing for a body of `length` bytes (`None`: unknown, sent
-/// chunked). A bodiless GET/HEAD/DELETE/OPTIONS gets no Content-Length at all.
+/// names, then `extra` (each value the concatenation of its parts), then the framing for a
+/// body of `length` bytes (`None`: unknown, sent chunked). A bodiless GET/HEAD/DELETE/OPTIONS
+/// gets no Content-Length at all.
 pub fn encode_request(
     method: &Method,
     uri: &Uri,
     headers: &Headers,
     skip: impl Fn(&[u8]) -> bool,
-    extra: &[(&[u8], &[u8])],
+    extra: &[(&[u8], &[&[u8]])],
     length: Option<u64>,
 ) -> OutHead {
     let mut out = BytesMut::with_capacity(512);
@@ -343,10 +344,12 @@ pub fn encode_request(
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
-    for (name, value) in extra {
+    for (name, parts) in extra {
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
+        for p in *parts {
+            out.extend_from_slice(p);
+        }
         out.extend_from_slice(b"\r\n");
     }
     let bodiless = matches!(

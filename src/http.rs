@@ -264,18 +264,21 @@ pub fn is_hop_by_hop(n: &[u8]) -> bool {
     }
 }
 
-/// What forwarding a request needs from its header fields, read in one pass over them.
+/// What forwarding a request needs from its header fields, read in one pass over them. The
+/// values to send are given as parts the encoder copies straight into the head: no value is
+/// built separately unless the client sent one to extend.
 #[derive(Debug, Default, PartialEq)]
 pub struct Forwarding<'a> {
     /// The request names a Host.
     pub has_host: bool,
-    /// The `X-Forwarded-For` value to send: the client's own list with `client_ip`
-    /// appended (nginx's `$proxy_add_x_forwarded_for`: the last entry is the one to trust).
-    pub xff: Vec<u8>,
-    /// The `Forwarded` value to send (RFC 7239): ours, after a trusted client's own.
-    pub forwarded: Vec<u8>,
-    /// The `X-Forwarded-Host` to send, when not the client's own.
-    pub xf_host: &'a [u8],
+    /// The Host value (for `X-Forwarded-Host` and `Forwarded`).
+    pub host: &'a [u8],
+    /// The client's own `X-Forwarded-For` list followed by `", "` (empty when it sent none):
+    /// the client IP is appended to it (nginx's `$proxy_add_x_forwarded_for`: the last entry
+    /// is the one to trust).
+    pub xff_prefix: Vec<u8>,
+    /// A trusted client's own `Forwarded` elements followed by `", "` (else empty).
+    pub forwarded_prefix: Vec<u8>,
     /// A trusted client's `X-Forwarded-Proto`/`-Host` are kept (else ours replace them).
     pub keep_proto: bool,
     pub keep_host: bool,
@@ -283,32 +286,26 @@ pub struct Forwarding<'a> {
 
 /// Reads what forwarding needs. `trusted`: the client is a proxy whose `Forwarded` and
 /// `X-Forwarded-Host/-Proto` are believed (`trusted_ips`); anyone else's are replaced.
-pub fn forwarding<'a>(headers: &'a Headers, client_ip: &str, trusted: bool) -> Forwarding<'a> {
-    // Sized so that neither value grows while it is written (a few reallocations and their
-    // copies per request, otherwise).
-    let mut f = Forwarding {
-        xff: Vec::with_capacity(client_ip.len() + 64),
-        forwarded: Vec::with_capacity(client_ip.len() + 96),
-        ..Default::default()
-    };
+pub fn forwarding<'a>(headers: &'a Headers, trusted: bool) -> Forwarding<'a> {
+    let mut f = Forwarding::default();
     for (name, v) in headers.iter() {
         match name.len() {
             4 if name.eq_ignore_ascii_case(b"host") => {
                 f.has_host = true;
-                f.xf_host = v;
+                f.host = v;
             }
             9 if trusted && name.eq_ignore_ascii_case(b"forwarded") => {
                 let v = v.trim_ascii();
                 if !v.is_empty() {
-                    f.forwarded.extend_from_slice(v);
-                    f.forwarded.extend_from_slice(b", ");
+                    f.forwarded_prefix.extend_from_slice(v);
+                    f.forwarded_prefix.extend_from_slice(b", ");
                 }
             }
             15 if name.eq_ignore_ascii_case(b"x-forwarded-for") => {
                 let v = v.trim_ascii();
                 if !v.is_empty() {
-                    f.xff.extend_from_slice(v);
-                    f.xff.extend_from_slice(b", ");
+                    f.xff_prefix.extend_from_slice(v);
+                    f.xff_prefix.extend_from_slice(b", ");
                 }
             }
             16 if trusted && name.eq_ignore_ascii_case(b"x-forwarded-host") => f.keep_host = true,
@@ -316,20 +313,26 @@ pub fn forwarding<'a>(headers: &'a Headers, client_ip: &str, trusted: bool) -> F
             _ => {}
         }
     }
-    f.xff.extend_from_slice(client_ip.as_bytes());
-    // for=IP;host=HOST;proto=http, quoted where RFC 7239 wants it (IPv6, a port).
-    let v6 = client_ip.contains(':');
-    f.forwarded
-        .extend_from_slice(if v6 { b"for=\"[" } else { b"for=" });
-    f.forwarded.extend_from_slice(client_ip.as_bytes());
-    f.forwarded.extend_from_slice(if v6 { b"]\"" } else { b"" });
-    if f.has_host && f.xf_host.iter().all(|&c| c != b'"' && c != b'\\') {
-        f.forwarded.extend_from_slice(b";host=\"");
-        f.forwarded.extend_from_slice(f.xf_host);
-        f.forwarded.push(b'"');
-    }
-    f.forwarded.extend_from_slice(b";proto=http");
     f
+}
+
+impl<'a> Forwarding<'a> {
+    /// Our `Forwarded` value, `for=IP;host="HOST";proto=http` (RFC 7239; an IPv6 address and
+    /// the host quoted), after a trusted client's own elements, as parts.
+    pub fn forwarded_parts(&'a self, client_ip: &'a str) -> [&'a [u8]; 8] {
+        let v6 = client_ip.contains(':');
+        let host = self.has_host && self.host.iter().all(|&c| c != b'"' && c != b'\\');
+        [
+            &self.forwarded_prefix,
+            if v6 { b"for=\"[" } else { b"for=" },
+            client_ip.as_bytes(),
+            if v6 { b"]\"" } else { b"" },
+            if host { b";host=\"" } else { b"" },
+            if host { self.host } else { b"" },
+            if host { b"\"" } else { b"" },
+            b";proto=http",
+        ]
+    }
 }
 
 /// An address block (`10.0.0.0/8`, `::1`, `127.0.0.1`): `trusted_ips`.
@@ -566,11 +569,11 @@ mod tests {
 
     #[test]
     fn forwarding_reads_host_xff_and_forwarded_in_one_pass() {
+        let joined = |f: &Forwarding, ip: &str| f.forwarded_parts(ip).concat();
         let mut h = Headers::default();
-        let f = forwarding(&h, "127.0.0.1", false);
-        assert!(!f.has_host);
-        assert_eq!(f.xff, b"127.0.0.1");
-        assert_eq!(f.forwarded, b"for=127.0.0.1;proto=http");
+        let f = forwarding(&h, false);
+        assert!(!f.has_host && f.xff_prefix.is_empty());
+        assert_eq!(joined(&f, "127.0.0.1"), b"for=127.0.0.1;proto=http");
         let m = h.map_mut();
         m.insert("host", HeaderValue::from_static("a:8080"));
         m.append("x-forwarded-for", HeaderValue::from_static(" 10.0.0.1 "));
@@ -578,15 +581,18 @@ mod tests {
         m.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
         m.append("forwarded", HeaderValue::from_static("for=6.6.6.6"));
         m.append("x-forwarded-proto", HeaderValue::from_static("https"));
-        let f = forwarding(&h, "127.0.0.2", false);
+        let f = forwarding(&h, false);
         assert!(f.has_host && !f.keep_proto && !f.keep_host);
-        assert_eq!(f.xf_host, b"a:8080");
-        assert_eq!(f.xff, b"10.0.0.1, 10.0.0.2, 127.0.0.2");
-        assert_eq!(f.forwarded, b"for=127.0.0.2;host=\"a:8080\";proto=http");
-        let f = forwarding(&h, "::1", true);
+        assert_eq!(f.host, b"a:8080");
+        assert_eq!(f.xff_prefix, b"10.0.0.1, 10.0.0.2, ");
+        assert_eq!(
+            joined(&f, "127.0.0.2"),
+            b"for=127.0.0.2;host=\"a:8080\";proto=http"
+        );
+        let f = forwarding(&h, true);
         assert!(f.keep_proto && !f.keep_host);
         assert_eq!(
-            f.forwarded,
+            joined(&f, "::1"),
             &b"for=6.6.6.6, for=\"[::1]\";host=\"a:8080\";proto=http"[..]
         );
         assert!(is_hop_by_hop(b"Connection") && is_hop_by_hop(b"te"));

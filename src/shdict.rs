@@ -1304,22 +1304,43 @@ mod tests {
         let s = Arc::new(Store::new("t", 10_000));
         s.store(b"n", Val::Int(0), None, 0, Mode::Set, true)
             .unwrap();
+        // Midway, the counter becomes a float under the adders' feet: the switch waits until
+        // every adder is past 10 % of its adds, and no adder passes 90 % before the switch,
+        // so it always lands mid-stream (a fixed sleep let the adders finish first).
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        const ADDS: usize = 20_000;
+        let progress: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..4).map(|_| AtomicUsize::new(0)).collect());
+        let switched = Arc::new(AtomicBool::new(false));
         let hs: Vec<_> = (0..4)
-            .map(|_| {
-                let s = s.clone();
+            .map(|i| {
+                let (s, progress, switched) = (s.clone(), progress.clone(), switched.clone());
                 std::thread::spawn(move || {
-                    for _ in 0..20_000 {
+                    for k in 0..ADDS {
+                        if k == ADDS * 9 / 10 {
+                            while !switched.load(SeqCst) {
+                                std::thread::yield_now();
+                            }
+                        }
                         s.incr(b"n", 1.0, Some(1), None, None).unwrap();
+                        progress[i].store(k + 1, SeqCst);
                     }
                 })
             })
             .collect();
-        // Midway, the counter becomes a float under the adders' feet.
-        std::thread::sleep(Duration::from_millis(2));
+        while progress.iter().any(|p| p.load(SeqCst) < ADDS / 10) {
+            std::thread::yield_now();
+        }
+        let at: Vec<usize> = progress.iter().map(|p| p.load(SeqCst)).collect();
         s.incr(b"n", 0.5, None, None, None).unwrap();
+        switched.store(true, SeqCst);
         for h in hs {
             h.join().unwrap();
         }
+        assert!(
+            at.iter().all(|&k| k >= ADDS / 10 && k <= ADDS * 9 / 10),
+            "{at:?}"
+        );
         assert_eq!(s.get(b"n").unwrap().unwrap().0, Val::Num(80_000.5));
         // A deleted counter is not brought back by a thread's handle to it.
         s.store(b"m", Val::Int(1), None, 0, Mode::Set, true)

@@ -474,20 +474,21 @@ pub async fn proxy_exchange(
             .trusted_ips
             .iter()
             .any(|c| c.contains(inner.peer.ip()));
-        let fwd = http::forwarding(&headers, ip, trusted);
-        let candidates: [(bool, &[u8], &[u8]); 6] = [
-            (true, b"x-forwarded-for", &fwd.xff),
-            (true, b"x-real-ip", ip.as_bytes()),
-            (true, b"forwarded", &fwd.forwarded),
-            (!fwd.keep_proto, b"x-forwarded-proto", b"http"),
+        let fwd = http::forwarding(&headers, trusted);
+        let forwarded = fwd.forwarded_parts(ip);
+        let candidates: [(bool, &[u8], &[&[u8]]); 6] = [
+            (true, b"x-forwarded-for", &[&fwd.xff_prefix, ip.as_bytes()]),
+            (true, b"x-real-ip", &[ip.as_bytes()]),
+            (true, b"forwarded", &forwarded),
+            (!fwd.keep_proto, b"x-forwarded-proto", &[b"http"]),
             (
                 !fwd.keep_host && fwd.has_host,
                 b"x-forwarded-host",
-                fwd.xf_host,
+                &[fwd.host],
             ),
-            (!fwd.has_host, b"host", key.as_bytes()),
+            (!fwd.has_host, b"host", &[key.as_bytes()]),
         ];
-        let mut extra: [(&[u8], &[u8]); 6] = [(b"", b""); 6];
+        let mut extra: [(&[u8], &[&[u8]]); 6] = [(b"", &[]); 6];
         let mut k = 0;
         for (on, name, value) in candidates {
             if on {
