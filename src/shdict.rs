@@ -1338,7 +1338,7 @@ mod tests {
             h.join().unwrap();
         }
         assert!(
-            at.iter().all(|&k| k >= ADDS / 10 && k <= ADDS * 9 / 10),
+            at.iter().all(|k| (ADDS / 10..=ADDS * 9 / 10).contains(k)),
             "{at:?}"
         );
         assert_eq!(s.get(b"n").unwrap().unwrap().0, Val::Num(80_000.5));

@@ -449,6 +449,9 @@ pub async fn proxy_request(
     }
 }
 
+/// A header value as the pieces it is written from.
+type Parts<'a> = &'a [&'a [u8]];
+
 /// The exchange behind `req:proxy` (see `proxy_request`): `Err` for misuse, else the response
 /// or the short error string.
 pub async fn proxy_exchange(
@@ -476,7 +479,7 @@ pub async fn proxy_exchange(
             .any(|c| c.contains(inner.peer.ip()));
         let fwd = http::forwarding(&headers, trusted);
         let forwarded = fwd.forwarded_parts(ip);
-        let candidates: [(bool, &[u8], &[&[u8]]); 6] = [
+        let candidates: [(bool, &[u8], Parts); 6] = [
             (true, b"x-forwarded-for", &[&fwd.xff_prefix, ip.as_bytes()]),
             (true, b"x-real-ip", &[ip.as_bytes()]),
             (true, b"forwarded", &forwarded),
@@ -488,7 +491,7 @@ pub async fn proxy_exchange(
             ),
             (!fwd.has_host, b"host", &[key.as_bytes()]),
         ];
-        let mut extra: [(&[u8], &[&[u8]]); 6] = [(b"", &[]); 6];
+        let mut extra: [(&[u8], Parts); 6] = [(b"", &[]); 6];
         let mut k = 0;
         for (on, name, value) in candidates {
             if on {

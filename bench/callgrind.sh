@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# bench/callgrind.sh [DIR] [LABEL]: instructions per proxied post5k request of the luaproxy in
+# DIR (a checkout with its luaproxy.so built in place; default: this one). One worker under
+# valgrind --tool=callgrind in front of the peer harness's backends (started and stopped here
+# if not running); 2 s of `wrk -t1 -c4` to warm up, counters zeroed, 8 s measured, dumped.
+# Instruction counts do not depend on the machine's speed or load: the steady measure.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+dir=$(cd "${1:-$here}" && pwd); label=${2:-$(basename "$dir")}
+SHARED=${SHARED_BENCH:-$here/../shared/bench}
+out=${TMPDIR:-/tmp}/luaproxy-callgrind.$label.$$
+started=0
+if ! "$SHARED/backend.sh" status >/dev/null 2>&1; then "$SHARED/backend.sh" start >/dev/null; started=1; fi
+cd "$dir"
+LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout 120 valgrind --tool=callgrind --callgrind-out-file="$out" \
+    lua5.4 main.lua --config bench/luaproxy.conf.lua --workers 1 >"$out.log" 2>&1 &
+vpid=$!
+for _ in $(seq 1 60); do curl -s -o /dev/null http://127.0.0.1:8090/ && break; sleep 1; done
+wrk -t1 -c4 -d2s -s "$SHARED/wrk/post5k.lua" http://127.0.0.1:8090/ >/dev/null 2>&1
+callgrind_control -z "$vpid" >/dev/null
+res=$(wrk -t1 -c4 -d8s -s "$SHARED/wrk/post5k.lua" http://127.0.0.1:8090/ 2>&1)
+callgrind_control -d "$vpid" >/dev/null
+sleep 1
+kill "$vpid" 2>/dev/null; wait "$vpid" 2>/dev/null || true
+[[ $started == 1 ]] && "$SHARED/backend.sh" stop >/dev/null
+reqs=$(awk '/requests in/ {print $1}' <<<"$res")
+total=$(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "$label: $reqs requests, $total instructions, $(( total / reqs )) per request (profile: $out.1)"
