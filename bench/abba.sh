@@ -14,8 +14,9 @@ if ! "$SHARED/backend.sh" status >/dev/null 2>&1; then "$SHARED/backend.sh" star
 run() {
     local label=$1 dir=$2 pid t0 t1 res
     cd "$dir"
-    LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout 60 lua5.4 main.lua --config bench/luaproxy.conf.lua --workers 2 >/dev/null 2>&1 &
+    LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' lua5.4 main.lua --config bench/luaproxy.conf.lua --workers 2 >/dev/null 2>&1 &
     pid=$!
+    trap "kill $pid 2>/dev/null || true" EXIT
     sleep 1
     wrk -t2 -c100 -d2s -s "$SHARED/wrk/$wl.lua" http://127.0.0.1:8090/ >/dev/null 2>&1
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")

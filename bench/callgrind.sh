@@ -12,9 +12,10 @@ out=${TMPDIR:-/tmp}/luaproxy-callgrind.$label.$$
 started=0
 if ! "$SHARED/backend.sh" status >/dev/null 2>&1; then "$SHARED/backend.sh" start >/dev/null; started=1; fi
 cd "$dir"
-LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout 120 valgrind --tool=callgrind --callgrind-out-file="$out" \
+LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' valgrind --tool=callgrind --callgrind-out-file="$out" \
     lua5.4 main.lua --config bench/luaproxy.conf.lua --workers 1 >"$out.log" 2>&1 &
 vpid=$!
+trap 'kill $vpid 2>/dev/null || true' EXIT
 for _ in $(seq 1 60); do curl -s -o /dev/null http://127.0.0.1:8090/ && break; sleep 1; done
 wrk -t1 -c4 -d2s -s "$SHARED/wrk/post5k.lua" http://127.0.0.1:8090/ >/dev/null 2>&1
 callgrind_control -z "$vpid" >/dev/null
