@@ -104,20 +104,6 @@ http {
     assert(ok, err)
 end
 
--- status, body: curl (into a file, so bytes stay bytes)
-local function curl_bytes(url, args)
-    local dst = util.write_temp("curl.out", "")
-    local out, code = util.sh("curl -s -m 10 -o " .. dst .. " -w '%{http_code}' " .. (args or "") .. " " .. url)
-    assert.are.equal(0, code, out)
-    return tonumber(out), util.read_file(dst)
-end
-
-local function same_bytes(expected, got, what)
-    local at = util.first_difference(expected, got or "")
-    assert.is_nil(at, ("%s: %d bytes expected, %d got, first difference at byte %s")
-        :format(what, #expected, got and #got or -1, tostring(at)))
-end
-
 describe("nginx as the upstream", function()
     local function nginx_it(name, fn)
         it(name, function()
@@ -134,15 +120,15 @@ describe("nginx as the upstream", function()
             local data = util.random_bytes(1024 * 1024)
             local src = util.write_temp("post.bin", data)
             for _, framing in ipairs{ "", "-H 'Transfer-Encoding: chunked'" } do
-                local status, stored = curl_bytes(url .. "/upload", framing .. " --data-binary @" .. src)
+                local status, stored = util.curl_bytes(url .. "/upload", framing .. " --data-binary @" .. src)
                 assert.are.equal(200, status, framing)
                 assert.are.equal(ngx.dir .. "/tmp/body/", stored:match("^(.*/)%d+$"))
-                same_bytes(data, util.read_file(stored), "the body nginx stored " .. framing)
+                util.same_bytes(data, util.read_file(stored), "the body nginx stored " .. framing)
             end
             -- and through luaproxy's own client
             local status, stored = util.get(url .. "/upload", { method = "POST", body = data })
             assert.are.equal(200, status)
-            same_bytes(data, util.read_file(stored), "the body nginx stored (luaproxy client)")
+            util.same_bytes(data, util.read_file(stored), "the body nginx stored (luaproxy client)")
         end)
     end)
 
@@ -151,14 +137,14 @@ describe("nginx as the upstream", function()
             local data = util.random_bytes(1024 * 1024)
             local status = util.get(url .. "/dav/blob.bin", { method = "PUT", body = data })
             assert.are.equal(201, status)
-            same_bytes(data, util.read_file(ngx.dir .. "/www/dav/blob.bin"), "the file nginx wrote")
+            util.same_bytes(data, util.read_file(ngx.dir .. "/www/dav/blob.bin"), "the file nginx wrote")
             local body
             status, body = util.get(url .. "/dav/blob.bin")
             assert.are.equal(200, status)
-            same_bytes(data, body, "GET through luaproxy's client")
-            status, body = curl_bytes(url .. "/dav/blob.bin")
+            util.same_bytes(data, body, "GET through luaproxy's client")
+            status, body = util.curl_bytes(url .. "/dav/blob.bin")
             assert.are.equal(200, status)
-            same_bytes(data, body, "GET through curl")
+            util.same_bytes(data, body, "GET through curl")
         end)
     end)
 
@@ -197,7 +183,7 @@ describe("a hostile upstream (Python, raw socket)", function()
             finally(up.stop)
             with_proxy(up.addr, function(url)
                 for _, path in ipairs{ "/cl-dup", "/cl-alpha", "/cl-plus", "/cl-neg", "/cl-huge", "/cl-list", "/cl-te" } do
-                    local status, body = curl_bytes(url .. path)
+                    local status, body = util.curl_bytes(url .. path)
                     assert.are.equal(502, status, path .. ": " .. tostring(body))
                     assert.matches("^invalid upstream response", body)
                     status, body = util.get(url .. "/ok")

@@ -541,20 +541,6 @@ describe("bodies and framing through req:proxy", function()
         assert(ok, err)
     end
 
-    local function same_bytes(expected, got, what)
-        local at = util.first_difference(expected, got or "")
-        assert.is_nil(at, ("%s: %d bytes expected, %d got, first difference at byte %s")
-            :format(what, #expected, got and #got or -1, tostring(at)))
-    end
-
-    -- status, file's bytes: curl GETs (or POSTs the file `upload`) into a file
-    local function curl_bytes(url, args)
-        local dst = util.write_temp("curl.out", "")
-        local out, code = util.sh("curl -s -m 5 -o " .. dst .. " -w '%{http_code}' " .. (args or "") .. " " .. url)
-        assert.are.equal(0, code, out)
-        return tonumber(out), util.read_file(dst)
-    end
-
     it("passes bodies over 5 KiB byte for byte, both ways (Content-Length and chunked uploads)", function()
         util.run(function()
             local echo = assert(luaproxy.serve{ listen = "127.0.0.1:0", client_max_body_size = "8m",
@@ -565,18 +551,18 @@ describe("bodies and framing through req:proxy", function()
                     echoed:delete("last")
                     local status, body = util.get(url .. "/echo", { method = "POST", body = data })
                     assert.are.equal(200, status, size)
-                    same_bytes(data, echoed:get("last"), "request body at the upstream, " .. size)
-                    same_bytes(data, body, "response body at the client, " .. size)
+                    util.same_bytes(data, echoed:get("last"), "request body at the upstream, " .. size)
+                    util.same_bytes(data, body, "response body at the client, " .. size)
                 end
                 -- the same through curl, and with a chunked upload (streamed upstream unread)
                 local data = util.random_bytes(300 * 1024)
                 local src = util.write_temp("up.bin", data)
                 for _, framing in ipairs{ "", "-H 'Transfer-Encoding: chunked'" } do
                     echoed:delete("last")
-                    local status, body = curl_bytes(url .. "/echo", framing .. " --data-binary @" .. src)
+                    local status, body = util.curl_bytes(url .. "/echo", framing .. " --data-binary @" .. src)
                     assert.are.equal(200, status, framing)
-                    same_bytes(data, echoed:get("last"), "curl upload " .. framing)
-                    same_bytes(data, body, "curl download " .. framing)
+                    util.same_bytes(data, echoed:get("last"), "curl upload " .. framing)
+                    util.same_bytes(data, body, "curl download " .. framing)
                 end
             end)
             echo:close()
@@ -596,21 +582,21 @@ describe("bodies and framing through req:proxy", function()
                 for i = 1, 2 do   -- the second on the pooled connection
                     local status, body = util.get(url .. "/c" .. i)
                     assert.are.equal(200, status)
-                    same_bytes(data, body, "chunked response " .. i)
+                    util.same_bytes(data, body, "chunked response " .. i)
                 end
-                local status, body = curl_bytes(url .. "/curl")
+                local status, body = util.curl_bytes(url .. "/curl")
                 assert.are.equal(200, status)
-                same_bytes(data, body, "chunked response through curl")
+                util.same_bytes(data, body, "chunked response through curl")
             end)
             proxy_to(closing.addr, function(url)
                 for _, path in ipairs{ "/http11", "/http10", "/again" } do
                     local status, body = util.get(url .. path)
                     assert.are.equal(200, status, path)
-                    same_bytes(data, body, "close-delimited response " .. path)
+                    util.same_bytes(data, body, "close-delimited response " .. path)
                 end
-                local status, body = curl_bytes(url .. "/curl", "--http1.0")
+                local status, body = util.curl_bytes(url .. "/curl", "--http1.0")
                 assert.are.equal(200, status)
-                same_bytes(data, body, "close-delimited response to an HTTP/1.0 client")
+                util.same_bytes(data, body, "close-delimited response to an HTTP/1.0 client")
             end)
             assert.are.equal(3, #chunked.log())
             assert.are.equal(4, #closing.log())
@@ -638,7 +624,7 @@ describe("bodies and framing through req:proxy", function()
                 assert.are.equal(200, status)
                 assert.are.equal("first=got " .. size .. " second=nil err=request body was already streamed upstream", body)
                 assert.are.equal(1, #got, "the upstream got the request " .. #got .. " times")
-                same_bytes(data, got[1], "the first proxied body")
+                util.same_bytes(data, got[1], "the first proxied body")
             end
             proxy:close()
             echo:close()

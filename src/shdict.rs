@@ -1112,16 +1112,9 @@ pub fn create(name: &str, capacity: usize) -> Result<Arc<Store>, String> {
     )
 }
 
-/// Parses `1048576`, `"512k"`, `"10m"`, `"1g"`.
+/// Parses `1048576`, `"512k"`, `"10m"`, `"1g"` (`units::parse_size`, as a `usize`).
 pub fn parse_size(s: &str) -> Option<usize> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last()? {
-        (i, 'k' | 'K') => (&s[..i], 1024),
-        (i, 'm' | 'M') => (&s[..i], 1024 * 1024),
-        (i, 'g' | 'G') => (&s[..i], 1024 * 1024 * 1024),
-        _ => (s, 1),
-    };
-    num.trim().parse::<usize>().ok()?.checked_mul(mult)
+    crate::units::parse_size(s).and_then(|n| usize::try_from(n).ok())
 }
 
 /// Releases a least-connection lease: decrements the counter when the request ends.

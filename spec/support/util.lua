@@ -163,6 +163,24 @@ function _M.python_upstream(mode, seconds, data)
     return up
 end
 
+--- status, bytes = util.curl_bytes(url, args?): curl into a file (so bytes stay bytes),
+-- bounded to 10 s; `args` as for curl (e.g. "--data-binary @file")
+function _M.curl_bytes(url, args)
+    local dst = _M.write_temp("curl.out", "")
+    local out, code = _M.sh("curl -s -m 10 -o " .. dst .. " -w '%{http_code}' " .. (args or "") .. " " .. url)
+    if code ~= 0 then error("curl failed (" .. tostring(code) .. "): " .. out, 2) end
+    return tonumber(out), _M.read_file(dst)
+end
+
+--- util.same_bytes(expected, got, what): raises, naming the first differing byte, unless equal
+function _M.same_bytes(expected, got, what)
+    local at = _M.first_difference(expected, got or "")
+    if at then
+        error(("%s: %d bytes expected, %d got, first difference at byte %d")
+            :format(what, #expected, got and #got or -1, at), 2)
+    end
+end
+
 --- port = util.free_port(): bind port 0, note the port, close it
 function _M.free_port()
     local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function() return 200 end })

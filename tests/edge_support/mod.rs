@@ -1019,34 +1019,31 @@ fn finish(errs: Vec<String>, r: &Reply) -> Result<(), String> {
 pub fn check_reject(up: &Upstream, px: &Proxy, req: &[u8], want: u16) -> Result<(), String> {
     let r = exchange(px.addr, req);
     let mut errs = Vec::new();
-    if r.status != want {
-        errs.push(format!("status {} (want {want})", r.status));
-    }
     if !r.closed {
         errs.push("connection not closed after the reject".into());
     }
-    let got = up.bytes();
-    if !got.is_empty() {
-        errs.push(format!(
-            "{} bytes reached the upstream: {}",
-            got.len(),
-            show_n(&got, 300)
-        ));
-    }
-    if let Err(e) = still_serves(up, px, got.len()) {
-        errs.push(e);
-    }
-    finish(errs, &r)
+    nothing_went_upstream(up, px, &r, want, errs)
 }
 
 /// A request the policy refuses (403): status, nothing upstream, the proxy still serves.
 pub fn check_denied(up: &Upstream, px: &Proxy, req: &[u8], want: u16) -> Result<(), String> {
     let r = exchange_quick(px.addr, req);
-    let mut errs = Vec::new();
-    if r.status != want {
-        errs.push(format!("status {} (want {want})", r.status));
-    }
     std::thread::sleep(Duration::from_millis(20));
+    nothing_went_upstream(up, px, &r, want, Vec::new())
+}
+
+/// The checks both kinds of refusal share: the status, zero bytes upstream, and a good
+/// request served afterwards.
+fn nothing_went_upstream(
+    up: &Upstream,
+    px: &Proxy,
+    r: &Reply,
+    want: u16,
+    mut errs: Vec<String>,
+) -> Result<(), String> {
+    if r.status != want {
+        errs.insert(0, format!("status {} (want {want})", r.status));
+    }
     let got = up.bytes();
     if !got.is_empty() {
         errs.push(format!(
@@ -1058,7 +1055,7 @@ pub fn check_denied(up: &Upstream, px: &Proxy, req: &[u8], want: u16) -> Result<
     if let Err(e) = still_serves(up, px, got.len()) {
         errs.push(e);
     }
-    finish(errs, &r)
+    finish(errs, r)
 }
 
 // ---------------------------------------------------------------------------------------
