@@ -314,3 +314,46 @@ describe("after the handler returns", function()
         assert.are.equal("nil request has ended nil request has ended nil request has ended nil userdata", d:get("late"))
     end)
 end)
+
+describe("out of file descriptors", function()
+    it("EMFILE on accept is logged and retried, never a spin or a crash; the server serves once descriptors free", function()
+        -- A server in its own process with 40 descriptors: python opens 60 connections to it.
+        local port = util.run(util.free_port)
+        local script = util.write_temp("emfile.lua", ([[
+            local lp = require "luaproxy"
+            lp.run(function()
+                local srv = assert(lp.serve{ listen = "127.0.0.1:%d", handler = function() return 200, "ok" end })
+                lp.sleep(8)
+                srv:close()
+            end)
+        ]]):format(port))
+        local log = script .. ".log"
+        local pid = util.start("bash -c \"ulimit -n 40; LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' exec lua5.4 "
+            .. script .. "\"", 10, log)
+        local ok, err = pcall(function()
+            util.run(function()
+                assert(util.wait_for(function() return util.get("http://127.0.0.1:" .. port .. "/") == 200 end, 5))
+            end)
+            local out, code = util.sh("timeout 20 python3 -c '" .. ([[
+import socket, time
+socks = [socket.create_connection(("127.0.0.1", %d), timeout=2) for i in range(60)]
+time.sleep(1)
+for s in socks: s.close()
+time.sleep(0.3)
+s = socket.create_connection(("127.0.0.1", %d), timeout=2)
+s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+s.settimeout(3)
+print(s.recv(100).split(b"\r\n")[0].decode())
+]]):format(port, port) .. "'")
+            assert.are.equal(0, code, out)
+            assert.matches("HTTP/1.1 200 OK", out)
+            assert.is_true(util.alive(pid), "the server died")
+            local lines = util.read_file(log) or ""
+            local n = select(2, lines:gsub("accept failed: Too many open files", ""))
+            -- Retried every 100 ms while descriptors are short: a handful of lines, not a spin.
+            assert.is_true(n >= 1 and n <= 40, n .. " accept failures logged:\n" .. lines:sub(1, 500))
+        end)
+        util.stop(pid)
+        assert(ok, err)
+    end)
+end)
