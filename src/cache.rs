@@ -6,7 +6,7 @@
 //! on any worker, waits on a `watch` channel for its outcome. If the owner vanishes (its
 //! request was aborted), the channel closes and a waiter claims the key in its place.
 
-use crate::headers::Headers;
+use crate::h1::headers::Headers;
 use crate::shdict::{self, Mode, Store, Val, ValRef};
 use crate::shdict_lua;
 use bytes::Bytes;

@@ -5,10 +5,7 @@
 pub mod alloc;
 pub mod cache;
 pub mod fastproxy;
-pub mod h1client;
-pub mod h1server;
-pub mod headers;
-pub mod http;
+pub mod h1;
 pub mod json;
 pub mod listener;
 pub mod log;

@@ -4,8 +4,8 @@
 //! `workers` OS threads each create their own Lua VM, load the policy once and accept from the
 //! same listening socket; nothing Lua crosses threads, only the socket and plain config data.
 
-use crate::h1server::{self, ClientConn, HeadError, IncomingBody, RequestHead, Response};
-use crate::http::Limits;
+use crate::h1::downstream::{self, ClientConn, HeadError, IncomingBody, RequestHead, Response};
+use crate::h1::rules::Limits;
 use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
 use crate::runtime::{self, call_protected, LoopGuard};
 use crate::settings::{self, Settings};
@@ -379,14 +379,14 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let conn = ClientConn::new(stream);
     let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
-    let mut head_deadline = crate::h1client::LazyDeadline::default();
+    let mut head_deadline = crate::h1::io::LazyDeadline::default();
     let send_timeout = w.settings.send_timeout;
     let mut served = 0usize;
     loop {
         // The first head is due within client_header_timeout of the accept; a kept-alive
         // connection may then idle for keepalive_timeout before its next head begins.
         let idle = (served > 0).then_some(w.settings.keepalive_timeout);
-        let head = match h1server::read_head(
+        let head = match downstream::read_head(
             &conn,
             &w.limits,
             w.settings.client_header_timeout,
@@ -418,7 +418,7 @@ async fn serve_conn(
                 // The rest of the stream cannot be trusted to be framed correctly.
                 let mut resp = simple(r.status, r.reason);
                 let (m, v) = (Method::GET, Version::HTTP_11);
-                if h1server::write_response(
+                if downstream::write_response(
                     &conn,
                     &mut resp,
                     &m,
@@ -430,7 +430,7 @@ async fn serve_conn(
                 .await
                 .is_ok()
                 {
-                    h1server::linger_close(&conn, LINGER).await;
+                    downstream::linger_close(&conn, LINGER).await;
                 }
                 return;
             }
@@ -444,7 +444,7 @@ async fn serve_conn(
             && !*shutdown.borrow();
         let request_line = (method.clone(), head.uri.clone());
         let handled = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip);
-        let Some(mut resp) = h1server::unless_client_gone(&conn, handled).await else {
+        let Some(mut resp) = downstream::unless_client_gone(&conn, handled).await else {
             // Dropping the handling ends the request: its leases are released and its
             // upstream exchange (and connection) dropped, as nginx does for a client abort
             // (its 499) unless proxy_ignore_client_abort is on.
@@ -460,7 +460,7 @@ async fn serve_conn(
             return;
         };
         let mut guards = std::mem::take(&mut resp.body._guards);
-        let written = h1server::write_response(
+        let written = downstream::write_response(
             &conn,
             &mut resp,
             &method,
@@ -481,12 +481,12 @@ async fn serve_conn(
             }
         }
         let clean = conn.borrow().body_done()
-            || (keep && h1server::drain_body(&conn, w.limits.body_timeout).await);
+            || (keep && downstream::drain_body(&conn, w.limits.body_timeout).await);
         if !keep || !clean {
             if !clean || !conn.borrow().idle() {
                 // The client may still be sending: closing with unread bytes would send a
                 // reset, which can destroy the response on its way.
-                h1server::linger_close(&conn, LINGER).await;
+                downstream::linger_close(&conn, LINGER).await;
             }
             return;
         }

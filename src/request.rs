@@ -3,9 +3,9 @@
 //! The body stays on the connection until the policy asks for it: `req:read_body()` buffers it (with the
 //! size limit and idle timeout), `req:proxy()` streams it to the upstream without entering Lua.
 
-use crate::h1server::{BodyError, IncomingBody};
-use crate::headers::Headers;
-use crate::http::{self, Limits};
+use crate::h1::downstream::{BodyError, IncomingBody};
+use crate::h1::headers::Headers;
+use crate::h1::rules::{self, Limits};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -147,7 +147,7 @@ pub struct ClientBody {
     inner: IncomingBody,
     seen: u64,
     limit: u64,
-    idle: crate::h1client::IdleTimer,
+    idle: crate::h1::io::IdleTimer,
     failure: Failure,
 }
 
@@ -158,7 +158,7 @@ impl ClientBody {
             inner,
             seen: 0,
             limit: req.limits.max_body,
-            idle: crate::h1client::IdleTimer::new(idle),
+            idle: crate::h1::io::IdleTimer::new(idle),
             failure: req.failure.clone(),
         }
     }
@@ -697,7 +697,7 @@ fn add_methods(m: &mut Methods) {
                 .unwrap_or("")
                 .as_bytes()
                 .to_vec();
-            args_table(lua, http::parse_query(&q), max.unwrap_or(100))
+            args_table(lua, rules::parse_query(&q), max.unwrap_or(100))
         });
         // req:get_header(name) -> value or nil; case-insensitive; repeats joined with ", "
         m.add_method(
@@ -787,7 +787,7 @@ fn add_methods(m: &mut Methods) {
                     Err(e) => return Ok((None, Some(e))),
                 };
                 let pairs = if is_form {
-                    http::parse_query(&body)
+                    rules::parse_query(&body)
                 } else {
                     Vec::new()
                 };

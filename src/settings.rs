@@ -2,7 +2,7 @@
 //! `--config`). Plain Rust: the listener turns the Lua table into `Value`s, so `cargo test`
 //! covers every name, default and error message here.
 
-use crate::http::{Cidr, Limits};
+use crate::h1::rules::{Cidr, Limits, MAX_HEADERS_CAP};
 use crate::units::{parse_duration, parse_size};
 use std::time::Duration;
 
@@ -118,9 +118,6 @@ fn show(v: &Value) -> String {
         Value::List(_) => "(a list)".into(),
     }
 }
-
-/// The most header fields a request may have (`max_headers`): the parser's array holds this.
-pub const MAX_HEADERS_CAP: usize = 1024;
 
 impl Settings {
     /// Applies `key = value`; unknown keys and bad values are one-line errors naming the key.

@@ -6,9 +6,10 @@
 //! write between threads. Each worker keeps at most `POOL_MAX_IDLE` idle connections per
 //! upstream, dropped after `POOL_IDLE_TIMEOUT` (below nginx's 75 s keepalive_timeout).
 
-use crate::h1client::{self, io_reason, Conn, Error, Head, OutHead, ResponseBody};
-use crate::headers::Headers;
-use crate::http::{self, Limits};
+use crate::h1::headers::Headers;
+use crate::h1::io::io_reason;
+use crate::h1::rules::{self, Limits};
+use crate::h1::upstream::{self as wire, Conn, Error, Head, OutHead, ResponseBody};
 use crate::request::{empty, full, BoxBody, ReqInner};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -153,7 +154,7 @@ enum Idleness {
 }
 
 /// What an idle connection holds. `try_read` makes no syscall while the socket's readiness
-/// is clear, and reads clear it when they drain the socket (`h1client::poll_fill`); so a
+/// is clear, and reads clear it when they drain the socket (`wire::poll_fill`); so a
 /// clean connection is usually proven clean without one, from what the reactor has seen.
 fn idle_state(conn: &Conn) -> Idleness {
     let mut probe = [0u8; 1];
@@ -219,14 +220,14 @@ async fn exchange(
             ReqBody::Bytes(b) => {
                 let full = http_body_util::Full::new(b.clone());
                 tokio::pin!(full);
-                h1client::write_request(&mut conn, head, full).await?;
+                wire::write_request(&mut conn, head, full).await?;
             }
             ReqBody::Stream(s) => {
-                h1client::write_request(&mut conn, head, s.as_mut()).await?;
+                wire::write_request(&mut conn, head, s.as_mut()).await?;
             }
         }
         conn.set_deadline(Some(opts.read_timeout));
-        h1client::read_head(&mut conn, method).await
+        wire::read_head(&mut conn, method).await
     };
     let head = io.await?;
     // The body has its own idle timeout.
@@ -415,7 +416,7 @@ impl LuaUserData for Response {
     }
 }
 
-/// The head's hop-by-hop headers were left out when it was parsed (`h1client::parse_head`).
+/// The head's hop-by-hop headers were left out when it was parsed (`wire::parse_head`).
 fn make_response(head: Head, body: ResponseBody, read_limit: u64) -> Response {
     Response {
         status: RefCell::new(head.status),
@@ -477,7 +478,7 @@ pub async fn proxy_exchange(
             .trusted_ips
             .iter()
             .any(|c| c.contains(inner.peer.ip()));
-        let fwd = http::forwarding(&headers, trusted);
+        let fwd = rules::forwarding(&headers, trusted);
         let forwarded = fwd.forwarded_parts(ip);
         let candidates: [(bool, &[u8], Parts); 6] = [
             (true, b"x-forwarded-for", &[&fwd.xff_prefix, ip.as_bytes()]),
@@ -500,12 +501,12 @@ pub async fn proxy_exchange(
             }
         }
         let (keep_proto, keep_host) = (fwd.keep_proto, fwd.keep_host);
-        h1client::encode_request(
+        wire::encode_request(
             &method,
             &inner.uri.borrow(),
             &headers,
             |n| {
-                http::is_hop_by_hop(n)
+                rules::is_hop_by_hop(n)
                     || (n.len() >= 6
                         && (n.eq_ignore_ascii_case(b"forwarded")
                             || n.eq_ignore_ascii_case(b"expect")
@@ -603,7 +604,7 @@ async fn client_request(
         .parse()
         .map_err(|_| LuaError::runtime(format!("invalid path in url '{url}'")))?;
     let key: Rc<str> = Rc::from(auth.as_str());
-    let out = h1client::encode_request(
+    let out = wire::encode_request(
         &method,
         &uri,
         &Headers::Map(headers),

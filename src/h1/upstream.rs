@@ -5,13 +5,17 @@
 //! reads the socket itself, as nginx and Pingora do (an A/B in the peer harness showed no
 //! throughput difference within this box's noise), and the response framing rules of docs/architecture.md are enforced on the way in.
 
-use crate::headers::{field_at, Headers};
-use crate::http;
+use super::chunked::Chunked;
+use super::headers::{field_at, Headers};
+use super::io::{
+    head_complete, io_reason, poll_fill, push_num, write_all_parts, IdleTimer, LazyDeadline,
+};
+use super::rules;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{Method, StatusCode, Uri};
-use std::future::{poll_fn, Future};
-use std::io::{self, IoSlice};
+use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +27,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Response heads larger than this are refused (502), like nginx's proxy_buffer_size error.
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-const MAX_CHUNK_LINE: usize = 4096;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// An open upstream connection and the bytes already read from it.
@@ -63,50 +66,6 @@ impl Conn {
     }
 }
 
-/// Reads what `stream` has into `buf` (growing it by `READ_CHUNK` when nearly full);
-/// `Ok(0)` is end of stream. Shared by both sides' connections.
-///
-/// Through tokio's `poll_read`, not `try_read`: a read that does not fill the space offered
-/// clears the socket's readiness (the kernel buffer is drained), so a later `try_read` on an
-/// idle connection costs no syscall unless the reactor saw bytes arrive meanwhile (that is
-/// how the pool proves a connection clean, `upstream::pool_take`); and every read draws on
-/// the task's cooperative budget, so a peer whose bytes never run out cannot keep the
-/// worker from its other connections.
-pub fn poll_fill(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(READ_CHUNK);
-    }
-    let mut space = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
-    std::task::ready!(tokio::io::AsyncRead::poll_read(
-        Pin::new(stream),
-        cx,
-        &mut space
-    ))?;
-    let n = space.filled().len();
-    // SAFETY: the read initialized the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
-    Poll::Ready(Ok(n))
-}
-
-/// True when `buf` holds the blank line that ends a head, looking only at bytes from `from`
-/// on (minus the three a terminator can straddle). Heads are parsed only once this holds, so
-/// a head trickling in byte by byte costs one scan, not one full parse per read (which was
-/// quadratic: a 32 KiB head sent a byte at a time meant 32k parses of up to 32 KiB each).
-pub fn head_complete(buf: &[u8], from: usize) -> bool {
-    let start = from.saturating_sub(3);
-    buf[start.min(buf.len())..]
-        .windows(2)
-        .enumerate()
-        .any(|(i, w)| {
-            w[0] == b'\n'
-                && (w[1] == b'\n' || (w[1] == b'\r' && buf.get(start + i + 2) == Some(&b'\n')))
-        })
-}
-
 /// Why an exchange failed, as the short lowercase reasons Lua sees.
 #[derive(Debug, PartialEq, Eq, Clone)]
 pub enum Error {
@@ -130,18 +89,6 @@ impl Error {
             Error::Invalid(s) => format!("invalid upstream response: {s}"),
             Error::RequestBody(s) => s.clone(),
         }
-    }
-}
-
-pub fn io_reason(e: &io::Error) -> String {
-    use io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => "connection refused".into(),
-        ConnectionReset => "connection reset by peer".into(),
-        BrokenPipe => "upstream closed connection".into(),
-        TimedOut => "timeout".into(),
-        AddrNotAvailable => "address not available".into(),
-        _ => e.to_string().to_lowercase(),
     }
 }
 
@@ -242,7 +189,7 @@ pub fn parse_head(buf: &[u8], method: &Method) -> Result<Option<(usize, Head)>, 
     let mut at = Vec::with_capacity(res.headers.len());
     for h in res.headers.iter() {
         let raw = h.name.as_bytes();
-        if http::is_hop_by_hop(raw) || named.iter().any(|t| t.eq_ignore_ascii_case(raw)) {
+        if rules::is_hop_by_hop(raw) || named.iter().any(|t| t.eq_ignore_ascii_case(raw)) {
             // Framing stays ours: Connection cannot hide Content-Length.
             if !raw.eq_ignore_ascii_case(b"content-length") {
                 continue;
@@ -292,22 +239,6 @@ pub struct OutHead {
     pub bytes: Bytes,
     /// Body bytes the head announced (`None`: chunked).
     pub length: Option<u64>,
-}
-
-/// Appends `n` in base `radix` (10 or 16, lowercase): lengths and chunk sizes on the wire.
-pub fn push_num(out: &mut impl bytes::BufMut, mut n: u64, radix: u64) {
-    let mut b = [0u8; 20];
-    let mut i = b.len();
-    loop {
-        i -= 1;
-        let d = (n % radix) as u8;
-        b[i] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
-        n /= radix;
-        if n == 0 {
-            break;
-        }
-    }
-    out.put_slice(&b[i..]);
 }
 
 /// Encodes a request head: the request line, `headers` except framing ones and those `skip`
@@ -483,48 +414,6 @@ async fn flush(conn: &mut Conn, queue: &mut Vec<Bytes>) -> Result<(), Error> {
     }
 }
 
-/// Writes all of `parts`, in order, with as few vectored writes as the socket takes; `write`
-/// makes one attempt (`Pending` when the socket is full). Both sides' connections send
-/// through here.
-pub async fn write_all_parts(
-    parts: &mut [&[u8]],
-    mut write: impl FnMut(&mut Context<'_>, &[IoSlice<'_>]) -> Poll<io::Result<usize>>,
-) -> io::Result<()> {
-    let mut first = 0;
-    loop {
-        while first < parts.len() && parts[first].is_empty() {
-            first += 1;
-        }
-        if first == parts.len() {
-            return Ok(());
-        }
-        let n = poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); 64];
-            let mut k = 0;
-            for p in parts[first..].iter().filter(|p| !p.is_empty()).take(64) {
-                slices[k] = IoSlice::new(p);
-                k += 1;
-            }
-            write(cx, &slices[..k])
-        })
-        .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let mut n = n;
-        while n > 0 {
-            let len = parts[first].len();
-            if n >= len {
-                n -= len;
-                first += 1;
-            } else {
-                parts[first] = &parts[first][n..];
-                n = 0;
-            }
-        }
-    }
-}
-
 /// Interim (1xx) responses skipped before a final one; more is a broken or hostile upstream
 /// keeping the exchange busy without answering.
 const MAX_INTERIM: usize = 32;
@@ -587,248 +476,6 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
         }
     }
 }
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
-    Done,
-}
-
-/// Chunk-extension bytes allowed in one message (hyper's limit): extensions carry nothing we
-/// use, and without a cap they are an unmetered stream inside a metered body.
-const MAX_CHUNK_EXT: usize = 16 * 1024;
-/// Trailer section limits (hyper's): bytes and fields.
-const MAX_TRAILER_BYTES: usize = 16 * 1024;
-const MAX_TRAILER_FIELDS: usize = 100;
-
-/// A chunked body being decoded (RFC 9112 §7.1), strictly: every line ends in CRLF, no
-/// control byte but HTAB appears in size lines or trailers (a bare LF or CR inside a chunk
-/// extension is how one request hides inside another for a lenient front proxy), and
-/// extensions and trailers have caps. `overhead` counts the framing bytes consumed (size
-/// lines, extensions, CRLFs, trailers), so a body limit can count wire bytes, not only data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Chunked {
-    pub state: Chunk,
-    ext_bytes: usize,
-    trailer_bytes: usize,
-    trailer_fields: usize,
-    pub overhead: u64,
-}
-
-impl Default for Chunked {
-    fn default() -> Self {
-        Chunked {
-            state: Chunk::Size,
-            ext_bytes: 0,
-            trailer_bytes: 0,
-            trailer_fields: 0,
-            overhead: 0,
-        }
-    }
-}
-
-/// A byte that may not appear in a size line or trailer field (CTLs but HTAB; RFC 9110 §5.5).
-fn is_ctl(c: u8) -> bool {
-    (c < 0x20 && c != b'\t') || c == 0x7f
-}
-
-impl Chunked {
-    pub fn is_done(&self) -> bool {
-        self.state == Chunk::Done
-    }
-
-    /// Decodes what `buf` holds, returning the next piece of data, `Ok(None)` when more input
-    /// is needed, and moving to `Done` after the last chunk and trailers.
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
-        loop {
-            match self.state {
-                Chunk::Size => {
-                    let Some(end) = find_crlf(buf) else {
-                        if buf.iter().any(|&c| is_ctl(c) && c != b'\r') {
-                            return Err("bad chunk size line");
-                        }
-                        return if buf.len() > MAX_CHUNK_LINE {
-                            Err("chunk size line too long")
-                        } else {
-                            Ok(None)
-                        };
-                    };
-                    let line = &buf[..end];
-                    if line.iter().any(|&c| is_ctl(c)) {
-                        return Err("bad chunk size line");
-                    }
-                    let hex_end = line
-                        .iter()
-                        .position(|c| !c.is_ascii_hexdigit())
-                        .unwrap_or(line.len());
-                    let digits = &line[..hex_end];
-                    if digits.is_empty() || digits.len() > 15 {
-                        return Err("bad chunk size");
-                    }
-                    let rest = &line[hex_end..];
-                    let ext = rest.trim_ascii_start();
-                    if !ext.is_empty() && ext[0] != b';' {
-                        return Err("bad chunk size");
-                    }
-                    self.ext_bytes += rest.len();
-                    if self.ext_bytes > MAX_CHUNK_EXT {
-                        return Err("chunk extensions too large");
-                    }
-                    let size = digits.iter().fold(0u64, |n, &c| {
-                        n * 16 + u64::from((c as char).to_digit(16).unwrap_or(0))
-                    });
-                    buf.advance(end + 2);
-                    self.overhead += end as u64 + 2;
-                    self.state = if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    };
-                }
-                Chunk::Data(left) => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let take = (left as usize).min(buf.len());
-                    let data = buf.split_to(take).freeze();
-                    let left = left - take as u64;
-                    self.state = if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    };
-                    return Ok(Some(data));
-                }
-                Chunk::DataEnd => {
-                    if buf.len() < 2 {
-                        if buf.first().is_some_and(|&c| c != b'\r') {
-                            return Err("chunk not followed by crlf");
-                        }
-                        return Ok(None);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err("chunk not followed by crlf");
-                    }
-                    buf.advance(2);
-                    self.overhead += 2;
-                    self.state = Chunk::Size;
-                }
-                Chunk::Trailers => {
-                    let Some(end) = find_crlf(buf) else {
-                        if buf.iter().any(|&c| is_ctl(c) && c != b'\r') {
-                            return Err("bad trailer field");
-                        }
-                        return if self.trailer_bytes + buf.len() > MAX_TRAILER_BYTES {
-                            Err("trailers too large")
-                        } else {
-                            Ok(None)
-                        };
-                    };
-                    if end > 0 {
-                        let line = &buf[..end];
-                        let colon = line.iter().position(|&c| c == b':');
-                        let name_ok =
-                            colon.is_some_and(|i| i > 0 && line[..i].iter().all(|&c| is_token(c)));
-                        if !name_ok || line.iter().any(|&c| is_ctl(c)) {
-                            return Err("bad trailer field");
-                        }
-                        self.trailer_fields += 1;
-                        if self.trailer_fields > MAX_TRAILER_FIELDS {
-                            return Err("too many trailer fields");
-                        }
-                    }
-                    self.trailer_bytes += end + 2;
-                    if self.trailer_bytes > MAX_TRAILER_BYTES {
-                        return Err("trailers too large");
-                    }
-                    buf.advance(end + 2);
-                    self.overhead += end as u64 + 2;
-                    if end == 0 {
-                        self.state = Chunk::Done;
-                    }
-                }
-                Chunk::Done => return Ok(None),
-            }
-        }
-    }
-}
-
-/// A `tchar` of RFC 9110 §5.6.2.
-fn is_token(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
-}
-
-fn find_crlf(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\r\n")
-}
-
-/// A deadline checked only when something would wait, with one timer kept across uses: the
-/// timer is moved only when it fires before the deadline in force (or is set after it), so
-/// a busy connection whose deadline moves on every request does not touch the timer wheel
-/// each time.
-#[derive(Default)]
-pub struct LazyDeadline {
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl LazyDeadline {
-    /// True once `at` has passed; otherwise the timer is registered with `cx`.
-    pub fn passed(&mut self, at: std::time::Instant, cx: &mut Context<'_>) -> bool {
-        let at = tokio::time::Instant::from_std(at);
-        let t = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-        if t.deadline() > at {
-            t.as_mut().reset(at);
-        }
-        loop {
-            if t.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if tokio::time::Instant::now() >= at {
-                return true;
-            }
-            t.as_mut().reset(at);
-        }
-    }
-}
-
-/// An idle deadline for a body stream: armed when a read starts waiting, cleared by progress.
-/// The `Sleep` is only registered with the timer wheel if a read actually has to wait.
-pub struct IdleTimer {
-    idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
-}
-
-impl IdleTimer {
-    pub fn new(idle: Duration) -> IdleTimer {
-        IdleTimer {
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
-            waiting: false,
-        }
-    }
-
-    /// Data arrived: the next wait starts a fresh period.
-    pub fn progress(&mut self) {
-        self.waiting = false;
-    }
-
-    /// Called when a read returned `Pending`: true once `idle` has passed without progress.
-    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.waiting {
-            self.waiting = true;
-            let deadline = tokio::time::Instant::now() + self.idle;
-            self.timer.as_mut().reset(deadline);
-        }
-        self.timer.as_mut().poll(cx).is_ready()
-    }
-}
-
 /// Where a finished connection goes: back to its pool if it is clean.
 pub type Release = Box<dyn FnOnce(Conn)>;
 
@@ -1011,17 +658,6 @@ mod tests {
     }
 
     #[test]
-    fn head_end_is_found_across_reads() {
-        let head = b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n";
-        assert!(!head_complete(&head[..head.len() - 1], 0));
-        for from in 0..head.len() {
-            assert!(head_complete(head, from), "from {from}");
-        }
-        assert!(head_complete(b"GET / HTTP/1.0\n\n", 14));
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: x\r\n", 0));
-    }
-
-    #[test]
     fn hop_by_hop_headers_stay_out() {
         let (_, h) = head(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n\
@@ -1050,93 +686,5 @@ mod tests {
         assert!(head("SSH-2.0-OpenSSH\r\n\r\n").is_err());
         let big = format!("HTTP/1.1 200 OK\r\nX: {}\r\n", "a".repeat(MAX_HEAD + 10));
         assert!(head(&big).is_err());
-    }
-
-    fn decode_all(input: &[u8]) -> Result<(Vec<u8>, Chunked), &'static str> {
-        let mut buf = BytesMut::from(input);
-        let mut st = Chunked::default();
-        let mut out = Vec::new();
-        loop {
-            match st.decode(&mut buf)? {
-                Some(d) => out.extend_from_slice(&d),
-                None => return Ok((out, st)),
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_decoding() {
-        let whole = b"5;ext=1\r\nhello\r\n6 ; a=\"b c\"\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
-        let (out, st) = decode_all(whole).unwrap();
-        assert_eq!(out, b"hello world");
-        assert!(st.is_done());
-        assert_eq!(st.overhead as usize, whole.len() - 11);
-        for bad in [
-            &b"zz\r\n"[..],
-            b"5\r\nhelloXX",
-            b"0x5\r\n",
-            b"\r\n",
-            b"2;\nxx\r\n",
-            b"2;a\rb\r\nxx\r\n",
-            b"2;a\0\r\nxx\r\n",
-            b"2\n",
-            b"2 x\r\n",
-            b"10000000000000000\r\n",
-            b"0\r\nX-T: a\0b\r\n\r\n",
-            b"0\r\nno colon\r\n\r\n",
-            b"0\r\n folded: x\r\n\r\n",
-        ] {
-            assert!(
-                decode_all(bad).is_err(),
-                "{:?} should fail",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
-    #[test]
-    fn chunk_extensions_and_trailers_have_caps() {
-        let ext = format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(4000));
-        assert!(decode_all(ext.as_bytes()).is_ok());
-        let many: String = (0..5)
-            .map(|_| format!("1;{}\r\nx\r\n", "e".repeat(4000)))
-            .collect();
-        assert_eq!(
-            decode_all(many.as_bytes()).unwrap_err(),
-            "chunk extensions too large"
-        );
-        let fields: String = (0..101).map(|i| format!("t{i}: v\r\n")).collect();
-        let body = format!("0\r\n{fields}\r\n");
-        assert_eq!(
-            decode_all(body.as_bytes()).unwrap_err(),
-            "too many trailer fields"
-        );
-        let big = format!("0\r\nt: {}\r\n\r\n", "v".repeat(17 * 1024));
-        assert_eq!(
-            decode_all(big.as_bytes()).unwrap_err(),
-            "trailers too large"
-        );
-        // Refused while still arriving, not only once its line ends.
-        let partial = format!("0\r\nt: {}", "v".repeat(17 * 1024));
-        assert_eq!(
-            decode_all(partial.as_bytes()).unwrap_err(),
-            "trailers too large"
-        );
-    }
-
-    #[test]
-    fn chunked_decoding_across_reads() {
-        let whole = b"3\r\nabc\r\n0\r\n\r\n";
-        let mut buf = BytesMut::new();
-        let mut st = Chunked::default();
-        let mut out = Vec::new();
-        for b in whole {
-            buf.extend_from_slice(&[*b]);
-            while let Some(d) = st.decode(&mut buf).unwrap() {
-                out.extend_from_slice(&d);
-            }
-        }
-        assert_eq!(out, b"abc");
-        assert!(st.is_done());
     }
 }

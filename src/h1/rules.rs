@@ -1,9 +1,12 @@
 //! HTTP rules that hyper leaves to us: request validation, hop-by-hop headers, query strings.
 //! Plain Rust with no Lua in sight, so `cargo test` covers all of it.
 
-use crate::headers::Headers;
+use super::headers::Headers;
 use hyper::{Method, StatusCode, Version};
 use std::time::Duration;
+
+/// The most header fields a request may have (`max_headers`): the parser's array holds this.
+pub const MAX_HEADERS_CAP: usize = 1024;
 
 /// What every request of a server carries: the limits applied before the policy sees it
 /// and the defaults its upstream exchanges use (`settings.rs` fills it from nginx-named

@@ -7,11 +7,10 @@
 //! the policy (or `req:proxy`) asks for it, and a response goes out in one write when its
 //! body is ready. The framing rules of docs/architecture.md are enforced on the way in.
 
-use crate::h1client::{
-    head_complete, io_reason, push_num, write_all_parts, Chunked, IdleTimer, LazyDeadline,
-};
-use crate::headers::{field_at, Headers};
-use crate::http::{self, Limits, Reject};
+use super::chunked::Chunked;
+use super::headers::{field_at, Headers};
+use super::io::{head_complete, io_reason, push_num, write_all_parts, IdleTimer, LazyDeadline};
+use super::rules::{self, Limits, Reject};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{Method, StatusCode, Uri, Version};
@@ -72,7 +71,7 @@ impl ClientConn {
 
     /// Reads what the socket has into `buf`; `Ok(0)` is end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        crate::h1client::poll_fill(&mut self.stream, &mut self.buf, cx)
+        super::io::poll_fill(&mut self.stream, &mut self.buf, cx)
     }
 
     /// True when nothing of the current request's body is left on the wire.
@@ -109,7 +108,7 @@ pub struct RequestHead {
     pub uri: Uri,
     pub version: Version,
     pub headers: Headers,
-    /// The path normalized as nginx's `$uri` (`http::normalize_path`), when it differs from
+    /// The path normalized as nginx's `$uri` (`rules::normalize_path`), when it differs from
     /// the target's.
     pub path: Option<Bytes>,
     /// The client allows another request on this connection after this one.
@@ -185,7 +184,7 @@ pub fn parse_request(
     limits: &Limits,
 ) -> Result<Option<(usize, RequestHead)>, HeadError> {
     // Uninitialized: zeroing the whole array was a 3 KB memset per parse.
-    let mut hdrs = [const { std::mem::MaybeUninit::uninit() }; crate::settings::MAX_HEADERS_CAP];
+    let mut hdrs = [const { std::mem::MaybeUninit::uninit() }; rules::MAX_HEADERS_CAP];
     let mut req = httparse::Request::new(&mut []);
     // A request line still open past max_line is refused before it grows further.
     if buf.len() > limits.max_line && !buf[..=limits.max_line].contains(&b'\n') {
@@ -267,7 +266,7 @@ pub fn parse_request(
                 return Err(bad(StatusCode::BAD_REQUEST, "bad request target"));
             }
             match u.authority().map(|a| a.as_str()) {
-                Some(a) if http::valid_host(a.as_bytes()) => {
+                Some(a) if rules::valid_host(a.as_bytes()) => {
                     authority = Some(Bytes::copy_from_slice(a.as_bytes()))
                 }
                 _ => return Err(bad(StatusCode::BAD_REQUEST, "bad request target")),
@@ -283,7 +282,7 @@ pub fn parse_request(
     // httparse let only token names and values without control characters through: the
     // fields stay raw lines of the copy (see `headers`).
     let mut at = Vec::with_capacity(req.headers.len());
-    let mut facts = http::HeadFacts::default();
+    let mut facts = rules::HeadFacts::default();
     let mut too_long = false;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -302,7 +301,7 @@ pub fn parse_request(
     }
     let mut headers = Headers::Raw { buf: head, at };
     facts.finish();
-    http::validate_request(&method, &uri, version, &facts, limits).map_err(HeadError::Bad)?;
+    rules::validate_request(&method, &uri, version, &facts, limits).map_err(HeadError::Bad)?;
     // The fields the client's `Connection` names are its hop-by-hop ones: gone before the
     // policy runs, so what the policy sets under those names is forwarded.
     for name in &facts.connection_named {
@@ -314,7 +313,7 @@ pub fn parse_request(
             m.insert(hyper::header::HOST, v);
         }
     }
-    let path = http::normalize_path(uri.path().as_bytes())
+    let path = rules::normalize_path(uri.path().as_bytes())
         .map_err(|why| bad(StatusCode::BAD_REQUEST, why))?
         .map(Bytes::from);
     let framing = match facts.length {
