@@ -6,42 +6,13 @@
 //! on any worker, waits on a `watch` channel for its outcome. If the owner vanishes (its
 //! request was aborted), the channel closes and a waiter claims the key in its place.
 
-use crate::h1::headers::Headers;
 use crate::shdict::{self, Mode, Store, Val, ValRef};
 use crate::shdict_lua;
-use bytes::Bytes;
 use mlua::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// An upstream response kept in a cache: status, headers and the whole body.
-#[derive(Debug, PartialEq)]
-pub struct CachedResponse {
-    pub status: u16,
-    pub headers: Headers,
-    pub body: Bytes,
-}
-
-impl CachedResponse {
-    pub fn size(&self) -> usize {
-        64 + self.body.len()
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 32)
-                .sum::<usize>()
-    }
-}
-
-/// A fresh `res` userdata for a cached response (body already read; replayable by returning
-/// it from a handler).
-pub fn response_to_lua(lua: &Lua, r: &Arc<CachedResponse>) -> LuaResult<LuaValue> {
-    Ok(LuaValue::UserData(lua.create_userdata(
-        crate::upstream::Response::from_cached(r),
-    )?))
-}
 
 /// Entry flag of a remembered failure (`opts.neg_ttl`): the value is the error string.
 const NEGATIVE: u32 = 1;
@@ -250,8 +221,8 @@ async fn run_fetch(
             let v = vals.pop_front().unwrap_or(LuaValue::Nil);
             let err = vals.pop_front().unwrap_or(LuaValue::Nil);
             let ttl_override = match vals.pop_front() {
-                Some(LuaValue::Integer(i)) => shdict_lua::ttl_secs(i as f64).ok(),
-                Some(LuaValue::Number(n)) => shdict_lua::ttl_secs(n).ok(),
+                Some(LuaValue::Integer(i)) => shdict::ttl_secs(i as f64).ok(),
+                Some(LuaValue::Number(n)) => shdict::ttl_secs(n).ok(),
                 _ => None,
             };
             if v.is_nil() {

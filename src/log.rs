@@ -18,6 +18,20 @@ pub const DEBUG: u8 = 8;
 
 static LEVEL: AtomicU8 = AtomicU8::new(NOTICE);
 
+thread_local! {
+    static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The server worker index of this thread (`None` on the thread that runs `main.lua`): named
+/// in every log line.
+pub fn worker_id() -> Option<usize> {
+    WORKER.with(|w| w.get())
+}
+
+pub fn set_worker_id(id: usize) {
+    WORKER.with(|w| w.set(Some(id)));
+}
+
 fn level_name(level: u8) -> &'static str {
     match level {
         0 | 1 => "emerg",
@@ -67,7 +81,7 @@ pub fn log(level: u8, msg: &str) {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let who = crate::runtime::worker_id()
+    let who = worker_id()
         .map(|w| format!("w{w}"))
         .unwrap_or_else(|| "main".into());
     let line = format!(

@@ -25,17 +25,10 @@ impl LoopState {
 
 thread_local! {
     static LOOP: RefCell<Option<Rc<LoopState>>> = const { RefCell::new(None) };
-    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
-/// The server worker index of this thread (`None` on the thread that runs `main.lua`).
-pub fn worker_id() -> Option<usize> {
-    WORKER.with(|w| w.get())
-}
-
-pub fn set_worker_id(id: usize) {
-    WORKER.with(|w| w.set(Some(id)));
-}
+// Which worker a thread is lives with the log, the lowest module that needs it.
+pub use crate::log::{set_worker_id, worker_id};
 
 pub fn in_loop() -> bool {
     LOOP.with(|l| l.borrow().is_some())

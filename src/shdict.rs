@@ -9,6 +9,8 @@
 //! walks it from the oldest end and moves any entry read since it was indexed to its real place
 //! before judging it.
 
+use crate::h1::headers::Headers;
+use bytes::Bytes;
 use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::{Deref, DerefMut};
@@ -26,7 +28,7 @@ pub enum Val {
     /// A Lua table copied in (keys and values are themselves `Val`s); copied out on read.
     Table(Vec<(Val, Val)>),
     /// A buffered upstream response (only `luaproxy.cache` stores these); shared, not copied.
-    Resp(Arc<crate::cache::CachedResponse>),
+    Resp(Arc<CachedResponse>),
 }
 
 impl Val {
@@ -1110,6 +1112,43 @@ pub fn create(name: &str, capacity: usize) -> Result<Arc<Store>, String> {
             Ok(d)
         },
     )
+}
+
+/// An upstream response kept in a dict or cache: status, headers and the whole body. Plain
+/// data: the store holds it without knowing the cache or the Lua response object.
+#[derive(Debug, PartialEq)]
+pub struct CachedResponse {
+    pub status: u16,
+    pub headers: Headers,
+    pub body: Bytes,
+}
+
+impl CachedResponse {
+    pub fn size(&self) -> usize {
+        64 + self.body.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 32)
+                .sum::<usize>()
+    }
+}
+
+/// The longest key a dict takes (ngx.shared.DICT's limit).
+pub const MAX_KEY_LEN: usize = 65535;
+
+/// An exptime in seconds: `Ok(None)` for 0 (never expires), clamped like every number of
+/// seconds (`units::seconds`).
+pub fn ttl_secs(t: f64) -> Result<Option<Duration>, &'static str> {
+    if t == 0.0 {
+        // Most writes never expire: skip the float-to-Duration conversion.
+        return Ok(None);
+    }
+    match crate::units::seconds(t) {
+        Some(d) if d.is_zero() => Ok(None),
+        Some(d) => Ok(Some(d)),
+        None => Err("exptime must be a number of seconds >= 0"),
+    }
 }
 
 /// Parses `1048576`, `"512k"`, `"10m"`, `"1g"` (`units::parse_size`, as a `usize`).

@@ -41,7 +41,7 @@ thread_local! {
 /// # Safety
 /// `key` points to `klen` readable bytes.
 unsafe fn key<'a>(key: *const u8, klen: usize) -> Option<&'a [u8]> {
-    if key.is_null() || klen == 0 || klen > crate::shdict_lua::MAX_KEY_LEN {
+    if key.is_null() || klen == 0 || klen > shdict::MAX_KEY_LEN {
         return None;
     }
     Some(std::slice::from_raw_parts(key, klen))
@@ -56,7 +56,7 @@ fn number(n: f64) -> Val {
 }
 
 fn ttl(t: f64) -> Option<Option<Duration>> {
-    crate::shdict_lua::ttl_secs(t).ok()
+    shdict::ttl_secs(t).ok()
 }
 
 /// `get`/`get_stale`: 0 missing, 1 string (`str`, `len`), 2 number (`num`), 3 boolean

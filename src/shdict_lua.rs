@@ -13,7 +13,7 @@
 //! at worst leaks a buffer. And misuse errors are raised only after every Rust value is
 //! dropped (`raise`).
 
-use crate::shdict::{self, Lease, Mode, Store, Val, ValRef};
+use crate::shdict::{self, ttl_secs, CachedResponse, Lease, Mode, Store, Val, ValRef, MAX_KEY_LEN};
 use mlua::ffi;
 use mlua::prelude::*;
 use std::cell::Cell;
@@ -22,7 +22,6 @@ use std::time::Duration;
 
 /// Nesting allowed in table values (deeper, or a cycle, is refused).
 const MAX_TABLE_DEPTH: usize = 100;
-pub(crate) const MAX_KEY_LEN: usize = 65535;
 const METATABLE_KEY: &str = "luaproxy.shared.DICT";
 
 thread_local! {
@@ -103,21 +102,16 @@ pub fn from_val(lua: &Lua, v: Val) -> LuaResult<LuaValue> {
             }
             LuaValue::Table(t)
         }
-        Val::Resp(r) => crate::cache::response_to_lua(lua, &r)?,
+        Val::Resp(r) => response_to_lua(lua, &r)?,
     })
 }
 
-/// An exptime: `Ok(None)` for 0 (never expires), clamped like every number of seconds.
-pub(crate) fn ttl_secs(t: f64) -> Result<Option<Duration>, &'static str> {
-    if t == 0.0 {
-        // Most writes never expire: skip the float-to-Duration conversion.
-        return Ok(None);
-    }
-    match crate::runtime::seconds(t) {
-        Some(d) if d.is_zero() => Ok(None),
-        Some(d) => Ok(Some(d)),
-        None => Err("exptime must be a number of seconds >= 0"),
-    }
+/// A fresh `res` userdata for a cached response (body already read; replayable by returning
+/// it from a handler).
+pub fn response_to_lua(lua: &Lua, r: &std::sync::Arc<CachedResponse>) -> LuaResult<LuaValue> {
+    Ok(LuaValue::UserData(lua.create_userdata(
+        crate::upstream::Response::from_cached(r),
+    )?))
 }
 
 pub fn ttl_arg(t: Option<f64>) -> LuaResult<Option<Duration>> {
