@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Checks the layering of src/: no import circle among modules, and no module over 700 lines
-unless its first lines give a reason ("size:" in a //! line). Modules are files (src/a.rs is
+unless its first lines give a reason ("size:" in a //! line). With --sizes-warn, oversized
+modules are listed but do not fail the check (while the layout issue splits them). Modules are files (src/a.rs is
 `a`, src/h1/io.rs is `h1::io`, a folder's mod.rs is the folder); an edge A -> B is any
 `crate::B` path in A (use lines and inline paths), and `super::x` inside a folder. Exits 1
 with the circles and oversized files listed."""
@@ -81,13 +82,14 @@ def main():
         for a in comp:
             for b in sorted(g[a] & set(comp)):
                 print(f"    {a} -> {b}")
+    warn_only = "--sizes-warn" in sys.argv
     for m, path in sorted(mods.items()):
         lines = open(path, encoding="utf-8").read().split("\n")
         if len(lines) > MAX_LINES and not any(l.startswith("//!") and "size:" in l for l in lines[:40]):
-            bad = True
+            bad = bad or not warn_only
             print(f"{os.path.relpath(path, os.path.dirname(ROOT))}: {len(lines)} lines (over {MAX_LINES}, no 'size:' reason in its header)")
     if bad:
         sys.exit(1)
-    print(f"layers: {len(mods)} modules, no import circle, none over {MAX_LINES} lines without a reason")
+    print(f"layers: {len(mods)} modules, no import circle")
 
 main()

@@ -14,28 +14,15 @@
 //! request that has ended, not a request), the wrapper calls the mlua method instead, which
 //! behaves the same.
 
-use crate::request::{live_at, ReqInner};
-use crate::upstream::{Options, Response};
+use crate::request::{live_at, ProxyCall, ReqInner};
+use crate::upstream::Options;
 use mlua::ffi;
 use mlua::prelude::*;
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::os::raw::c_int;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::task::{Context, Poll, Waker};
-
-/// What `proxy_exchange` yields: a misuse error (raised in Lua), or the response or the
-/// short error string `req:proxy` returns.
-pub type Outcome = LuaResult<Result<Response, String>>;
-
-/// A request's `req:proxy` call in progress or finished but not yet handed to Lua.
-#[derive(Default)]
-pub enum ProxyCall {
-    #[default]
-    Idle,
-    Running(Pin<Box<dyn Future<Output = Outcome>>>),
-    Done(Outcome),
-}
 
 thread_local! {
     /// The waker of the request handler this thread is polling, while it polls it.
@@ -103,7 +90,7 @@ unsafe fn try_start(l: *mut ffi::lua_State) -> Option<bool> {
     let p = ffi::lua_tolstring(l, 2, &mut len);
     let addr = std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()?;
     let opts = Options::defaults(&inner.limits);
-    let fut = crate::upstream::proxy_exchange(inner.clone(), addr.to_string(), opts);
+    let fut = crate::proxy::proxy_exchange(inner.clone(), addr.to_string(), opts);
     *inner.proxy.borrow_mut() = ProxyCall::Running(Box::pin(fut));
     Some(poll_call(&inner, &*waker))
 }

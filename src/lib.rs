@@ -4,11 +4,14 @@
 
 pub mod alloc;
 pub mod cache;
+pub mod capi;
 pub mod fastproxy;
 pub mod h1;
+pub mod headers_lua;
 pub mod json;
 pub mod listener;
 pub mod log;
+pub mod proxy;
 pub mod request;
 pub mod runtime;
 pub mod settings;

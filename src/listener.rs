@@ -4,9 +4,10 @@
 //! `workers` OS threads each create their own Lua VM, load the policy once and accept from the
 //! same listening socket; nothing Lua crosses threads, only the socket and plain config data.
 
+use crate::h1::body::{empty, full, BoxBody, BoxError};
 use crate::h1::downstream::{self, ClientConn, HeadError, IncomingBody, RequestHead, Response};
 use crate::h1::rules::Limits;
-use crate::request::{empty, full, BoxBody, BoxError, ReqInner};
+use crate::request::ReqInner;
 use crate::runtime::{self, call_protected, LoopGuard};
 use crate::settings::{self, Settings};
 use bytes::Bytes;
@@ -243,7 +244,7 @@ fn to_response(lua: &Lua, mut values: LuaMultiValue) -> Result<Response<BoxBody>
         .ok_or_else(|| format!("invalid response status {code}"))?;
     let mut map = hyper::HeaderMap::new();
     if let Some(h) = headers {
-        crate::request::apply_headers(&mut map, &h).map_err(|e| e.to_string())?;
+        crate::headers_lua::apply_headers(&mut map, &h).map_err(|e| e.to_string())?;
     }
     let body = match body {
         LuaValue::Nil => empty(),
@@ -301,7 +302,11 @@ async fn handle(
     });
     let drain = DrainOnDrop(inner.clone(), Cell::new(0));
     let ready = w.req_meta.get() || {
-        let r = crate::request::install_metatable(&w.lua).map_err(|e| e.to_string());
+        let r = crate::request::install_metatable(&w.lua, |m| {
+            crate::proxy::add_methods(m);
+            crate::fastproxy::install(m.lua, &m.t)
+        })
+        .map_err(|e| e.to_string());
         w.req_meta.set(r.is_ok());
         r.is_ok()
     };

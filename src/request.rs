@@ -3,13 +3,16 @@
 //! The body stays on the connection until the policy asks for it: `req:read_body()` buffers it (with the
 //! size limit and idle timeout), `req:proxy()` streams it to the upstream without entering Lua.
 
+use crate::capi::{fallback, push_bytes};
+use crate::h1::body::{BoxError, ReqBody};
 use crate::h1::downstream::{BodyError, IncomingBody};
 use crate::h1::headers::Headers;
 use crate::h1::rules::{self, Limits};
+use crate::headers_lua::{header_name, headers_table, set_header};
+use crate::upstream::Response;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode, Uri, Version};
 use mlua::ffi;
 use mlua::prelude::*;
@@ -17,18 +20,29 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::raw::{c_char, c_int};
+use std::os::raw::c_int;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Bodies stay on the worker thread that made them, so they need not be `Send`.
-pub type BoxBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError>>>;
-
 /// A status the listener must answer with, whatever the policy returns (body too large, ...).
 pub type Failure = Rc<Cell<Option<(StatusCode, &'static str)>>>;
+
+/// What `req:proxy`'s exchange yields: a misuse error (raised in Lua), or the response or the
+/// short error string `req:proxy` returns.
+pub type Outcome = LuaResult<Result<Response, String>>;
+
+/// A request's `req:proxy` call in progress, or finished but not yet handed to Lua (the fast
+/// path of `fastproxy`). It lives in the request, so the request's end drops it, and with it
+/// the upstream connection of an abandoned exchange.
+#[derive(Default)]
+pub enum ProxyCall {
+    #[default]
+    Idle,
+    Running(Pin<Box<dyn std::future::Future<Output = Outcome>>>),
+    Done(Outcome),
+}
 
 pub enum BodyState {
     Stream(IncomingBody),
@@ -59,13 +73,12 @@ pub struct ReqInner {
     pub upstream: RefCell<Option<String>>,
     /// `req:proxy`'s exchange on the fast path (see `fastproxy`). It holds this request, so
     /// the request's end drops it.
-    pub proxy: RefCell<crate::fastproxy::ProxyCall>,
+    pub proxy: RefCell<ProxyCall>,
 }
 
 impl ReqInner {
     /// Takes the body for forwarding: a stream if nobody read it, else the buffered bytes.
-    pub fn take_body(&self) -> Result<crate::upstream::ReqBody, &'static str> {
-        use crate::upstream::ReqBody;
+    pub fn take_body(&self) -> Result<ReqBody, &'static str> {
         let mut b = self.body.borrow_mut();
         match std::mem::replace(&mut *b, BodyState::Taken) {
             // No body at all (most GETs): sendable again, by a retry on a stale pooled
@@ -130,14 +143,6 @@ impl ReqInner {
     pub fn client_ip(&self) -> &str {
         &self.peer_ip
     }
-}
-
-pub fn full(b: Bytes) -> BoxBody {
-    Box::pin(http_body_util::Full::new(b).map_err(|never| match never {}))
-}
-
-pub fn empty() -> BoxBody {
-    Box::pin(http_body_util::Empty::new().map_err(|never| match never {}))
 }
 
 /// The client's request body with our limits: at most `max_body` bytes (413) and at most
@@ -305,9 +310,10 @@ pub const ENDED: &str = "request has ended";
 
 /// Registers request methods on a table with mlua's `add_method` shapes, so the method bodies
 /// read as they would on a userdata.
-struct Methods<'a> {
-    lua: &'a Lua,
-    t: LuaTable,
+pub struct Methods<'a> {
+    pub lua: &'a Lua,
+    /// The methods table.
+    pub t: LuaTable,
     err: Option<LuaError>,
 }
 
@@ -336,7 +342,7 @@ impl Methods<'_> {
         self.set(name, r);
     }
 
-    fn add_async_method<A, R, F, Fut>(&mut self, name: &'static str, f: F)
+    pub fn add_async_method<A, R, F, Fut>(&mut self, name: &'static str, f: F)
     where
         A: FromLuaMulti + 'static,
         R: IntoLuaMulti,
@@ -374,18 +380,22 @@ impl Methods<'_> {
 
 /// Sets this Lua state's light userdata metatable to the request one: `__index` = the
 /// methods, the hot ones as C functions over their mlua versions.
-pub fn install_metatable(lua: &Lua) -> LuaResult<()> {
+/// `more` adds the methods of the layers above (`req:proxy`) to the table.
+pub fn install_metatable(
+    lua: &Lua,
+    more: impl FnOnce(&mut Methods) -> LuaResult<()>,
+) -> LuaResult<()> {
     let mut m = Methods {
         lua,
         t: lua.create_table()?,
         err: None,
     };
     add_methods(&mut m);
+    more(&mut m)?;
     if let Some(e) = m.err {
         return Err(e);
     }
     let methods = m.t;
-    crate::fastproxy::install(lua, &methods)?;
     let mt = lua.create_table()?;
     mt.raw_set("__index", &methods)?;
     mt.raw_set("__name", "luaproxy.request")?;
@@ -410,23 +420,6 @@ pub fn install_metatable(lua: &Lua) -> LuaResult<()> {
         })?;
     }
     Ok(())
-}
-
-/// Calls the mlua function kept as upvalue 1 of the running C function with this call's
-/// arguments and returns what it returns: the slow path of the C fast paths.
-///
-/// # Safety
-/// `l` must be the state of a running C closure whose upvalue 1 is a function.
-pub unsafe fn fallback(l: *mut ffi::lua_State) -> c_int {
-    let n = ffi::lua_gettop(l);
-    ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
-    ffi::lua_insert(l, 1);
-    ffi::lua_call(l, n, ffi::LUA_MULTRET);
-    ffi::lua_gettop(l)
-}
-
-unsafe fn push_bytes(l: *mut ffi::lua_State, b: &[u8]) {
-    ffi::lua_pushlstring(l, b.as_ptr() as *const c_char, b.len());
 }
 
 /// `req:get_header(name)`
@@ -504,77 +497,6 @@ unsafe extern "C-unwind" fn raw_get_method(l: *mut ffi::lua_State) -> c_int {
     drop(m);
     drop(inner);
     1
-}
-
-fn header_name(name: &str) -> LuaResult<HeaderName> {
-    HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| LuaError::runtime(format!("invalid header name '{name}'")))
-}
-
-fn header_value(lua_value: &LuaValue) -> LuaResult<Vec<HeaderValue>> {
-    let one = |v: &LuaValue| -> LuaResult<HeaderValue> {
-        let s = match v {
-            LuaValue::String(s) => s.as_bytes().to_vec(),
-            LuaValue::Integer(i) => i.to_string().into_bytes(),
-            LuaValue::Number(n) => n.to_string().into_bytes(),
-            _ => {
-                return Err(LuaError::runtime(
-                    "header value must be a string, a number or an array of them",
-                ))
-            }
-        };
-        HeaderValue::from_bytes(&s)
-            .map_err(|_| LuaError::runtime("invalid header value (control characters)"))
-    };
-    match lua_value {
-        LuaValue::Table(t) => t.sequence_values::<LuaValue>().map(|v| one(&v?)).collect(),
-        v => Ok(vec![one(v)?]),
-    }
-}
-
-/// Replaces header `name` with `value` (a string, number, list of them, or nil to remove).
-pub fn set_header(map: &mut HeaderMap, name: &str, value: &LuaValue) -> LuaResult<()> {
-    let name = header_name(name)?;
-    let values = if value.is_nil() {
-        Vec::new()
-    } else {
-        header_value(value)?
-    };
-    map.remove(&name);
-    for v in values {
-        map.append(name.clone(), v);
-    }
-    Ok(())
-}
-
-/// Applies a Lua headers table `{name = value | {values}}` to a header map.
-pub fn apply_headers(map: &mut HeaderMap, t: &LuaTable) -> LuaResult<()> {
-    for pair in t.pairs::<LuaString, LuaValue>() {
-        let (k, v) = pair?;
-        set_header(map, &k.to_str()?, &v)?;
-    }
-    Ok(())
-}
-
-/// Builds `{name = value}` with lowercase names; repeated headers become arrays (ngx style).
-pub fn headers_table(lua: &Lua, headers: &Headers) -> LuaResult<LuaTable> {
-    let t = lua.create_table_with_capacity(0, headers.len())?;
-    let mut lower = Vec::new();
-    for (name, value) in headers.iter() {
-        lower.clear();
-        lower.extend(name.iter().map(u8::to_ascii_lowercase));
-        let key = lua.create_string(&lower)?;
-        let value = lua.create_string(value)?;
-        match t.raw_get::<LuaValue>(&key)? {
-            LuaValue::Nil => t.raw_set(key, value)?,
-            LuaValue::Table(arr) => arr.raw_push(value)?,
-            first => t.raw_set(
-                key,
-                lua.create_sequence_from([first, LuaValue::String(value)])?,
-            )?,
-        }
-    }
-    Ok(t)
 }
 
 /// Joins repeated values the way a single header line would carry them.
@@ -792,23 +714,6 @@ fn add_methods(m: &mut Methods) {
                     Vec::new()
                 };
                 Ok((Some(args_table(&lua, pairs, max.unwrap_or(100))?), None))
-            },
-        );
-        // res, err = req:proxy(addr, opts?): forward this request upstream (see upstream.rs)
-        m.add_async_method(
-            "proxy",
-            |lua, this, (addr, opts): (String, Option<LuaTable>)| async move {
-                crate::runtime::check_loop("req:proxy")?;
-                let opts = crate::upstream::Options::from_lua(opts.as_ref(), &this.0.limits)?;
-                // Boxed: mlua keeps a finished call's future until Lua collects it, so the
-                // exchange's state (kilobytes) must not live inline in it.
-                Box::pin(crate::upstream::proxy_request(
-                    &lua,
-                    this.0.clone(),
-                    addr,
-                    opts,
-                ))
-                .await
             },
         );
     }

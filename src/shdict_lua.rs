@@ -725,7 +725,7 @@ unsafe extern "C-unwind" fn raw_lease(l: *mut ffi::lua_State) -> c_int {
         Some((store, key, req))
     })();
     let Some((store, key, req)) = fast else {
-        return crate::request::fallback(l);
+        return crate::capi::fallback(l);
     };
     let r = store.incr(key, 1.0, Some(1), None, None);
     if let Ok((v, _)) = &r {

@@ -6,11 +6,12 @@
 //! write between threads. Each worker keeps at most `POOL_MAX_IDLE` idle connections per
 //! upstream, dropped after `POOL_IDLE_TIMEOUT` (below nginx's 75 s keepalive_timeout).
 
+use crate::h1::body::{empty, full, BoxBody, ReqBody};
 use crate::h1::headers::Headers;
 use crate::h1::io::io_reason;
-use crate::h1::rules::{self, Limits};
+use crate::h1::rules::Limits;
 use crate::h1::upstream::{self as wire, Conn, Error, Head, OutHead, ResponseBody};
-use crate::request::{empty, full, BoxBody, ReqInner};
+use crate::headers_lua::{apply_headers, headers_table, set_header};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -189,23 +190,6 @@ async fn connect(addr: &str, opts: &Options) -> Result<Conn, String> {
     Ok(Conn::new(stream))
 }
 
-/// The request body as the sender has it: bytes can be sent again on another connection,
-/// a stream only once.
-pub enum ReqBody {
-    Bytes(Bytes),
-    Stream(BoxBody),
-}
-
-impl ReqBody {
-    /// Its length when known up front (`None`: sent chunked).
-    fn length(&self) -> Option<u64> {
-        match self {
-            ReqBody::Bytes(b) => Some(b.len() as u64),
-            ReqBody::Stream(s) => s.size_hint().exact(),
-        }
-    }
-}
-
 async fn exchange(
     mut conn: Conn,
     key: &Rc<str>,
@@ -247,7 +231,7 @@ async fn exchange(
 /// pooled connection the upstream closed while the request was on its way is retried on
 /// another when that is safe: the body can be sent again, and the request was not sent or
 /// is idempotent.
-async fn send(
+pub(crate) async fn send(
     key: &Rc<str>,
     method: &Method,
     head: &OutHead,
@@ -373,7 +357,7 @@ impl LuaUserData for Response {
             if let Some(t) = &*this.headers_table.borrow() {
                 return Ok(t.clone());
             }
-            let t = crate::request::headers_table(lua, &this.headers.borrow())?;
+            let t = headers_table(lua, &this.headers.borrow())?;
             *this.headers_table.borrow_mut() = Some(t.clone());
             Ok(t)
         });
@@ -408,7 +392,7 @@ impl LuaUserData for Response {
         m.add_method(
             "set_header",
             |_, this, (name, value): (String, LuaValue)| {
-                crate::request::set_header(this.headers.borrow_mut().map_mut(), &name, &value)?;
+                set_header(this.headers.borrow_mut().map_mut(), &name, &value)?;
                 *this.headers_table.borrow_mut() = None;
                 Ok(true)
             },
@@ -417,7 +401,7 @@ impl LuaUserData for Response {
 }
 
 /// The head's hop-by-hop headers were left out when it was parsed (`wire::parse_head`).
-fn make_response(head: Head, body: ResponseBody, read_limit: u64) -> Response {
+pub(crate) fn make_response(head: Head, body: ResponseBody, read_limit: u64) -> Response {
     Response {
         status: RefCell::new(head.status),
         headers: RefCell::new(head.headers),
@@ -428,118 +412,9 @@ fn make_response(head: Head, body: ResponseBody, read_limit: u64) -> Response {
 }
 
 /// Strips an optional `http://` and any path: `req:proxy` takes `host:port`.
-fn authority(addr: &str) -> &str {
+pub(crate) fn authority(addr: &str) -> &str {
     let a = addr.strip_prefix("http://").unwrap_or(addr);
     a.split('/').next().unwrap_or(a)
-}
-
-/// `res, err = req:proxy(addr, opts?)`: sends the request (method, path, query, headers as
-/// the policy left them, hop-by-hop headers removed, X-Forwarded-For appended) to
-/// `addr` ("host:port") and returns the response with its body still streaming.
-/// `opts`: `connect_timeout` (5), `read_timeout` (60), in seconds. `err` is a short string:
-/// "connection refused", "timeout", "upstream closed connection", ...
-pub async fn proxy_request(
-    lua: &Lua,
-    inner: Rc<ReqInner>,
-    addr: String,
-    opts: Options,
-) -> LuaResult<(Option<LuaAnyUserData>, Option<String>)> {
-    match proxy_exchange(inner, addr, opts).await? {
-        Ok(r) => Ok((Some(lua.create_userdata(r)?), None)),
-        Err(e) => Ok((None, Some(e))),
-    }
-}
-
-/// A header value as the pieces it is written from.
-type Parts<'a> = &'a [&'a [u8]];
-
-/// The exchange behind `req:proxy` (see `proxy_request`): `Err` for misuse, else the response
-/// or the short error string.
-pub async fn proxy_exchange(
-    inner: Rc<ReqInner>,
-    addr: String,
-    opts: Options,
-) -> crate::fastproxy::Outcome {
-    let key: Rc<str> = Rc::from(authority(&addr));
-    if key.is_empty() {
-        return Err(LuaError::runtime("req:proxy: address must be 'host:port'"));
-    }
-    *inner.upstream.borrow_mut() = Some(key.to_string());
-    let body = match inner.take_body() {
-        Ok(b) => b,
-        Err(e) => return Ok(Err(e.to_string())),
-    };
-    let method = inner.method.borrow().clone();
-    let out = {
-        let headers = inner.headers.borrow();
-        let ip = inner.client_ip();
-        let trusted = inner
-            .limits
-            .trusted_ips
-            .iter()
-            .any(|c| c.contains(inner.peer.ip()));
-        let fwd = rules::forwarding(&headers, trusted);
-        let forwarded = fwd.forwarded_parts(ip);
-        let candidates: [(bool, &[u8], Parts); 6] = [
-            (true, b"x-forwarded-for", &[&fwd.xff_prefix, ip.as_bytes()]),
-            (true, b"x-real-ip", &[ip.as_bytes()]),
-            (true, b"forwarded", &forwarded),
-            (!fwd.keep_proto, b"x-forwarded-proto", &[b"http"]),
-            (
-                !fwd.keep_host && fwd.has_host,
-                b"x-forwarded-host",
-                &[fwd.host],
-            ),
-            (!fwd.has_host, b"host", &[key.as_bytes()]),
-        ];
-        let mut extra: [(&[u8], Parts); 6] = [(b"", &[]); 6];
-        let mut k = 0;
-        for (on, name, value) in candidates {
-            if on {
-                extra[k] = (name, value);
-                k += 1;
-            }
-        }
-        let (keep_proto, keep_host) = (fwd.keep_proto, fwd.keep_host);
-        wire::encode_request(
-            &method,
-            &inner.uri.borrow(),
-            &headers,
-            |n| {
-                rules::is_hop_by_hop(n)
-                    || (n.len() >= 6
-                        && (n.eq_ignore_ascii_case(b"forwarded")
-                            || n.eq_ignore_ascii_case(b"expect")
-                            || n.eq_ignore_ascii_case(b"x-forwarded-for")
-                            || n.eq_ignore_ascii_case(b"x-real-ip")
-                            || (!keep_proto && n.eq_ignore_ascii_case(b"x-forwarded-proto"))
-                            || (!keep_host && n.eq_ignore_ascii_case(b"x-forwarded-host"))))
-            },
-            &extra[..k],
-            body.length(),
-        )
-    };
-    match send(&key, &method, &out, body, &opts).await {
-        Ok((head, body)) => Ok(Ok(make_response(head, body, opts.max_body_size))),
-        Err(e) => {
-            // A failure of the client's own body (too large, too slow) is the client's fault;
-            // the listener answers with the recorded status, and the log names the cause.
-            let e = match inner.failure.get() {
-                Some((_, why)) => why.to_string(),
-                None => e,
-            };
-            crate::log::log(
-                crate::log::ERR,
-                &format!(
-                    "upstream {key} failed: {e}, client: {}, request: \"{} {}\"",
-                    inner.client_ip(),
-                    inner.method.borrow(),
-                    inner.uri.borrow()
-                ),
-            );
-            Ok(Err(e))
-        }
-    }
 }
 
 /// Parses `http://host[:port]/path?query` into (authority, path-and-query).
@@ -587,7 +462,7 @@ async fn client_request(
                 .map_err(|_| LuaError::runtime(format!("invalid method '{m}'")))?;
         }
         if let Some(h) = p.get::<Option<LuaTable>>("headers")? {
-            crate::request::apply_headers(&mut headers, &h)?;
+            apply_headers(&mut headers, &h)?;
         }
         if let Some(b) = p.get::<Option<LuaString>>("body")? {
             body = ReqBody::Bytes(Bytes::copy_from_slice(&b.as_bytes()));

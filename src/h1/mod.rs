@@ -7,6 +7,7 @@
 //! fields, forwarding headers, path normalization, query strings, the limits a request
 //! carries). Nothing here imports from the layers above.
 
+pub mod body;
 pub mod chunked;
 pub mod downstream;
 pub mod headers;

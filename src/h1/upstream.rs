@@ -5,6 +5,7 @@
 //! reads the socket itself, as nginx and Pingora do (an A/B in the peer harness showed no
 //! throughput difference within this box's noise), and the response framing rules of docs/architecture.md are enforced on the way in.
 
+use super::body::BoxError;
 use super::chunked::Chunked;
 use super::headers::{field_at, Headers};
 use super::io::{
@@ -21,8 +22,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Response heads larger than this are refused (502), like nginx's proxy_buffer_size error.
 pub const MAX_HEAD: usize = 64 * 1024;
