@@ -3,21 +3,18 @@
 //! This file only wires the bindings together; each binding lives in its own file.
 
 pub mod alloc;
-pub mod cache;
 pub mod capi;
 pub mod fastproxy;
 pub mod h1;
 pub mod headers_lua;
 pub mod json;
-pub mod listener;
 pub mod log;
 pub mod proxy;
 pub mod request;
 pub mod runtime;
+pub mod server;
 pub mod settings;
-pub mod shdict;
-pub mod shdict_ffi;
-pub mod shdict_lua;
+pub mod shared;
 pub mod units;
 pub mod upstream;
 
@@ -30,11 +27,11 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     t.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     runtime::register(lua, &t)?;
     log::register(lua, &t)?;
-    t.set("shared", shdict_lua::register(lua)?)?;
+    t.set("shared", shared::dict::register(lua)?)?;
     t.set("json", json::register(lua)?)?;
-    t.set("cache", cache::register(lua)?)?;
+    t.set("cache", shared::cache::register(lua)?)?;
     t.set("http", upstream::register(lua)?)?;
-    listener::register(lua, &t)?;
+    server::register(lua, &t)?;
     // Parts written in Lua (lua/luaproxy/*.lua) are reachable as fields too, loaded on first
     // use: `luaproxy.lock` is `require "luaproxy.lock"`.
     let mt = lua.create_table()?;

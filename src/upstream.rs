@@ -279,7 +279,7 @@ pub struct Response {
 
 impl Response {
     /// A response replayed from `luaproxy.cache`: its body is already read.
-    pub fn from_cached(c: &crate::shdict::CachedResponse) -> Response {
+    pub fn from_cached(c: &crate::shared::store::CachedResponse) -> Response {
         Response {
             status: RefCell::new(StatusCode::from_u16(c.status).unwrap_or(StatusCode::OK)),
             headers: RefCell::new(c.headers.clone()),
@@ -290,9 +290,9 @@ impl Response {
     }
 
     /// A copy fit for `luaproxy.cache`; the body must have been read (`res:read_body()`).
-    pub fn to_cached(&self) -> Result<crate::shdict::CachedResponse, &'static str> {
+    pub fn to_cached(&self) -> Result<crate::shared::store::CachedResponse, &'static str> {
         match &*self.body.borrow() {
-            ResBody::Read(b) => Ok(crate::shdict::CachedResponse {
+            ResBody::Read(b) => Ok(crate::shared::store::CachedResponse {
                 status: self.status.borrow().as_u16(),
                 headers: self.headers.borrow().clone(),
                 body: b.clone(),

@@ -1,5 +1,5 @@
 //! The client side of HTTP/1.1: reading request heads and bodies off a client connection and
-//! writing responses to it. No mlua in here; `listener.rs` runs the loop and the policy.
+//! writing responses to it. No mlua in here; `server/conn.rs` runs the loop and the policy.
 //!
 //! hyper's server dispatcher ran every request through a service future, a body channel to
 //! its `Incoming` and a boxed response future. Here the connection's task reads the socket

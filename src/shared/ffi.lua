@@ -1,4 +1,4 @@
--- Loaded by the LuaJIT build only (src/shdict_ffi.rs): replaces the hot dict methods with
+-- Loaded by the LuaJIT build only (src/shared/ffi.rs): replaces the hot dict methods with
 -- wrappers that call the store through LuaJIT's FFI, so loops calling them stay compiled.
 -- Whatever the FFI path does not take (table values, number keys, bad arguments, a list, an
 -- unknown dict) goes to the C API method, which gives ngx_lua's exact results and errors.

@@ -1,7 +1,7 @@
 //! `luaproxy.shared`: dictionaries shared by every Lua VM of the process (the main program
 //! and every worker), in the shape of `ngx.shared.DICT`.
 //!
-//! This file is the store itself, plain Rust (tested by `cargo test`); `shdict_lua.rs` is the
+//! This file is the store itself, plain Rust (tested by `cargo test`); `dict.rs` is the
 //! Lua surface. Operations never yield, so they work anywhere, with or without a running loop.
 //!
 //! Eviction is exact LRU at the cost of one stamp per read: a read stamps the entry with a

@@ -1,4 +1,4 @@
-//! The Lua surface of `luaproxy.shared` (the store is `shdict.rs`).
+//! The Lua surface of `luaproxy.shared` (the store is `store.rs`).
 //!
 //! A dict object is what ngx_lua hands out too: a table `{ [1] = slot }` with one metatable of
 //! methods per Lua state. The hot methods (`get`, `get_stale`, `set`, `add`, `replace`,
@@ -6,14 +6,16 @@
 //! userdata borrow, no registry references for arguments, and a string value goes from the
 //! store to Lua with one copy (`get` of a 32-byte value on Lua 5.4: 240 ns per call through
 //! mlua's conversions, 82 ns this way; BENCHMARKS.md, "per call"). The rest go through mlua. On LuaJIT the hot methods are
-//! replaced again, by FFI wrappers (`shdict_ffi.rs`), and these become their fallback.
+//! replaced again, by FFI wrappers (`ffi.rs`), and these become their fallback.
 //!
 //! The raw functions follow two rules. Nothing with a destructor that matters is alive across
 //! a Lua API call that can raise (only memory errors can): a lock guard never is, and a raise
 //! at worst leaks a buffer. And misuse errors are raised only after every Rust value is
 //! dropped (`raise`).
 
-use crate::shdict::{self, ttl_secs, CachedResponse, Lease, Mode, Store, Val, ValRef, MAX_KEY_LEN};
+use crate::shared::store::{
+    self, ttl_secs, CachedResponse, Lease, Mode, Store, Val, ValRef, MAX_KEY_LEN,
+};
 use mlua::ffi;
 use mlua::prelude::*;
 use std::cell::Cell;
@@ -122,7 +124,7 @@ pub fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
     match v {
         LuaValue::Integer(n) if n > 0 => Ok(n as usize),
         LuaValue::Number(n) if n > 0.0 => Ok(n as usize),
-        LuaValue::String(s) => shdict::parse_size(&s.to_str()?)
+        LuaValue::String(s) => store::parse_size(&s.to_str()?)
             .filter(|n| *n > 0)
             .ok_or_else(|| {
                 LuaError::runtime(format!(
@@ -159,7 +161,7 @@ unsafe fn self_store(l: *mut ffi::lua_State, method: &str) -> Result<&'static St
         let i = ffi::lua_tointegerx(l, -1, &mut isnum);
         ffi::lua_pop(l, 1);
         if isnum != 0 && i >= 0 {
-            if let Some(s) = shdict::slot(i as usize) {
+            if let Some(s) = store::slot(i as usize) {
                 return Ok(s);
             }
         }
@@ -511,7 +513,7 @@ raw_fn!(raw_delete, delete_impl);
 fn store_of(method: &str, this: &LuaValue) -> LuaResult<&'static Store> {
     if let LuaValue::Table(t) = this {
         if let Ok(i) = t.raw_get::<i64>(1) {
-            if let Some(s) = shdict::slot(i as usize) {
+            if let Some(s) = store::slot(i as usize) {
                 return Ok(s);
             }
         }
@@ -752,7 +754,7 @@ fn metatable(lua: &Lua) -> LuaResult<LuaTable> {
     }
     let mt = lua.create_table()?;
     let m = methods(lua)?;
-    crate::shdict_ffi::install(lua, &m)?;
+    crate::shared::ffi::install(lua, &m)?;
     mt.raw_set("__index", m)?;
     mt.raw_set("__name", METATABLE_KEY)?;
     lua.set_named_registry_value(METATABLE_KEY, &mt)?;
@@ -779,7 +781,7 @@ pub fn register(lua: &Lua) -> LuaResult<LuaTable> {
                     "luaproxy.shared.new: name must not be empty or \"new\"",
                 ));
             }
-            match shdict::create(&name, capacity_arg(capacity)?) {
+            match store::create(&name, capacity_arg(capacity)?) {
                 Ok(d) => {
                     let obj = dict_object(lua, &d)?;
                     shared2.raw_set(name, &obj)?;
@@ -797,7 +799,7 @@ pub fn register(lua: &Lua) -> LuaResult<LuaTable> {
             let LuaValue::String(name) = name else {
                 return Ok(None);
             };
-            let Some(store) = shdict::find(&name.to_str()?) else {
+            let Some(store) = store::find(&name.to_str()?) else {
                 return Ok(None);
             };
             let obj = dict_object(lua, &store)?;

@@ -2,7 +2,7 @@
 //! calls from compiled traces (a classic C API function is called from the interpreter:
 //! `get` 56 ns per call that way, 20 ns this way; BENCHMARKS.md, "per call"). nginx's
 //! `resty.core` reaches `ngx.shared.DICT` the same way.
-//! `shdict_ffi.lua` wraps them as the `get`, `get_stale`, `set`, `add`, `replace`, `safe_set`,
+//! `ffi.lua` wraps them as the `get`, `get_stale`, `set`, `add`, `replace`, `safe_set`,
 //! `safe_add`, `incr` and `delete` methods; anything unusual (a table value, a number key, a
 //! bad argument, an error to explain) is handed to the C API method, which gives the exact
 //! ngx_lua result or error. Only strings, numbers and booleans travel through here.
@@ -10,11 +10,11 @@
 //! Return codes: `>= 0` as documented per function, `> 0` for an operational error (the
 //! position of the error in `SetErr::ALL` plus one), `-1` for "ask the C API method".
 
-use crate::shdict::{self, Mode, SetErr, Val, ValRef};
+use crate::shared::store::{self, Mode, SetErr, Val, ValRef};
 use std::cell::Cell;
 use std::time::Duration;
 
-/// Results handed back through one caller-owned struct (see `shdict_ffi.lua`).
+/// Results handed back through one caller-owned struct (see `ffi.lua`).
 #[repr(C)]
 pub struct Out {
     pub num: f64,
@@ -41,7 +41,7 @@ thread_local! {
 /// # Safety
 /// `key` points to `klen` readable bytes.
 unsafe fn key<'a>(key: *const u8, klen: usize) -> Option<&'a [u8]> {
-    if key.is_null() || klen == 0 || klen > shdict::MAX_KEY_LEN {
+    if key.is_null() || klen == 0 || klen > store::MAX_KEY_LEN {
         return None;
     }
     Some(std::slice::from_raw_parts(key, klen))
@@ -56,7 +56,7 @@ fn number(n: f64) -> Val {
 }
 
 fn ttl(t: f64) -> Option<Option<Duration>> {
-    shdict::ttl_secs(t).ok()
+    store::ttl_secs(t).ok()
 }
 
 /// `get`/`get_stale`: 0 missing, 1 string (`str`, `len`), 2 number (`num`), 3 boolean
@@ -72,7 +72,7 @@ pub unsafe extern "C" fn luaproxy_dict_get(
     stale: i32,
     out: *mut Out,
 ) -> i32 {
-    let (Some(store), Some(k)) = (shdict::slot(slot as usize), key(key_ptr, klen)) else {
+    let (Some(store), Some(k)) = (store::slot(slot as usize), key(key_ptr, klen)) else {
         return FALLBACK;
     };
     let out = &mut *out;
@@ -133,11 +133,9 @@ pub unsafe extern "C" fn luaproxy_dict_store(
     force: i32,
     out: *mut Out,
 ) -> i32 {
-    let (Some(store), Some(k), Some(ttl)) = (
-        shdict::slot(slot as usize),
-        key(key_ptr, klen),
-        ttl(exptime),
-    ) else {
+    let (Some(store), Some(k), Some(ttl)) =
+        (store::slot(slot as usize), key(key_ptr, klen), ttl(exptime))
+    else {
         return FALLBACK;
     };
     let mode = match mode {
@@ -191,7 +189,7 @@ pub unsafe extern "C" fn luaproxy_dict_incr(
     out: *mut Out,
 ) -> i32 {
     let (Some(store), Some(k), Some(ttl)) = (
-        shdict::slot(slot as usize),
+        store::slot(slot as usize),
         key(key_ptr, klen),
         ttl(init_ttl),
     ) else {
@@ -223,7 +221,7 @@ pub unsafe extern "C" fn luaproxy_dict_incr(
 /// `key` points to `klen` readable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn luaproxy_dict_delete(slot: u32, key_ptr: *const u8, klen: usize) -> i32 {
-    let (Some(store), Some(k)) = (shdict::slot(slot as usize), key(key_ptr, klen)) else {
+    let (Some(store), Some(k)) = (store::slot(slot as usize), key(key_ptr, klen)) else {
         return FALLBACK;
     };
     store.delete(k);
@@ -241,7 +239,7 @@ pub fn install(lua: &mlua::Lua, methods: &mlua::Table) -> mlua::Result<()> {
     ptrs.raw_set("incr", p(luaproxy_dict_incr as *const ()))?;
     ptrs.raw_set("delete", p(luaproxy_dict_delete as *const ()))?;
     let errors = lua.create_sequence_from(SetErr::ALL.iter().map(SetErr::as_str))?;
-    lua.load(include_str!("shdict_ffi.lua"))
+    lua.load(include_str!("ffi.lua"))
         .set_name("=luaproxy.shared.ffi")
         .call::<()>((methods, ptrs, errors))
 }
@@ -257,7 +255,7 @@ mod tests {
 
     #[test]
     fn get_store_incr_delete_through_the_c_abi() {
-        let d = shdict::create("ffi_test", 1 << 20).unwrap();
+        let d = store::create("ffi_test", 1 << 20).unwrap();
         let slot = d.slot as u32;
         let mut out = Out {
             num: 0.0,

@@ -6,8 +6,8 @@
 //! on any worker, waits on a `watch` channel for its outcome. If the owner vanishes (its
 //! request was aborted), the channel closes and a waiter claims the key in its place.
 
-use crate::shdict::{self, Mode, Store, Val, ValRef};
-use crate::shdict_lua;
+use crate::shared::dict;
+use crate::shared::store::{self, Mode, Store, Val, ValRef};
 use mlua::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,7 +90,7 @@ impl Cache {
         found.ok().flatten().unwrap_or(Hit::Miss)
     }
 
-    pub fn set(&self, key: &[u8], v: Val, ttl: Option<Duration>) -> Result<(), shdict::SetErr> {
+    pub fn set(&self, key: &[u8], v: Val, ttl: Option<Duration>) -> Result<(), store::SetErr> {
         self.store
             .store(key, v, ttl, 0, Mode::Set, true)
             .map(|_| ())
@@ -128,7 +128,7 @@ pub async fn wait(mut rx: watch::Receiver<Outcome>) -> Option<Result<Val, String
     got
 }
 
-static CACHES: shdict::Registry<Cache> = shdict::Registry::new("cache");
+static CACHES: store::Registry<Cache> = store::Registry::new("cache");
 
 pub fn find(name: &str) -> Option<Arc<Cache>> {
     CACHES.find(name)
@@ -161,15 +161,15 @@ fn to_val(v: &LuaValue) -> LuaResult<Val> {
                 .map_err(LuaError::runtime);
         }
     }
-    shdict_lua::to_val(v)
+    dict::to_val(v)
 }
 
 fn key_arg(lua: &Lua, name: &str, key: &LuaValue) -> LuaResult<Vec<u8>> {
-    shdict_lua::key_bytes(lua, key)?.map_err(|e| LuaError::runtime(format!("cache:{name}: {e}")))
+    dict::key_bytes(lua, key)?.map_err(|e| LuaError::runtime(format!("cache:{name}: {e}")))
 }
 
 fn seconds(name: &str, v: Option<f64>) -> LuaResult<Option<Duration>> {
-    shdict_lua::ttl_arg(v)
+    dict::ttl_arg(v)
         .map_err(|_| LuaError::runtime(format!("cache:{name}: seconds must be a number >= 0")))
 }
 
@@ -221,8 +221,8 @@ async fn run_fetch(
             let v = vals.pop_front().unwrap_or(LuaValue::Nil);
             let err = vals.pop_front().unwrap_or(LuaValue::Nil);
             let ttl_override = match vals.pop_front() {
-                Some(LuaValue::Integer(i)) => shdict::ttl_secs(i as f64).ok(),
-                Some(LuaValue::Number(n)) => shdict::ttl_secs(n).ok(),
+                Some(LuaValue::Integer(i)) => store::ttl_secs(i as f64).ok(),
+                Some(LuaValue::Number(n)) => store::ttl_secs(n).ok(),
                 _ => None,
             };
             if v.is_nil() {
@@ -278,8 +278,7 @@ async fn get_or_fetch(
     f: LuaFunction,
     opts: FetchOpts,
 ) -> LuaResult<(LuaValue, Option<String>, Option<&'static str>)> {
-    let done =
-        |v: Val, how| -> LuaResult<_> { Ok((shdict_lua::from_val(&lua, v)?, None, Some(how))) };
+    let done = |v: Val, how| -> LuaResult<_> { Ok((dict::from_val(&lua, v)?, None, Some(how))) };
     loop {
         match cache.lookup(&key) {
             Hit::Fresh(v) => return done(v, "hit"),
@@ -341,8 +340,8 @@ impl LuaUserData for CacheHandle {
         m.add_method("get", |lua, this, key: LuaValue| {
             let key = key_arg(lua, "get", &key)?;
             Ok(match this.0.lookup(&key) {
-                Hit::Fresh(v) => (shdict_lua::from_val(lua, v)?, LuaValue::Nil),
-                Hit::Stale(v, _) => (LuaValue::Nil, shdict_lua::from_val(lua, v)?),
+                Hit::Fresh(v) => (dict::from_val(lua, v)?, LuaValue::Nil),
+                Hit::Stale(v, _) => (LuaValue::Nil, dict::from_val(lua, v)?),
                 Hit::Failed(_) | Hit::Miss => (LuaValue::Nil, LuaValue::Nil),
             })
         });
@@ -403,7 +402,7 @@ fn lua_new(
     }
     let cap = match opts.map(|t| t.get::<LuaValue>("capacity")).transpose()? {
         None | Some(LuaValue::Nil) => 64 * 1024 * 1024,
-        Some(v) => shdict_lua::capacity_arg(v)?,
+        Some(v) => dict::capacity_arg(v)?,
     };
     match create(&name, cap) {
         Ok(c) => Ok((Some(CacheHandle(c)), None)),

@@ -1,0 +1,413 @@
+//! One client connection: read a head, run the policy on it, write the response, and again
+//! while the connection stays open; and what ends a request however it ends (leases, the
+//! request object, an abandoned upstream exchange).
+
+use crate::h1::body::{BoxBody, BoxError};
+use crate::h1::downstream::{self, ClientConn, HeadError, IncomingBody, RequestHead, Response};
+use crate::h1::rules::Limits;
+use crate::request::ReqInner;
+use crate::runtime::{self, call_protected};
+use crate::settings::Settings;
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, StatusCode, Version};
+use mlua::prelude::*;
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+
+use super::respond::{simple, to_response};
+
+/// What every connection of one worker needs.
+pub(super) struct Worker {
+    pub(super) lua: Lua,
+    pub(super) handler: LuaFunction,
+    pub(super) limits: Rc<Limits>,
+    pub(super) settings: Settings,
+    /// Open connections of the whole server, against `max_connections`.
+    pub(super) cap: Arc<ConnCap>,
+    /// This VM's light userdata metatable is the request one.
+    pub(super) req_meta: Cell<bool>,
+    /// Requests handled, for pacing the collector steps.
+    pub(super) requests: Cell<u64>,
+    /// This worker's place among the policy workers (none in handler mode).
+    pub(super) balance: Option<(Arc<Balance>, usize)>,
+}
+
+/// A freshly accepted connection on its way to another worker, already counted there.
+pub(super) type Handoff = (std::net::TcpStream, SocketAddr, OpenConn);
+
+/// Open client connections per worker, and a way to hand a new one to another worker.
+///
+/// Each worker accepts on its own `SO_REUSEPORT` socket, and the kernel splits connections by
+/// a hash of their addresses, blind to load: in one run of six the workers'
+/// epoll sets held 125 and 88 sockets (client plus upstream), and that run did 7 % fewer
+/// requests (BENCHMARKS.md, session 3). A worker that accepts while it holds two or
+/// more connections more than the least-loaded worker passes the socket over (at accept time
+/// only; nginx's workers likewise stop accepting when they hold more than their share).
+pub(super) struct Balance {
+    pub(super) open: Vec<std::sync::atomic::AtomicUsize>,
+    pub(super) handoff: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+}
+
+impl Balance {
+    /// The worker a connection accepted by `me` should go to instead, if any.
+    pub(super) fn elsewhere(&self, me: usize) -> Option<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mine = self.open[me].load(Relaxed);
+        let (j, least) = self
+            .open
+            .iter()
+            .enumerate()
+            .map(|(j, n)| (j, n.load(Relaxed)))
+            .min_by_key(|&(_, n)| n)?;
+        (j != me && least + 2 <= mine).then_some(j)
+    }
+}
+
+/// Open client connections of one server (all its workers) against `max_connections`.
+/// At the cap every worker stops accepting until a connection closes: new clients wait in
+/// the listen backlog instead of costing memory and descriptors (and EMFILE never comes
+/// from clients alone).
+pub(super) struct ConnCap {
+    pub(super) open: std::sync::atomic::AtomicUsize,
+    pub(super) max: usize,
+    pub(super) closed: Notify,
+}
+
+impl ConnCap {
+    pub(super) fn new(max: usize) -> Arc<ConnCap> {
+        Arc::new(ConnCap {
+            open: Default::default(),
+            max,
+            closed: Notify::new(),
+        })
+    }
+
+    /// Waits until the server holds fewer than `max` connections.
+    pub(super) async fn room(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            let closed = self.closed.notified();
+            if self.open.load(Relaxed) < self.max {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// Counts a connection as open on a worker and in the server while it lives; counted from
+/// the moment it is accepted, since a burst of accepts runs before any connection task
+/// starts.
+pub(super) struct OpenConn(Option<(Arc<Balance>, usize)>, Arc<ConnCap>);
+
+impl OpenConn {
+    pub(super) fn new(b: Option<(&Arc<Balance>, usize)>, cap: &Arc<ConnCap>) -> OpenConn {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some((b, i)) = b {
+            b.open[i].fetch_add(1, Relaxed);
+        }
+        cap.open.fetch_add(1, Relaxed);
+        OpenConn(b.map(|(b, i)| (b.clone(), i)), cap.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some((b, i)) = &self.0 {
+            b.open[*i].fetch_sub(1, Relaxed);
+        }
+        if self.1.open.fetch_sub(1, Relaxed) >= self.1.max {
+            self.1.closed.notify_waiters();
+        }
+    }
+}
+
+/// The response body sent to the client: carries the request's guards (leases), so they are
+/// released when the last byte is written or the client goes away, whichever comes first.
+pub(super) struct GuardedBody {
+    pub(super) inner: BoxBody,
+    pub(super) _guards: Vec<Box<dyn Any>>,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What finished requests leave for Lua's collector is mostly memory Lua cannot see: each
+/// upstream response's state (and mlua's box of each finished async call, when a policy uses
+/// one). Counting only the userdata's few bytes, the collector fell behind (no steps: 375 MB
+/// after 16 s of wrk -c100; BENCHMARKS.md, session 3), so the worker steps it by this much...
+pub(super) const GC_STEP_KB: i32 = 1;
+/// ... once every this many requests. Every 2nd request until `req:proxy` stopped leaving an
+/// mlua future box per call; every 4th keeps RSS at 19-21 MB over 3 x 8 s of post5k at
+/// wrk -c100 (as every 2nd did) and saves ~500 instructions per request.
+pub(super) const GC_STEP_EVERY: u64 = 4;
+
+/// Ends a request when handling ends, even when the handling future is dropped first (client
+/// abort): its guards (leases) and body go, and its id (the second field, once its Lua object
+/// exists) leaves the live list, so later method calls get "request has ended".
+pub(super) struct DrainOnDrop(Rc<ReqInner>, Cell<i64>);
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        if self.1.get() != 0 {
+            crate::request::clear_live(self.1.get());
+        }
+        self.0.guards.borrow_mut().clear();
+        // A `req:proxy` exchange cut short (client gone) holds the request and an upstream
+        // connection: both go now.
+        drop(std::mem::take(&mut *self.0.proxy.borrow_mut()));
+        *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
+    }
+}
+
+pub(super) async fn handle(
+    w: &Worker,
+    head: RequestHead,
+    body: IncomingBody,
+    peer: SocketAddr,
+    peer_ip: &Rc<str>,
+) -> Response<GuardedBody> {
+    let inner = Rc::new(ReqInner {
+        method: RefCell::new(head.method),
+        uri: RefCell::new(head.uri),
+        path: RefCell::new(head.path),
+        version: head.version,
+        headers: RefCell::new(head.headers),
+        peer,
+        peer_ip: peer_ip.clone(),
+        body: RefCell::new(crate::request::BodyState::Stream(body)),
+        guards: RefCell::new(Vec::new()),
+        failure: Default::default(),
+        limits: w.limits.clone(),
+        start: Instant::now(),
+        upstream: RefCell::new(None),
+        proxy: Default::default(),
+    });
+    let drain = DrainOnDrop(inner.clone(), Cell::new(0));
+    let ready = w.req_meta.get() || {
+        let r = crate::request::install_metatable(&w.lua, |m| {
+            crate::proxy::add_methods(m);
+            crate::fastproxy::install(m.lua, &m.t)
+        })
+        .map_err(|e| e.to_string());
+        w.req_meta.set(r.is_ok());
+        r.is_ok()
+    };
+    let result = match ready {
+        true => {
+            let (obj, id) = crate::request::request_object(&inner);
+            drain.1.set(id);
+            let mut args = LuaMultiValue::new();
+            args.push_back(obj);
+            crate::fastproxy::driving(call_protected(&w.lua, w.handler.clone(), args)).await
+        }
+        false => Err("cannot set up request objects".to_string()),
+    };
+    let mut resp = match result.and_then(|v| to_response(&w.lua, v)) {
+        Ok(r) => r,
+        Err(msg) => {
+            crate::log::log(
+                crate::log::ERR,
+                &format!(
+                    "policy error: {msg}, client: {}, request: \"{} {}\"",
+                    peer.ip(),
+                    inner.method.borrow(),
+                    inner.uri.borrow()
+                ),
+            );
+            simple(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "500 Internal Server Error",
+            )
+        }
+    };
+    if let Some((status, why)) = inner.failure.get() {
+        crate::log::log(
+            crate::log::INFO,
+            &format!(
+                "request from {} failed: {why} ({})",
+                peer.ip(),
+                status.as_u16()
+            ),
+        );
+        resp = simple(status, why);
+        resp.headers
+            .map_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let guards = std::mem::take(&mut *inner.guards.borrow_mut());
+    // Off the live list before the collector may free the request object (and its address
+    // be reused by another).
+    drop(drain);
+    let n = w.requests.get().wrapping_add(1);
+    w.requests.set(n);
+    if n.is_multiple_of(GC_STEP_EVERY) {
+        runtime::gc_pressure(&w.lua, GC_STEP_KB);
+    }
+    resp.map(|b| GuardedBody {
+        inner: b,
+        _guards: guards,
+    })
+}
+
+/// How long a connection we close keeps reading (and discarding) what the client still sends,
+/// like nginx's lingering close.
+pub(super) const LINGER: Duration = Duration::from_secs(2);
+
+/// Serves one client connection: head, policy, response, and again while the connection
+/// stays open. Requests on one connection run one after another (pipelined ones wait in the
+/// read buffer).
+pub(super) async fn serve_conn(
+    w: Rc<Worker>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    _open: OpenConn,
+) {
+    let _ = stream.set_nodelay(true);
+    let conn = ClientConn::new(stream);
+    let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
+    let mut head_deadline = crate::h1::io::LazyDeadline::default();
+    let send_timeout = w.settings.send_timeout;
+    let mut served = 0usize;
+    loop {
+        // The first head is due within client_header_timeout of the accept; a kept-alive
+        // connection may then idle for keepalive_timeout before its next head begins.
+        let idle = (served > 0).then_some(w.settings.keepalive_timeout);
+        let head = match downstream::read_head(
+            &conn,
+            &w.limits,
+            w.settings.client_header_timeout,
+            idle,
+            &mut head_deadline,
+            &mut shutdown,
+        )
+        .await
+        {
+            Ok(h) => h,
+            Err(HeadError::Closed) => return,
+            Err(HeadError::Timeout) => {
+                crate::log::log(
+                    crate::log::DEBUG,
+                    &format!("closing idle connection from {peer}"),
+                );
+                return;
+            }
+            Err(HeadError::Bad(r)) => {
+                crate::log::log(
+                    crate::log::INFO,
+                    &format!(
+                        "rejected request from {}: {} ({})",
+                        peer.ip(),
+                        r.reason,
+                        r.status.as_u16()
+                    ),
+                );
+                // The rest of the stream cannot be trusted to be framed correctly.
+                let mut resp = simple(r.status, r.reason);
+                let (m, v) = (Method::GET, Version::HTTP_11);
+                if downstream::write_response(
+                    &conn,
+                    &mut resp,
+                    &m,
+                    v,
+                    false,
+                    send_timeout,
+                    &mut || {},
+                )
+                .await
+                .is_ok()
+                {
+                    downstream::linger_close(&conn, LINGER).await;
+                }
+                return;
+            }
+        };
+        served += 1;
+        let (method, version) = (head.method.clone(), head.version);
+        let at_limit = w.settings.keepalive_requests > 0 && served >= w.settings.keepalive_requests;
+        let mut keep = head.keep_alive
+            && !at_limit
+            && !w.settings.keepalive_timeout.is_zero()
+            && !*shutdown.borrow();
+        let request_line = (method.clone(), head.uri.clone());
+        let handled = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip);
+        let Some(mut resp) = downstream::unless_client_gone(&conn, handled).await else {
+            // Dropping the handling ends the request: its leases are released and its
+            // upstream exchange (and connection) dropped, as nginx does for a client abort
+            // (its 499) unless proxy_ignore_client_abort is on.
+            crate::log::log(
+                crate::log::INFO,
+                &format!(
+                    "client {} closed the connection while \"{} {}\" was handled (499)",
+                    peer.ip(),
+                    request_line.0,
+                    request_line.1
+                ),
+            );
+            return;
+        };
+        let mut guards = std::mem::take(&mut resp.body._guards);
+        let written = downstream::write_response(
+            &conn,
+            &mut resp,
+            &method,
+            version,
+            keep,
+            send_timeout,
+            &mut || guards.clear(),
+        )
+        .await;
+        drop(guards);
+        // The request's leases end with its last byte written (or with the failed write).
+        drop(resp);
+        match written {
+            Ok(k) => keep = k,
+            Err(e) => {
+                crate::log::log(crate::log::DEBUG, &format!("connection from {peer}: {e}"));
+                return;
+            }
+        }
+        let clean = conn.borrow().body_done()
+            || (keep && downstream::drain_body(&conn, w.limits.body_timeout).await);
+        if !keep || !clean {
+            if !clean || !conn.borrow().idle() {
+                // The client may still be sending: closing with unread bytes would send a
+                // reset, which can destroy the response on its way.
+                downstream::linger_close(&conn, LINGER).await;
+            }
+            return;
+        }
+        // Let the worker's other connections go first, as nginx posts a keep-alive
+        // connection's next read behind the events already waiting. On loopback the
+        // upstream's answer and the client's next request are often in the sockets before
+        // this task asks, so without a yield one connection ran request after request while
+        // the others waited (wrk -c100: p99 12-15 ms, against 5-8 ms with the yield and the
+        // same req/s).
+        tokio::task::yield_now().await;
+    }
+}
