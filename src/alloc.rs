@@ -21,33 +21,49 @@ pub struct Alloc;
 unsafe impl GlobalAlloc for Alloc {
     #[inline]
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if plain(&l) {
-            mi::mi_malloc(l.size()) as *mut u8
-        } else {
-            mi::mi_malloc_aligned(l.size(), l.align()) as *mut u8
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if plain(&l) {
+                mi::mi_malloc(l.size()) as *mut u8
+            } else {
+                mi::mi_malloc_aligned(l.size(), l.align()) as *mut u8
+            }
         }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        if plain(&l) {
-            mi::mi_zalloc(l.size()) as *mut u8
-        } else {
-            mi::mi_zalloc_aligned(l.size(), l.align()) as *mut u8
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if plain(&l) {
+                mi::mi_zalloc(l.size()) as *mut u8
+            } else {
+                mi::mi_zalloc_aligned(l.size(), l.align()) as *mut u8
+            }
         }
     }
 
     #[inline]
     unsafe fn dealloc(&self, p: *mut u8, _l: Layout) {
-        mi::mi_free(p as *mut c_void);
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            mi::mi_free(p as *mut c_void);
+        }
     }
 
     #[inline]
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new_size: usize) -> *mut u8 {
-        if l.align() <= 8 || (l.align() <= 16 && new_size >= 16) {
-            mi::mi_realloc(p as *mut c_void, new_size) as *mut u8
-        } else {
-            mi::mi_realloc_aligned(p as *mut c_void, new_size, l.align()) as *mut u8
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if l.align() <= 8 || (l.align() <= 16 && new_size >= 16) {
+                mi::mi_realloc(p as *mut c_void, new_size) as *mut u8
+            } else {
+                mi::mi_realloc_aligned(p as *mut c_void, new_size, l.align()) as *mut u8
+            }
         }
     }
 }
@@ -68,6 +84,7 @@ mod tests {
             (5000, 4096),
         ] {
             let l = Layout::from_size_align(size, align).unwrap();
+            // SAFETY: `l` has a non-zero size; each block is freed once with its own layout.
             unsafe {
                 let p = Alloc.alloc(l);
                 assert!(!p.is_null());

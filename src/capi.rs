@@ -23,11 +23,15 @@ use std::os::raw::{c_char, c_int};
 /// # Safety
 /// `l` must be the state of a running C closure whose upvalue 1 is a function.
 pub unsafe fn fallback(l: *mut ffi::lua_State) -> c_int {
-    let n = ffi::lua_gettop(l);
-    ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
-    ffi::lua_insert(l, 1);
-    ffi::lua_call(l, n, ffi::LUA_MULTRET);
-    ffi::lua_gettop(l)
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let n = ffi::lua_gettop(l);
+        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+        ffi::lua_insert(l, 1);
+        ffi::lua_call(l, n, ffi::LUA_MULTRET);
+        ffi::lua_gettop(l)
+    }
 }
 
 /// Pushes `b` as a Lua string (a copy; raises only on memory exhaustion).
@@ -35,5 +39,9 @@ pub unsafe fn fallback(l: *mut ffi::lua_State) -> c_int {
 /// # Safety
 /// `l` must be a valid Lua state of this thread with room for one more stack slot.
 pub unsafe fn push_bytes(l: *mut ffi::lua_State, b: &[u8]) {
-    ffi::lua_pushlstring(l, b.as_ptr() as *const c_char, b.len());
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        ffi::lua_pushlstring(l, b.as_ptr() as *const c_char, b.len());
+    }
 }

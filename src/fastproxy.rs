@@ -70,48 +70,60 @@ fn poll_call(inner: &ReqInner, waker: &Waker) -> bool {
 /// the mlua method, which also raises the misuse errors); else whether the exchange already
 /// finished.
 unsafe extern "C-unwind" fn start(l: *mut ffi::lua_State) -> c_int {
-    match try_start(l) {
-        None => ffi::lua_pushnil(l),
-        Some(done) => ffi::lua_pushboolean(l, done as c_int),
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        match try_start(l) {
+            None => ffi::lua_pushnil(l),
+            Some(done) => ffi::lua_pushboolean(l, done as c_int),
+        }
+        1
     }
-    1
 }
 
 unsafe fn try_start(l: *mut ffi::lua_State) -> Option<bool> {
-    let waker = WAKER.with(Cell::get);
-    if waker.is_null() || ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
-        return None;
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let waker = WAKER.with(Cell::get);
+        if waker.is_null() || ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
+            return None;
+        }
+        let inner = live_at(l, 1)?;
+        if !matches!(*inner.proxy.borrow(), ProxyCall::Idle) {
+            return None;
+        }
+        let mut len = 0;
+        let p = ffi::lua_tolstring(l, 2, &mut len);
+        let addr = std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()?;
+        let opts = Options::defaults(&inner.limits);
+        let fut = crate::proxy::proxy_exchange(inner.clone(), addr.to_string(), opts);
+        *inner.proxy.borrow_mut() = ProxyCall::Running(Box::pin(fut));
+        Some(poll_call(&inner, &*waker))
     }
-    let inner = live_at(l, 1)?;
-    if !matches!(*inner.proxy.borrow(), ProxyCall::Idle) {
-        return None;
-    }
-    let mut len = 0;
-    let p = ffi::lua_tolstring(l, 2, &mut len);
-    let addr = std::str::from_utf8(std::slice::from_raw_parts(p as *const u8, len)).ok()?;
-    let opts = Options::defaults(&inner.limits);
-    let fut = crate::proxy::proxy_exchange(inner.clone(), addr.to_string(), opts);
-    *inner.proxy.borrow_mut() = ProxyCall::Running(Box::pin(fut));
-    Some(poll_call(&inner, &*waker))
 }
 
 /// `done = poll(req)`: polls the exchange again after the handler was woken.
 unsafe extern "C-unwind" fn poll(l: *mut ffi::lua_State) -> c_int {
-    let waker = WAKER.with(Cell::get);
-    let done = match live_at(l, 1) {
-        // `take` answers for a request that has ended.
-        None => true,
-        Some(inner) if waker.is_null() => {
-            // Resumed by something other than its handler's poll: nothing can poll it now.
-            *inner.proxy.borrow_mut() = ProxyCall::Done(Err(LuaError::runtime(
-                "req:proxy: resumed outside its request handler",
-            )));
-            true
-        }
-        Some(inner) => poll_call(&inner, &*waker),
-    };
-    ffi::lua_pushboolean(l, done as c_int);
-    1
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let waker = WAKER.with(Cell::get);
+        let done = match live_at(l, 1) {
+            // `take` answers for a request that has ended.
+            None => true,
+            Some(inner) if waker.is_null() => {
+                // Resumed by something other than its handler's poll: nothing can poll it now.
+                *inner.proxy.borrow_mut() = ProxyCall::Done(Err(LuaError::runtime(
+                    "req:proxy: resumed outside its request handler",
+                )));
+                true
+            }
+            Some(inner) => poll_call(&inner, &*waker),
+        };
+        ffi::lua_pushboolean(l, done as c_int);
+        1
+    }
 }
 
 /// `res, err = take(req)`: the finished exchange's result, as `req:proxy` returns it.

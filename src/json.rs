@@ -79,42 +79,46 @@ impl RawEncoder {
         idx: std::os::raw::c_int,
         depth: usize,
     ) -> bool {
-        match ffi::lua_type(l, idx) {
-            ffi::LUA_TNIL => self.out.extend_from_slice(b"null"),
-            ffi::LUA_TBOOLEAN => {
-                let b = ffi::lua_toboolean(l, idx) != 0;
-                self.out
-                    .extend_from_slice(if b { b"true" } else { b"false" });
-            }
-            ffi::LUA_TNUMBER => {
-                if ffi::lua_isinteger(l, idx) != 0 {
-                    let i = ffi::lua_tointegerx(l, idx, std::ptr::null_mut());
-                    self.out.extend_from_slice(i.to_string().as_bytes());
-                } else if let Err(e) = float_into(
-                    &mut self.out,
-                    ffi::lua_tonumberx(l, idx, std::ptr::null_mut()),
-                ) {
-                    return self.fail(e);
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            match ffi::lua_type(l, idx) {
+                ffi::LUA_TNIL => self.out.extend_from_slice(b"null"),
+                ffi::LUA_TBOOLEAN => {
+                    let b = ffi::lua_toboolean(l, idx) != 0;
+                    self.out
+                        .extend_from_slice(if b { b"true" } else { b"false" });
+                }
+                ffi::LUA_TNUMBER => {
+                    if ffi::lua_isinteger(l, idx) != 0 {
+                        let i = ffi::lua_tointegerx(l, idx, std::ptr::null_mut());
+                        self.out.extend_from_slice(i.to_string().as_bytes());
+                    } else if let Err(e) = float_into(
+                        &mut self.out,
+                        ffi::lua_tonumberx(l, idx, std::ptr::null_mut()),
+                    ) {
+                        return self.fail(e);
+                    }
+                }
+                ffi::LUA_TSTRING => {
+                    let mut len = 0usize;
+                    let p = ffi::lua_tolstring(l, idx, &mut len);
+                    escape_into(
+                        &mut self.out,
+                        std::slice::from_raw_parts(p as *const u8, len),
+                    );
+                }
+                ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(l, idx).is_null() => {
+                    self.out.extend_from_slice(b"null")
+                }
+                ffi::LUA_TTABLE => return self.table(l, idx, depth + 1),
+                t => {
+                    let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t)).to_string_lossy();
+                    return self.fail(format!("cannot encode a {name}"));
                 }
             }
-            ffi::LUA_TSTRING => {
-                let mut len = 0usize;
-                let p = ffi::lua_tolstring(l, idx, &mut len);
-                escape_into(
-                    &mut self.out,
-                    std::slice::from_raw_parts(p as *const u8, len),
-                );
-            }
-            ffi::LUA_TLIGHTUSERDATA if ffi::lua_touserdata(l, idx).is_null() => {
-                self.out.extend_from_slice(b"null")
-            }
-            ffi::LUA_TTABLE => return self.table(l, idx, depth + 1),
-            t => {
-                let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t)).to_string_lossy();
-                return self.fail(format!("cannot encode a {name}"));
-            }
+            true
         }
-        true
     }
 
     unsafe fn table(
@@ -123,113 +127,117 @@ impl RawEncoder {
         idx: std::os::raw::c_int,
         depth: usize,
     ) -> bool {
-        if depth > MAX_DEPTH {
-            return self.fail("nesting deeper than 1000".into());
-        }
-        if ffi::lua_checkstack(l, 6) == 0 {
-            return self.fail("nesting too deep for the lua stack".into());
-        }
-        let mut marked = false;
-        if ffi::lua_getmetatable(l, idx) != 0 {
-            marked = ffi::lua_rawequal(l, -1, self.mt) != 0;
-            ffi::lua_pop(l, 1);
-        }
-        // One pass over the keys decides array or object, as cjson's lua_array_length does.
-        let (mut max, mut items, mut is_array) = (0usize, 0usize, true);
-        ffi::lua_pushnil(l);
-        while ffi::lua_next(l, idx) != 0 {
-            items += 1;
-            let index = if ffi::lua_type(l, -2) != ffi::LUA_TNUMBER {
-                None
-            } else if ffi::lua_isinteger(l, -2) != 0 {
-                let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
-                (i >= 1).then_some(i as usize)
-            } else {
-                let f = ffi::lua_tonumberx(l, -2, std::ptr::null_mut());
-                (f >= 1.0 && f == f.trunc() && f < 9.0e15).then_some(f as usize)
-            };
-            ffi::lua_pop(l, 1);
-            match index {
-                Some(i) => max = max.max(i),
-                None => {
-                    ffi::lua_pop(l, 1);
-                    is_array = false;
-                    break;
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if depth > MAX_DEPTH {
+                return self.fail("nesting deeper than 1000".into());
+            }
+            if ffi::lua_checkstack(l, 6) == 0 {
+                return self.fail("nesting too deep for the lua stack".into());
+            }
+            let mut marked = false;
+            if ffi::lua_getmetatable(l, idx) != 0 {
+                marked = ffi::lua_rawequal(l, -1, self.mt) != 0;
+                ffi::lua_pop(l, 1);
+            }
+            // One pass over the keys decides array or object, as cjson's lua_array_length does.
+            let (mut max, mut items, mut is_array) = (0usize, 0usize, true);
+            ffi::lua_pushnil(l);
+            while ffi::lua_next(l, idx) != 0 {
+                items += 1;
+                let index = if ffi::lua_type(l, -2) != ffi::LUA_TNUMBER {
+                    None
+                } else if ffi::lua_isinteger(l, -2) != 0 {
+                    let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
+                    (i >= 1).then_some(i as usize)
+                } else {
+                    let f = ffi::lua_tonumberx(l, -2, std::ptr::null_mut());
+                    (f >= 1.0 && f == f.trunc() && f < 9.0e15).then_some(f as usize)
+                };
+                ffi::lua_pop(l, 1);
+                match index {
+                    Some(i) => max = max.max(i),
+                    None => {
+                        ffi::lua_pop(l, 1);
+                        is_array = false;
+                        break;
+                    }
                 }
             }
-        }
-        if is_array && (items > 0 || marked) {
-            if max > SPARSE_SAFE && max > items * SPARSE_RATIO {
-                return self.fail("excessively sparse array".into());
+            if is_array && (items > 0 || marked) {
+                if max > SPARSE_SAFE && max > items * SPARSE_RATIO {
+                    return self.fail("excessively sparse array".into());
+                }
+                self.out.push(b'[');
+                for i in 1..=max {
+                    if i > 1 {
+                        self.out.push(b',');
+                    }
+                    ffi::lua_rawgeti(l, idx, i as _);
+                    let ok = self.value(l, ffi::lua_gettop(l), depth);
+                    ffi::lua_pop(l, 1);
+                    if !ok {
+                        return false;
+                    }
+                }
+                self.out.push(b']');
+                return true;
             }
-            self.out.push(b'[');
-            for i in 1..=max {
-                if i > 1 {
+            self.out.push(b'{');
+            let mut first = true;
+            ffi::lua_pushnil(l);
+            while ffi::lua_next(l, idx) != 0 {
+                if !first {
                     self.out.push(b',');
                 }
-                ffi::lua_rawgeti(l, idx, i as _);
+                first = false;
+                match ffi::lua_type(l, -2) {
+                    ffi::LUA_TSTRING => {
+                        let mut len = 0usize;
+                        let p = ffi::lua_tolstring(l, -2, &mut len);
+                        escape_into(
+                            &mut self.out,
+                            std::slice::from_raw_parts(p as *const u8, len),
+                        );
+                    }
+                    ffi::LUA_TNUMBER => {
+                        // Format a number key without lua_tolstring, which would turn the key
+                        // into a string in place and break lua_next.
+                        let mut tmp = Vec::new();
+                        if ffi::lua_isinteger(l, -2) != 0 {
+                            tmp.extend_from_slice(
+                                ffi::lua_tointegerx(l, -2, std::ptr::null_mut())
+                                    .to_string()
+                                    .as_bytes(),
+                            );
+                        } else if let Err(e) =
+                            float_into(&mut tmp, ffi::lua_tonumberx(l, -2, std::ptr::null_mut()))
+                        {
+                            ffi::lua_pop(l, 2);
+                            return self.fail(e);
+                        }
+                        escape_into(&mut self.out, &tmp);
+                    }
+                    t => {
+                        let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t))
+                            .to_string_lossy()
+                            .into_owned();
+                        ffi::lua_pop(l, 2);
+                        return self.fail(format!("cannot encode a table key of type {name}"));
+                    }
+                }
+                self.out.push(b':');
                 let ok = self.value(l, ffi::lua_gettop(l), depth);
                 ffi::lua_pop(l, 1);
                 if !ok {
+                    ffi::lua_pop(l, 1);
                     return false;
                 }
             }
-            self.out.push(b']');
-            return true;
+            self.out.push(b'}');
+            true
         }
-        self.out.push(b'{');
-        let mut first = true;
-        ffi::lua_pushnil(l);
-        while ffi::lua_next(l, idx) != 0 {
-            if !first {
-                self.out.push(b',');
-            }
-            first = false;
-            match ffi::lua_type(l, -2) {
-                ffi::LUA_TSTRING => {
-                    let mut len = 0usize;
-                    let p = ffi::lua_tolstring(l, -2, &mut len);
-                    escape_into(
-                        &mut self.out,
-                        std::slice::from_raw_parts(p as *const u8, len),
-                    );
-                }
-                ffi::LUA_TNUMBER => {
-                    // Format a number key without lua_tolstring, which would turn the key
-                    // into a string in place and break lua_next.
-                    let mut tmp = Vec::new();
-                    if ffi::lua_isinteger(l, -2) != 0 {
-                        tmp.extend_from_slice(
-                            ffi::lua_tointegerx(l, -2, std::ptr::null_mut())
-                                .to_string()
-                                .as_bytes(),
-                        );
-                    } else if let Err(e) =
-                        float_into(&mut tmp, ffi::lua_tonumberx(l, -2, std::ptr::null_mut()))
-                    {
-                        ffi::lua_pop(l, 2);
-                        return self.fail(e);
-                    }
-                    escape_into(&mut self.out, &tmp);
-                }
-                t => {
-                    let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t))
-                        .to_string_lossy()
-                        .into_owned();
-                    ffi::lua_pop(l, 2);
-                    return self.fail(format!("cannot encode a table key of type {name}"));
-                }
-            }
-            self.out.push(b':');
-            let ok = self.value(l, ffi::lua_gettop(l), depth);
-            ffi::lua_pop(l, 1);
-            if !ok {
-                ffi::lua_pop(l, 1);
-                return false;
-            }
-        }
-        self.out.push(b'}');
-        true
     }
 }
 
@@ -241,6 +249,8 @@ pub fn encode_value(lua: &Lua, v: &LuaValue) -> Result<Vec<u8>, String> {
         out: Vec::with_capacity(256),
         err: None,
     };
+    // SAFETY: the closure works on the stack exec_raw hands it (the metatable and the
+    // value), following capi.rs's rules; nothing with a destructor is held across a raise.
     let res: LuaResult<()> = unsafe {
         lua.exec_raw((lua.array_metatable(), v.clone()), |l| {
             enc.mt = ffi::lua_gettop(l) - 1;
@@ -285,31 +295,39 @@ impl RawDecoder<'_> {
 
     /// Pushes one value and returns true, or pushes nothing and returns false.
     unsafe fn value(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
-        self.ws();
-        match self.s.get(self.i) {
-            None => self.fail("unexpected end of input"),
-            Some(b'{') => self.object(l, depth + 1),
-            Some(b'[') => self.array(l, depth + 1),
-            Some(b'"') => self.string(l),
-            Some(b't') => self.literal(l, b"true"),
-            Some(b'f') => self.literal(l, b"false"),
-            Some(b'n') => self.literal(l, b"null"),
-            Some(b'-' | b'0'..=b'9') => self.number(l),
-            Some(_) => self.fail("unexpected character"),
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            self.ws();
+            match self.s.get(self.i) {
+                None => self.fail("unexpected end of input"),
+                Some(b'{') => self.object(l, depth + 1),
+                Some(b'[') => self.array(l, depth + 1),
+                Some(b'"') => self.string(l),
+                Some(b't') => self.literal(l, b"true"),
+                Some(b'f') => self.literal(l, b"false"),
+                Some(b'n') => self.literal(l, b"null"),
+                Some(b'-' | b'0'..=b'9') => self.number(l),
+                Some(_) => self.fail("unexpected character"),
+            }
         }
     }
 
     unsafe fn literal(&mut self, l: *mut ffi::lua_State, word: &[u8]) -> bool {
-        if !self.s[self.i..].starts_with(word) {
-            return self.fail("invalid literal");
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if !self.s[self.i..].starts_with(word) {
+                return self.fail("invalid literal");
+            }
+            self.i += word.len();
+            match word[0] {
+                b't' => ffi::lua_pushboolean(l, 1),
+                b'f' => ffi::lua_pushboolean(l, 0),
+                _ => ffi::lua_pushlightuserdata(l, std::ptr::null_mut()),
+            }
+            true
         }
-        self.i += word.len();
-        match word[0] {
-            b't' => ffi::lua_pushboolean(l, 1),
-            b'f' => ffi::lua_pushboolean(l, 0),
-            _ => ffi::lua_pushlightuserdata(l, std::ptr::null_mut()),
-        }
-        true
     }
 
     fn digits(&mut self) -> usize {
@@ -321,47 +339,51 @@ impl RawDecoder<'_> {
     }
 
     unsafe fn number(&mut self, l: *mut ffi::lua_State) -> bool {
-        let start = self.i;
-        if self.s.get(self.i) == Some(&b'-') {
-            self.i += 1;
-        }
-        let int_start = self.i;
-        let n = self.digits();
-        if n == 0 || (n > 1 && self.s[int_start] == b'0') {
-            return self.fail("invalid number");
-        }
-        let mut float = false;
-        if self.s.get(self.i) == Some(&b'.') {
-            self.i += 1;
-            float = true;
-            if self.digits() == 0 {
-                return self.fail("invalid number");
-            }
-        }
-        if let Some(b'e' | b'E') = self.s.get(self.i) {
-            self.i += 1;
-            float = true;
-            if let Some(b'+' | b'-') = self.s.get(self.i) {
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            let start = self.i;
+            if self.s.get(self.i) == Some(&b'-') {
                 self.i += 1;
             }
-            if self.digits() == 0 {
+            let int_start = self.i;
+            let n = self.digits();
+            if n == 0 || (n > 1 && self.s[int_start] == b'0') {
                 return self.fail("invalid number");
             }
-        }
-        // Only ASCII digits, signs, '.' and exponents were accepted above.
-        let text = std::str::from_utf8_unchecked(&self.s[start..self.i]);
-        if !float {
-            if let Ok(i) = text.parse::<i64>() {
-                ffi::lua_pushinteger(l, i as _);
-                return true;
+            let mut float = false;
+            if self.s.get(self.i) == Some(&b'.') {
+                self.i += 1;
+                float = true;
+                if self.digits() == 0 {
+                    return self.fail("invalid number");
+                }
             }
-        }
-        match text.parse::<f64>() {
-            Ok(f) => {
-                ffi::lua_pushnumber(l, f);
-                true
+            if let Some(b'e' | b'E') = self.s.get(self.i) {
+                self.i += 1;
+                float = true;
+                if let Some(b'+' | b'-') = self.s.get(self.i) {
+                    self.i += 1;
+                }
+                if self.digits() == 0 {
+                    return self.fail("invalid number");
+                }
             }
-            Err(_) => self.fail("invalid number"),
+            // Only ASCII digits, signs, '.' and exponents were accepted above.
+            let text = std::str::from_utf8_unchecked(&self.s[start..self.i]);
+            if !float {
+                if let Ok(i) = text.parse::<i64>() {
+                    ffi::lua_pushinteger(l, i as _);
+                    return true;
+                }
+            }
+            match text.parse::<f64>() {
+                Ok(f) => {
+                    ffi::lua_pushnumber(l, f);
+                    true
+                }
+                Err(_) => self.fail("invalid number"),
+            }
         }
     }
 
@@ -441,24 +463,32 @@ impl RawDecoder<'_> {
     }
 
     unsafe fn string(&mut self, l: *mut ffi::lua_State) -> bool {
-        if !self.string_bytes() {
-            return false;
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if !self.string_bytes() {
+                return false;
+            }
+            ffi::lua_pushlstring(l, self.buf.as_ptr() as *const _, self.buf.len());
+            true
         }
-        ffi::lua_pushlstring(l, self.buf.as_ptr() as *const _, self.buf.len());
-        true
     }
 
     /// Opens a container: checks depth and stack room, skips the bracket, pushes a new table.
     unsafe fn open(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
-        if depth > MAX_DEPTH {
-            return self.fail("nesting deeper than 1000");
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if depth > MAX_DEPTH {
+                return self.fail("nesting deeper than 1000");
+            }
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return self.fail("nesting too deep for the lua stack");
+            }
+            self.i += 1;
+            ffi::lua_createtable(l, 0, 0);
+            true
         }
-        if ffi::lua_checkstack(l, 4) == 0 {
-            return self.fail("nesting too deep for the lua stack");
-        }
-        self.i += 1;
-        ffi::lua_createtable(l, 0, 0);
-        true
     }
 
     /// After an item: `Some(true)` at the closing bracket, `None` after a comma (more to come),
@@ -469,77 +499,89 @@ impl RawDecoder<'_> {
         close: u8,
         msg: &'static str,
     ) -> Option<bool> {
-        self.ws();
-        match self.s.get(self.i) {
-            Some(b',') => {
-                self.i += 1;
-                None
-            }
-            Some(&c) if c == close => {
-                self.i += 1;
-                Some(true)
-            }
-            _ => {
-                ffi::lua_pop(l, 1);
-                Some(self.fail(msg))
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            self.ws();
+            match self.s.get(self.i) {
+                Some(b',') => {
+                    self.i += 1;
+                    None
+                }
+                Some(&c) if c == close => {
+                    self.i += 1;
+                    Some(true)
+                }
+                _ => {
+                    ffi::lua_pop(l, 1);
+                    Some(self.fail(msg))
+                }
             }
         }
     }
 
     unsafe fn array(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
-        if !self.open(l, depth) {
-            return false;
-        }
-        ffi::lua_pushvalue(l, self.mt);
-        ffi::lua_setmetatable(l, -2);
-        self.ws();
-        if self.s.get(self.i) == Some(&b']') {
-            self.i += 1;
-            return true;
-        }
-        let mut n = 0;
-        loop {
-            if !self.value(l, depth) {
-                ffi::lua_pop(l, 1);
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if !self.open(l, depth) {
                 return false;
             }
-            n += 1;
-            ffi::lua_rawseti(l, -2, n as _);
-            if let Some(done) = self.separator(l, b']', "expected ',' or ']'") {
-                return done;
+            ffi::lua_pushvalue(l, self.mt);
+            ffi::lua_setmetatable(l, -2);
+            self.ws();
+            if self.s.get(self.i) == Some(&b']') {
+                self.i += 1;
+                return true;
+            }
+            let mut n = 0;
+            loop {
+                if !self.value(l, depth) {
+                    ffi::lua_pop(l, 1);
+                    return false;
+                }
+                n += 1;
+                ffi::lua_rawseti(l, -2, n as _);
+                if let Some(done) = self.separator(l, b']', "expected ',' or ']'") {
+                    return done;
+                }
             }
         }
     }
 
     unsafe fn object(&mut self, l: *mut ffi::lua_State, depth: usize) -> bool {
-        if !self.open(l, depth) {
-            return false;
-        }
-        self.ws();
-        if self.s.get(self.i) == Some(&b'}') {
-            self.i += 1;
-            return true;
-        }
-        loop {
-            self.ws();
-            let ok = self.s.get(self.i) == Some(&b'"') && self.string(l);
-            if !ok {
-                ffi::lua_pop(l, 1);
-                return self.fail("expected a string key");
-            }
-            self.ws();
-            if self.s.get(self.i) != Some(&b':') {
-                ffi::lua_pop(l, 2);
-                return self.fail("expected ':'");
-            }
-            self.i += 1;
-            if !self.value(l, depth) {
-                ffi::lua_pop(l, 2);
+        // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+        // of capi.rs for C functions Lua calls) is what every operation below relies on.
+        unsafe {
+            if !self.open(l, depth) {
                 return false;
             }
-            ffi::lua_rawset(l, -3);
-            if let Some(done) = self.separator(l, b'}', "expected ',' or '}'") {
-                return done;
+            self.ws();
+            if self.s.get(self.i) == Some(&b'}') {
+                self.i += 1;
+                return true;
+            }
+            loop {
+                self.ws();
+                let ok = self.s.get(self.i) == Some(&b'"') && self.string(l);
+                if !ok {
+                    ffi::lua_pop(l, 1);
+                    return self.fail("expected a string key");
+                }
+                self.ws();
+                if self.s.get(self.i) != Some(&b':') {
+                    ffi::lua_pop(l, 2);
+                    return self.fail("expected ':'");
+                }
+                self.i += 1;
+                if !self.value(l, depth) {
+                    ffi::lua_pop(l, 2);
+                    return false;
+                }
+                ffi::lua_rawset(l, -3);
+                if let Some(done) = self.separator(l, b'}', "expected ',' or '}'") {
+                    return done;
+                }
             }
         }
     }
@@ -548,6 +590,7 @@ impl RawDecoder<'_> {
 /// Decodes JSON text into a Lua value: `Ok(value)` or `Err("what at character N")`.
 pub fn decode_value(lua: &Lua, text: &[u8]) -> LuaResult<Result<LuaValue, String>> {
     let mut err = None;
+    // SAFETY: as in `encode_value`: raw stack work inside exec_raw under capi.rs's rules.
     let v: LuaValue = unsafe {
         lua.exec_raw(lua.array_metatable(), |l| {
             let mut d = RawDecoder {
@@ -588,70 +631,78 @@ thread_local! {
 
 /// `text, err = luaproxy.json.encode(value)`
 unsafe extern "C-unwind" fn raw_encode(l: *mut ffi::lua_State) -> std::os::raw::c_int {
-    ffi::lua_settop(l, 1);
-    ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
-    let mut out = ENCODE_BUF.take();
-    out.clear();
-    let mut enc = RawEncoder {
-        mt: 2,
-        out,
-        err: None,
-    };
-    enc.value(l, 1, 0);
-    ffi::lua_settop(l, 0);
-    let n = match &enc.err {
-        None => {
-            ffi::lua_pushlstring(l, enc.out.as_ptr() as *const _, enc.out.len());
-            1
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        ffi::lua_settop(l, 1);
+        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+        let mut out = ENCODE_BUF.take();
+        out.clear();
+        let mut enc = RawEncoder {
+            mt: 2,
+            out,
+            err: None,
+        };
+        enc.value(l, 1, 0);
+        ffi::lua_settop(l, 0);
+        let n = match &enc.err {
+            None => {
+                ffi::lua_pushlstring(l, enc.out.as_ptr() as *const _, enc.out.len());
+                1
+            }
+            Some(e) => {
+                ffi::lua_pushnil(l);
+                ffi::lua_pushlstring(l, e.as_ptr() as *const _, e.len());
+                2
+            }
+        };
+        if enc.out.capacity() <= 1 << 20 {
+            ENCODE_BUF.set(std::mem::take(&mut enc.out));
         }
-        Some(e) => {
-            ffi::lua_pushnil(l);
-            ffi::lua_pushlstring(l, e.as_ptr() as *const _, e.len());
-            2
-        }
-    };
-    if enc.out.capacity() <= 1 << 20 {
-        ENCODE_BUF.set(std::mem::take(&mut enc.out));
+        n
     }
-    n
 }
 
 /// `value, err = luaproxy.json.decode(text)`; JSON null decodes to `luaproxy.json.null`.
 unsafe extern "C-unwind" fn raw_decode(l: *mut ffi::lua_State) -> std::os::raw::c_int {
-    ffi::lua_settop(l, 1);
-    let t = ffi::lua_type(l, 1);
-    if t != ffi::LUA_TSTRING {
-        let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t)).to_string_lossy();
-        let msg = format!("expected a string, got a {name}");
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        ffi::lua_settop(l, 1);
+        let t = ffi::lua_type(l, 1);
+        if t != ffi::LUA_TSTRING {
+            let name = std::ffi::CStr::from_ptr(ffi::lua_typename(l, t)).to_string_lossy();
+            let msg = format!("expected a string, got a {name}");
+            ffi::lua_pushnil(l);
+            ffi::lua_pushlstring(l, msg.as_ptr() as *const _, msg.len());
+            return 2;
+        }
+        let mut len = 0;
+        let p = ffi::lua_tolstring(l, 1, &mut len);
+        // The text stays on the stack (index 1) for as long as this slice is used.
+        let text = std::slice::from_raw_parts(p as *const u8, len);
+        ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
+        let mut d = RawDecoder {
+            s: text,
+            i: 0,
+            mt: 2,
+            err: None,
+            buf: Vec::new(),
+        };
+        let ok = d.value(l, 0) && {
+            d.ws();
+            d.i == text.len() || d.fail("trailing garbage")
+        };
+        if ok {
+            return 1;
+        }
+        ffi::lua_settop(l, 2);
         ffi::lua_pushnil(l);
+        let (what, at) = d.err.unwrap_or(("invalid json", 0));
+        let msg = format!("invalid json: {what} at character {at}");
         ffi::lua_pushlstring(l, msg.as_ptr() as *const _, msg.len());
-        return 2;
+        2
     }
-    let mut len = 0;
-    let p = ffi::lua_tolstring(l, 1, &mut len);
-    // The text stays on the stack (index 1) for as long as this slice is used.
-    let text = std::slice::from_raw_parts(p as *const u8, len);
-    ffi::lua_pushvalue(l, ffi::lua_upvalueindex(1));
-    let mut d = RawDecoder {
-        s: text,
-        i: 0,
-        mt: 2,
-        err: None,
-        buf: Vec::new(),
-    };
-    let ok = d.value(l, 0) && {
-        d.ws();
-        d.i == text.len() || d.fail("trailing garbage")
-    };
-    if ok {
-        return 1;
-    }
-    ffi::lua_settop(l, 2);
-    ffi::lua_pushnil(l);
-    let (what, at) = d.err.unwrap_or(("invalid json", 0));
-    let msg = format!("invalid json: {what} at character {at}");
-    ffi::lua_pushlstring(l, msg.as_ptr() as *const _, msg.len());
-    2
 }
 
 /// A C closure over `f` with the array metatable as its upvalue.

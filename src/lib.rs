@@ -1,3 +1,4 @@
+#![deny(unsafe_op_in_unsafe_fn)]
 //! luaproxy: a Lua-scriptable HTTP reverse proxy. Rust moves bytes, Lua decides.
 //!
 //! This file only wires the bindings together; each binding lives in its own file.

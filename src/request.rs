@@ -299,11 +299,15 @@ pub struct NotARequest;
 /// # Safety
 /// `l` must be a valid Lua state of this thread.
 pub unsafe fn live_at(l: *mut ffi::lua_State, idx: c_int) -> Option<Rc<ReqInner>> {
-    if ffi::lua_type(l, idx) != ffi::LUA_TLIGHTUSERDATA {
-        return None;
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if ffi::lua_type(l, idx) != ffi::LUA_TLIGHTUSERDATA {
+            return None;
+        }
+        let id = ffi::lua_touserdata(l, idx) as usize as i64;
+        LIVE.with(|m| m.borrow().get(&id).cloned())
     }
-    let id = ffi::lua_touserdata(l, idx) as usize as i64;
-    LIVE.with(|m| m.borrow().get(&id).cloned())
 }
 
 pub const ENDED: &str = "request has ended";
@@ -424,79 +428,91 @@ pub fn install_metatable(
 
 /// `req:get_header(name)`
 unsafe extern "C-unwind" fn raw_get_header(l: *mut ffi::lua_State) -> c_int {
-    if ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
-        return fallback(l);
-    }
-    let Some(inner) = live_at(l, 1) else {
-        return fallback(l);
-    };
-    let mut len = 0;
-    let p = ffi::lua_tolstring(l, 2, &mut len);
-    let name = std::slice::from_raw_parts(p as *const u8, len);
-    let Ok(headers) = inner.headers.try_borrow() else {
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if ffi::lua_gettop(l) != 2 || ffi::lua_type(l, 2) != ffi::LUA_TSTRING {
+            return fallback(l);
+        }
+        let Some(inner) = live_at(l, 1) else {
+            return fallback(l);
+        };
+        let mut len = 0;
+        let p = ffi::lua_tolstring(l, 2, &mut len);
+        let name = std::slice::from_raw_parts(p as *const u8, len);
+        let Ok(headers) = inner.headers.try_borrow() else {
+            drop(inner);
+            return fallback(l);
+        };
+        // One value goes straight from the header fields into a Lua string (the copy Lua makes
+        // cannot raise except on memory exhaustion, which leaks two refcounts at worst); none is
+        // nil; repeats are joined by the fallback.
+        let found = {
+            let mut it = headers.get_all(name);
+            match (it.next(), it.next()) {
+                (None, _) => 0,
+                (Some(v), None) => {
+                    push_bytes(l, v);
+                    1
+                }
+                _ => 2,
+            }
+        };
+        drop(headers);
         drop(inner);
-        return fallback(l);
-    };
-    // One value goes straight from the header fields into a Lua string (the copy Lua makes
-    // cannot raise except on memory exhaustion, which leaks two refcounts at worst); none is
-    // nil; repeats are joined by the fallback.
-    let found = {
-        let mut it = headers.get_all(name);
-        match (it.next(), it.next()) {
-            (None, _) => 0,
-            (Some(v), None) => {
-                push_bytes(l, v);
+        match found {
+            0 => {
+                ffi::lua_pushnil(l);
                 1
             }
-            _ => 2,
+            1 => 1,
+            _ => fallback(l),
         }
-    };
-    drop(headers);
-    drop(inner);
-    match found {
-        0 => {
-            ffi::lua_pushnil(l);
-            1
-        }
-        1 => 1,
-        _ => fallback(l),
     }
 }
 
 /// `req:get_path()`
 unsafe extern "C-unwind" fn raw_get_path(l: *mut ffi::lua_State) -> c_int {
-    if ffi::lua_gettop(l) != 1 {
-        return fallback(l);
-    }
-    let Some(inner) = live_at(l, 1) else {
-        return fallback(l);
-    };
-    let (Ok(uri), Ok(path)) = (inner.uri.try_borrow(), inner.path.try_borrow()) else {
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if ffi::lua_gettop(l) != 1 {
+            return fallback(l);
+        }
+        let Some(inner) = live_at(l, 1) else {
+            return fallback(l);
+        };
+        let (Ok(uri), Ok(path)) = (inner.uri.try_borrow(), inner.path.try_borrow()) else {
+            drop(inner);
+            return fallback(l);
+        };
+        push_bytes(l, path.as_deref().unwrap_or(uri.path().as_bytes()));
+        drop((uri, path));
         drop(inner);
-        return fallback(l);
-    };
-    push_bytes(l, path.as_deref().unwrap_or(uri.path().as_bytes()));
-    drop((uri, path));
-    drop(inner);
-    1
+        1
+    }
 }
 
 /// `req:get_method()`
 unsafe extern "C-unwind" fn raw_get_method(l: *mut ffi::lua_State) -> c_int {
-    if ffi::lua_gettop(l) != 1 {
-        return fallback(l);
-    }
-    let Some(inner) = live_at(l, 1) else {
-        return fallback(l);
-    };
-    let Ok(m) = inner.method.try_borrow() else {
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if ffi::lua_gettop(l) != 1 {
+            return fallback(l);
+        }
+        let Some(inner) = live_at(l, 1) else {
+            return fallback(l);
+        };
+        let Ok(m) = inner.method.try_borrow() else {
+            drop(inner);
+            return fallback(l);
+        };
+        push_bytes(l, m.as_str().as_bytes());
+        drop(m);
         drop(inner);
-        return fallback(l);
-    };
-    push_bytes(l, m.as_str().as_bytes());
-    drop(m);
-    drop(inner);
-    1
+        1
+    }
 }
 
 /// Joins repeated values the way a single header line would carry them.

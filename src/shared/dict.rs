@@ -144,50 +144,66 @@ pub fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
 type RawResult = Result<c_int, String>;
 
 unsafe fn raise(l: *mut ffi::lua_State, msg: String) -> ! {
-    ffi::lua_pushlstring(l, msg.as_ptr() as *const c_char, msg.len());
-    drop(msg);
-    ffi::lua_error(l)
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        ffi::lua_pushlstring(l, msg.as_ptr() as *const c_char, msg.len());
+        drop(msg);
+        ffi::lua_error(l)
+    }
 }
 
 unsafe fn push_str(l: *mut ffi::lua_State, s: &str) {
-    ffi::lua_pushlstring(l, s.as_ptr() as *const c_char, s.len());
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        ffi::lua_pushlstring(l, s.as_ptr() as *const c_char, s.len());
+    }
 }
 
 /// The store behind `self` (argument 1).
 unsafe fn self_store(l: *mut ffi::lua_State, method: &str) -> Result<&'static Store, String> {
-    if ffi::lua_type(l, 1) == ffi::LUA_TTABLE {
-        ffi::lua_rawgeti(l, 1, 1);
-        let mut isnum = 0;
-        let i = ffi::lua_tointegerx(l, -1, &mut isnum);
-        ffi::lua_pop(l, 1);
-        if isnum != 0 && i >= 0 {
-            if let Some(s) = store::slot(i as usize) {
-                return Ok(s);
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if ffi::lua_type(l, 1) == ffi::LUA_TTABLE {
+            ffi::lua_rawgeti(l, 1, 1);
+            let mut isnum = 0;
+            let i = ffi::lua_tointegerx(l, -1, &mut isnum);
+            ffi::lua_pop(l, 1);
+            if isnum != 0 && i >= 0 {
+                if let Some(s) = store::slot(i as usize) {
+                    return Ok(s);
+                }
             }
         }
+        Err(format!(
+            "dict:{method}: not a dict (call it as dict:{method}(...))"
+        ))
     }
-    Err(format!(
-        "dict:{method}: not a dict (call it as dict:{method}(...))"
-    ))
 }
 
 /// The key at `idx`, borrowed from the Lua string on the stack; numbers are converted the way
 /// Lua prints them (as ngx_lua does).
 unsafe fn arg_key<'a>(l: *mut ffi::lua_State, idx: c_int) -> Result<&'a [u8], &'static str> {
-    match ffi::lua_type(l, idx) {
-        ffi::LUA_TSTRING | ffi::LUA_TNUMBER => {
-            let mut len = 0;
-            let p = ffi::lua_tolstring(l, idx, &mut len);
-            if len == 0 {
-                Err("empty key")
-            } else if len > MAX_KEY_LEN {
-                Err("key too long")
-            } else {
-                Ok(std::slice::from_raw_parts(p as *const u8, len))
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        match ffi::lua_type(l, idx) {
+            ffi::LUA_TSTRING | ffi::LUA_TNUMBER => {
+                let mut len = 0;
+                let p = ffi::lua_tolstring(l, idx, &mut len);
+                if len == 0 {
+                    Err("empty key")
+                } else if len > MAX_KEY_LEN {
+                    Err("key too long")
+                } else {
+                    Ok(std::slice::from_raw_parts(p as *const u8, len))
+                }
             }
+            ffi::LUA_TNIL | ffi::LUA_TNONE => Err("nil key"),
+            _ => Err("bad key type"),
         }
-        ffi::LUA_TNIL | ffi::LUA_TNONE => Err("nil key"),
-        _ => Err("bad key type"),
     }
 }
 
@@ -196,92 +212,112 @@ unsafe fn opt_number(
     idx: c_int,
     what: &str,
 ) -> Result<Option<f64>, String> {
-    match ffi::lua_type(l, idx) {
-        ffi::LUA_TNIL | ffi::LUA_TNONE => Ok(None),
-        ffi::LUA_TNUMBER => Ok(Some(ffi::lua_tonumberx(l, idx, std::ptr::null_mut()))),
-        _ => Err(format!("{what} must be a number")),
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        match ffi::lua_type(l, idx) {
+            ffi::LUA_TNIL | ffi::LUA_TNONE => Ok(None),
+            ffi::LUA_TNUMBER => Ok(Some(ffi::lua_tonumberx(l, idx, std::ptr::null_mut()))),
+            _ => Err(format!("{what} must be a number")),
+        }
     }
 }
 
 unsafe fn exptime_arg(l: *mut ffi::lua_State, idx: c_int) -> Result<Option<Duration>, String> {
-    match opt_number(l, idx, "exptime")? {
-        None => Ok(None),
-        Some(t) => ttl_secs(t).map_err(str::to_string),
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        match opt_number(l, idx, "exptime")? {
+            None => Ok(None),
+            Some(t) => ttl_secs(t).map_err(str::to_string),
+        }
     }
 }
 
 /// The Lua value at `idx` as a store value (strings, numbers, booleans, tables of them).
 unsafe fn raw_to_val(l: *mut ffi::lua_State, idx: c_int, depth: usize) -> Result<Val, String> {
-    Ok(match ffi::lua_type(l, idx) {
-        ffi::LUA_TSTRING => {
-            let mut len = 0;
-            let p = ffi::lua_tolstring(l, idx, &mut len);
-            Val::Str(std::slice::from_raw_parts(p as *const u8, len).to_vec())
-        }
-        ffi::LUA_TNUMBER => {
-            if ffi::lua_isinteger(l, idx) != 0 {
-                Val::Int(ffi::lua_tointegerx(l, idx, std::ptr::null_mut()))
-            } else {
-                Val::Num(ffi::lua_tonumberx(l, idx, std::ptr::null_mut()))
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        Ok(match ffi::lua_type(l, idx) {
+            ffi::LUA_TSTRING => {
+                let mut len = 0;
+                let p = ffi::lua_tolstring(l, idx, &mut len);
+                Val::Str(std::slice::from_raw_parts(p as *const u8, len).to_vec())
             }
-        }
-        ffi::LUA_TBOOLEAN => Val::Bool(ffi::lua_toboolean(l, idx) != 0),
-        ffi::LUA_TTABLE => {
-            if depth >= MAX_TABLE_DEPTH {
-                return Err(TOO_DEEP.into());
+            ffi::LUA_TNUMBER => {
+                if ffi::lua_isinteger(l, idx) != 0 {
+                    Val::Int(ffi::lua_tointegerx(l, idx, std::ptr::null_mut()))
+                } else {
+                    Val::Num(ffi::lua_tonumberx(l, idx, std::ptr::null_mut()))
+                }
             }
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err("out of Lua stack".into());
+            ffi::LUA_TBOOLEAN => Val::Bool(ffi::lua_toboolean(l, idx) != 0),
+            ffi::LUA_TTABLE => {
+                if depth >= MAX_TABLE_DEPTH {
+                    return Err(TOO_DEEP.into());
+                }
+                if ffi::lua_checkstack(l, 4) == 0 {
+                    return Err("out of Lua stack".into());
+                }
+                let t = ffi::lua_absindex(l, idx);
+                let mut kv = Vec::new();
+                ffi::lua_pushnil(l);
+                while ffi::lua_next(l, t) != 0 {
+                    // raw_to_val reads a number key as a number: lua_tolstring would turn it into
+                    // a string in place and confuse lua_next.
+                    let k = match ffi::lua_type(l, -2) {
+                        ffi::LUA_TSTRING | ffi::LUA_TNUMBER | ffi::LUA_TBOOLEAN => {
+                            raw_to_val(l, -2, depth + 1)?
+                        }
+                        ffi::LUA_TTABLE => return Err(BAD_TABLE_KEY.into()),
+                        t => return Err(bad_type(&type_name(l, t))),
+                    };
+                    let v = raw_to_val(l, -1, depth + 1)?;
+                    ffi::lua_pop(l, 1);
+                    kv.push((k, v));
+                }
+                Val::Table(kv)
             }
-            let t = ffi::lua_absindex(l, idx);
-            let mut kv = Vec::new();
-            ffi::lua_pushnil(l);
-            while ffi::lua_next(l, t) != 0 {
-                // raw_to_val reads a number key as a number: lua_tolstring would turn it into
-                // a string in place and confuse lua_next.
-                let k = match ffi::lua_type(l, -2) {
-                    ffi::LUA_TSTRING | ffi::LUA_TNUMBER | ffi::LUA_TBOOLEAN => {
-                        raw_to_val(l, -2, depth + 1)?
-                    }
-                    ffi::LUA_TTABLE => return Err(BAD_TABLE_KEY.into()),
-                    t => return Err(bad_type(&type_name(l, t))),
-                };
-                let v = raw_to_val(l, -1, depth + 1)?;
-                ffi::lua_pop(l, 1);
-                kv.push((k, v));
-            }
-            Val::Table(kv)
-        }
-        t => return Err(bad_type(&type_name(l, t))),
-    })
+            t => return Err(bad_type(&type_name(l, t))),
+        })
+    }
 }
 
 unsafe fn type_name(l: *mut ffi::lua_State, t: c_int) -> String {
-    std::ffi::CStr::from_ptr(ffi::lua_typename(l, t))
-        .to_string_lossy()
-        .into_owned()
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        std::ffi::CStr::from_ptr(ffi::lua_typename(l, t))
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// Pushes a value copied out of the store.
 unsafe fn push_val(l: *mut ffi::lua_State, v: &Val) {
-    match v {
-        Val::Str(s) => {
-            ffi::lua_pushlstring(l, s.as_ptr() as *const c_char, s.len());
-        }
-        Val::Int(i) => ffi::lua_pushinteger(l, *i as ffi::lua_Integer),
-        Val::Num(n) => ffi::lua_pushnumber(l, *n),
-        Val::Bool(b) => ffi::lua_pushboolean(l, *b as c_int),
-        Val::Table(kv) => {
-            ffi::luaL_checkstack(l, 3, std::ptr::null());
-            ffi::lua_createtable(l, 0, kv.len() as c_int);
-            for (k, v) in kv {
-                push_val(l, k);
-                push_val(l, v);
-                ffi::lua_rawset(l, -3);
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        match v {
+            Val::Str(s) => {
+                ffi::lua_pushlstring(l, s.as_ptr() as *const c_char, s.len());
             }
+            Val::Int(i) => ffi::lua_pushinteger(l, *i as ffi::lua_Integer),
+            Val::Num(n) => ffi::lua_pushnumber(l, *n),
+            Val::Bool(b) => ffi::lua_pushboolean(l, *b as c_int),
+            Val::Table(kv) => {
+                ffi::luaL_checkstack(l, 3, std::ptr::null());
+                ffi::lua_createtable(l, 0, kv.len() as c_int);
+                for (k, v) in kv {
+                    push_val(l, k);
+                    push_val(l, v);
+                    ffi::lua_rawset(l, -3);
+                }
+            }
+            // Dicts never hold responses (only luaproxy.cache does).
+            Val::Resp(_) => ffi::lua_pushnil(l),
         }
-        // Dicts never hold responses (only luaproxy.cache does).
-        Val::Resp(_) => ffi::lua_pushnil(l),
     }
 }
 
@@ -296,186 +332,210 @@ enum Got {
 
 /// `value, flags = dict:get(key)`; `value, flags, stale = dict:get_stale(key)`
 unsafe fn get_impl(l: *mut ffi::lua_State, stale: bool) -> RawResult {
-    let store = self_store(l, if stale { "get_stale" } else { "get" })?;
-    let key = match arg_key(l, 2) {
-        Ok(k) => k,
-        Err(e) => {
-            ffi::lua_pushnil(l);
-            push_str(l, e);
-            return Ok(2);
-        }
-    };
-    let mut buf = SCRATCH.take();
-    buf.clear();
-    let found = store.peek(key, stale, |v, flags, expired| {
-        let got = match v {
-            ValRef::Int(i) => Got::Int(i),
-            ValRef::Val(Val::Num(n)) => Got::Num(*n),
-            ValRef::Val(Val::Bool(b)) => Got::Bool(*b),
-            ValRef::Val(Val::Str(s)) => {
-                buf.extend_from_slice(s);
-                Got::Str
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let store = self_store(l, if stale { "get_stale" } else { "get" })?;
+        let key = match arg_key(l, 2) {
+            Ok(k) => k,
+            Err(e) => {
+                ffi::lua_pushnil(l);
+                push_str(l, e);
+                return Ok(2);
             }
-            ValRef::Val(other) => Got::Other(other.clone()),
         };
-        (got, flags, expired.is_some())
-    });
-    let n = match found {
-        Ok(None) => {
-            ffi::lua_pushnil(l);
-            1
-        }
-        Err(e) => {
-            ffi::lua_pushnil(l);
-            push_str(l, e.as_str());
-            2
-        }
-        Ok(Some((got, flags, expired))) => {
-            match got {
-                Got::Int(i) => ffi::lua_pushinteger(l, i as ffi::lua_Integer),
-                Got::Num(n) => ffi::lua_pushnumber(l, n),
-                Got::Bool(b) => ffi::lua_pushboolean(l, b as c_int),
-                Got::Str => {
-                    ffi::lua_pushlstring(l, buf.as_ptr() as *const c_char, buf.len());
+        let mut buf = SCRATCH.take();
+        buf.clear();
+        let found = store.peek(key, stale, |v, flags, expired| {
+            let got = match v {
+                ValRef::Int(i) => Got::Int(i),
+                ValRef::Val(Val::Num(n)) => Got::Num(*n),
+                ValRef::Val(Val::Bool(b)) => Got::Bool(*b),
+                ValRef::Val(Val::Str(s)) => {
+                    buf.extend_from_slice(s);
+                    Got::Str
                 }
-                Got::Other(v) => push_val(l, &v),
-            }
-            if stale {
-                push_flags(l, flags);
-                ffi::lua_pushboolean(l, expired as c_int);
-                3
-            } else if flags != 0 {
-                push_flags(l, flags);
-                2
-            } else {
+                ValRef::Val(other) => Got::Other(other.clone()),
+            };
+            (got, flags, expired.is_some())
+        });
+        let n = match found {
+            Ok(None) => {
+                ffi::lua_pushnil(l);
                 1
             }
-        }
-    };
-    SCRATCH.set(buf);
-    Ok(n)
+            Err(e) => {
+                ffi::lua_pushnil(l);
+                push_str(l, e.as_str());
+                2
+            }
+            Ok(Some((got, flags, expired))) => {
+                match got {
+                    Got::Int(i) => ffi::lua_pushinteger(l, i as ffi::lua_Integer),
+                    Got::Num(n) => ffi::lua_pushnumber(l, n),
+                    Got::Bool(b) => ffi::lua_pushboolean(l, b as c_int),
+                    Got::Str => {
+                        ffi::lua_pushlstring(l, buf.as_ptr() as *const c_char, buf.len());
+                    }
+                    Got::Other(v) => push_val(l, &v),
+                }
+                if stale {
+                    push_flags(l, flags);
+                    ffi::lua_pushboolean(l, expired as c_int);
+                    3
+                } else if flags != 0 {
+                    push_flags(l, flags);
+                    2
+                } else {
+                    1
+                }
+            }
+        };
+        SCRATCH.set(buf);
+        Ok(n)
+    }
 }
 
 unsafe fn push_flags(l: *mut ffi::lua_State, flags: u32) {
-    if flags == 0 {
-        ffi::lua_pushnil(l);
-    } else {
-        ffi::lua_pushinteger(l, flags as ffi::lua_Integer);
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if flags == 0 {
+            ffi::lua_pushnil(l);
+        } else {
+            ffi::lua_pushinteger(l, flags as ffi::lua_Integer);
+        }
     }
 }
 
 /// `ok, err, forcible = dict:set|add|replace(key, value, exptime?, flags?)`; the `safe_*`
 /// forms return `ok, err`.
 unsafe fn store_impl(l: *mut ffi::lua_State, name: &str, mode: Mode, force: bool) -> RawResult {
-    let store = self_store(l, name)?;
-    // ok, err, forcible; the safe_* forms return ok, err (as in ngx_lua).
-    let ret = |l, ok: bool, err: Option<&str>, forcible: bool| {
-        ffi::lua_pushboolean(l, ok as c_int);
-        match err {
-            Some(e) => push_str(l, e),
-            None => ffi::lua_pushnil(l),
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let store = self_store(l, name)?;
+        // ok, err, forcible; the safe_* forms return ok, err (as in ngx_lua).
+        let ret = |l, ok: bool, err: Option<&str>, forcible: bool| {
+            ffi::lua_pushboolean(l, ok as c_int);
+            match err {
+                Some(e) => push_str(l, e),
+                None => ffi::lua_pushnil(l),
+            }
+            if force {
+                ffi::lua_pushboolean(l, forcible as c_int);
+                Ok(3)
+            } else {
+                Ok(2)
+            }
+        };
+        let key = match arg_key(l, 2) {
+            Ok(k) => k,
+            Err(e) => return ret(l, false, Some(e), false),
+        };
+        let ttl = exptime_arg(l, 4).map_err(|e| format!("dict:{name}: {e}"))?;
+        let flags = match opt_number(l, 5, "flags").map_err(|e| format!("dict:{name}: {e}"))? {
+            None => 0,
+            Some(f) if (0.0..=u32::MAX as f64).contains(&f) => f as u32,
+            Some(_) => {
+                return Err(format!(
+                    "dict:{name}: flags must be a 32-bit unsigned number"
+                ))
+            }
+        };
+        if mode == Mode::Set && ffi::lua_type(l, 3) <= ffi::LUA_TNIL {
+            store.delete(key);
+            return ret(l, true, None, false);
         }
-        if force {
-            ffi::lua_pushboolean(l, forcible as c_int);
-            Ok(3)
+        let stored = if ffi::lua_type(l, 3) == ffi::LUA_TSTRING {
+            let mut len = 0;
+            let p = ffi::lua_tolstring(l, 3, &mut len);
+            let bytes = std::slice::from_raw_parts(p as *const u8, len);
+            store.store_str(key, bytes, ttl, flags, mode, force)
         } else {
-            Ok(2)
+            let v = raw_to_val(l, 3, 0).map_err(|e| format!("dict:{name}: {e}"))?;
+            store.store(key, v, ttl, flags, mode, force)
+        };
+        match stored {
+            Ok(forcible) => ret(l, true, None, forcible),
+            Err(e) => ret(l, false, Some(e.as_str()), false),
         }
-    };
-    let key = match arg_key(l, 2) {
-        Ok(k) => k,
-        Err(e) => return ret(l, false, Some(e), false),
-    };
-    let ttl = exptime_arg(l, 4).map_err(|e| format!("dict:{name}: {e}"))?;
-    let flags = match opt_number(l, 5, "flags").map_err(|e| format!("dict:{name}: {e}"))? {
-        None => 0,
-        Some(f) if (0.0..=u32::MAX as f64).contains(&f) => f as u32,
-        Some(_) => {
-            return Err(format!(
-                "dict:{name}: flags must be a 32-bit unsigned number"
-            ))
-        }
-    };
-    if mode == Mode::Set && ffi::lua_type(l, 3) <= ffi::LUA_TNIL {
-        store.delete(key);
-        return ret(l, true, None, false);
-    }
-    let stored = if ffi::lua_type(l, 3) == ffi::LUA_TSTRING {
-        let mut len = 0;
-        let p = ffi::lua_tolstring(l, 3, &mut len);
-        let bytes = std::slice::from_raw_parts(p as *const u8, len);
-        store.store_str(key, bytes, ttl, flags, mode, force)
-    } else {
-        let v = raw_to_val(l, 3, 0).map_err(|e| format!("dict:{name}: {e}"))?;
-        store.store(key, v, ttl, flags, mode, force)
-    };
-    match stored {
-        Ok(forcible) => ret(l, true, None, forcible),
-        Err(e) => ret(l, false, Some(e.as_str()), false),
     }
 }
 
 /// `newval, err, forcible = dict:incr(key, n, init?, init_ttl?)`
 unsafe fn incr_impl(l: *mut ffi::lua_State) -> RawResult {
-    let store = self_store(l, "incr")?;
-    let key = match arg_key(l, 2) {
-        Ok(k) => k,
-        Err(e) => {
-            ffi::lua_pushnil(l);
-            push_str(l, e);
-            ffi::lua_pushboolean(l, 0);
-            return Ok(3);
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let store = self_store(l, "incr")?;
+        let key = match arg_key(l, 2) {
+            Ok(k) => k,
+            Err(e) => {
+                ffi::lua_pushnil(l);
+                push_str(l, e);
+                ffi::lua_pushboolean(l, 0);
+                return Ok(3);
+            }
+        };
+        let (nf, ni) = match ffi::lua_type(l, 3) {
+            ffi::LUA_TNUMBER if ffi::lua_isinteger(l, 3) != 0 => {
+                let i = ffi::lua_tointegerx(l, 3, std::ptr::null_mut());
+                (i as f64, Some(i))
+            }
+            ffi::LUA_TNUMBER => (ffi::lua_tonumberx(l, 3, std::ptr::null_mut()), None),
+            _ => return Err("dict:incr: n must be a number".into()),
+        };
+        let init = match ffi::lua_type(l, 4) {
+            ffi::LUA_TNIL | ffi::LUA_TNONE => None,
+            ffi::LUA_TNUMBER => Some(raw_to_val(l, 4, 0)?),
+            _ => return Err("dict:incr: init must be a number".into()),
+        };
+        let ttl = match opt_number(l, 5, "init_ttl")? {
+            None => None,
+            Some(t) => ttl_secs(t).map_err(|e| format!("dict:incr: {e}"))?,
+        };
+        match store.incr(key, nf, ni, init, ttl) {
+            Ok((v, forcible)) => {
+                push_val(l, &v);
+                ffi::lua_pushnil(l);
+                ffi::lua_pushboolean(l, forcible as c_int);
+            }
+            Err(e) => {
+                ffi::lua_pushnil(l);
+                push_str(l, e.as_str());
+                ffi::lua_pushboolean(l, 0);
+            }
         }
-    };
-    let (nf, ni) = match ffi::lua_type(l, 3) {
-        ffi::LUA_TNUMBER if ffi::lua_isinteger(l, 3) != 0 => {
-            let i = ffi::lua_tointegerx(l, 3, std::ptr::null_mut());
-            (i as f64, Some(i))
-        }
-        ffi::LUA_TNUMBER => (ffi::lua_tonumberx(l, 3, std::ptr::null_mut()), None),
-        _ => return Err("dict:incr: n must be a number".into()),
-    };
-    let init = match ffi::lua_type(l, 4) {
-        ffi::LUA_TNIL | ffi::LUA_TNONE => None,
-        ffi::LUA_TNUMBER => Some(raw_to_val(l, 4, 0)?),
-        _ => return Err("dict:incr: init must be a number".into()),
-    };
-    let ttl = match opt_number(l, 5, "init_ttl")? {
-        None => None,
-        Some(t) => ttl_secs(t).map_err(|e| format!("dict:incr: {e}"))?,
-    };
-    match store.incr(key, nf, ni, init, ttl) {
-        Ok((v, forcible)) => {
-            push_val(l, &v);
-            ffi::lua_pushnil(l);
-            ffi::lua_pushboolean(l, forcible as c_int);
-        }
-        Err(e) => {
-            ffi::lua_pushnil(l);
-            push_str(l, e.as_str());
-            ffi::lua_pushboolean(l, 0);
-        }
+        Ok(3)
     }
-    Ok(3)
 }
 
 /// `ok = dict:delete(key)`
 unsafe fn delete_impl(l: *mut ffi::lua_State) -> RawResult {
-    let store = self_store(l, "delete")?;
-    if let Ok(k) = arg_key(l, 2) {
-        store.delete(k);
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let store = self_store(l, "delete")?;
+        if let Ok(k) = arg_key(l, 2) {
+            store.delete(k);
+        }
+        ffi::lua_pushboolean(l, 1);
+        Ok(1)
     }
-    ffi::lua_pushboolean(l, 1);
-    Ok(1)
 }
 
 macro_rules! raw_fn {
     ($name:ident, $body:expr) => {
         unsafe extern "C-unwind" fn $name(l: *mut ffi::lua_State) -> c_int {
-            let r: RawResult = $body(l);
-            match r {
-                Ok(n) => n,
-                Err(msg) => raise(l, msg),
+            // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+            // of capi.rs for C functions Lua calls) is what every operation below relies on.
+            unsafe {
+                let r: RawResult = $body(l);
+                match r {
+                    Ok(n) => n,
+                    Err(msg) => raise(l, msg),
+                }
             }
         }
     };
@@ -720,31 +780,35 @@ fn methods(lua: &Lua) -> LuaResult<LuaTable> {
 /// `newval, err = dict:lease(key, req)` for a request being handled; anything else goes to
 /// the mlua method (upvalue 1), which checks and explains.
 unsafe extern "C-unwind" fn raw_lease(l: *mut ffi::lua_State) -> c_int {
-    let fast = (|| {
-        let store = self_store(l, "lease").ok()?;
-        let key = arg_key(l, 2).ok()?;
-        let req = crate::request::live_at(l, 3)?;
-        Some((store, key, req))
-    })();
-    let Some((store, key, req)) = fast else {
-        return crate::capi::fallback(l);
-    };
-    let r = store.incr(key, 1.0, Some(1), None, None);
-    if let Ok((v, _)) = &r {
-        let lease = Lease {
-            store,
-            key: key.to_vec(),
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let fast = (|| {
+            let store = self_store(l, "lease").ok()?;
+            let key = arg_key(l, 2).ok()?;
+            let req = crate::request::live_at(l, 3)?;
+            Some((store, key, req))
+        })();
+        let Some((store, key, req)) = fast else {
+            return crate::capi::fallback(l);
         };
-        req.guards.borrow_mut().push(Box::new(lease));
-        drop(req);
-        push_val(l, v);
-        ffi::lua_pushnil(l);
-    } else {
-        drop(req);
-        ffi::lua_pushnil(l);
-        push_str(l, r.err().map_or("", |e| e.as_str()));
+        let r = store.incr(key, 1.0, Some(1), None, None);
+        if let Ok((v, _)) = &r {
+            let lease = Lease {
+                store,
+                key: key.to_vec(),
+            };
+            req.guards.borrow_mut().push(Box::new(lease));
+            drop(req);
+            push_val(l, v);
+            ffi::lua_pushnil(l);
+        } else {
+            drop(req);
+            ffi::lua_pushnil(l);
+            push_str(l, r.err().map_or("", |e| e.as_str()));
+        }
+        2
     }
-    2
 }
 
 /// The per-state metatable of dict objects.

@@ -41,10 +41,14 @@ thread_local! {
 /// # Safety
 /// `key` points to `klen` readable bytes.
 unsafe fn key<'a>(key: *const u8, klen: usize) -> Option<&'a [u8]> {
-    if key.is_null() || klen == 0 || klen > store::MAX_KEY_LEN {
-        return None;
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if key.is_null() || klen == 0 || klen > store::MAX_KEY_LEN {
+            return None;
+        }
+        Some(std::slice::from_raw_parts(key, klen))
     }
-    Some(std::slice::from_raw_parts(key, klen))
 }
 
 fn number(n: f64) -> Val {
@@ -72,42 +76,46 @@ pub unsafe extern "C" fn luaproxy_dict_get(
     stale: i32,
     out: *mut Out,
 ) -> i32 {
-    let (Some(store), Some(k)) = (store::slot(slot as usize), key(key_ptr, klen)) else {
-        return FALLBACK;
-    };
-    let out = &mut *out;
-    let mut buf = BUF.take();
-    buf.clear();
-    let r = store.peek(k, stale != 0, |v, flags, expired| {
-        out.flags = flags;
-        out.stale = expired.is_some() as i32;
-        match v {
-            ValRef::Int(i) => {
-                out.num = i as f64;
-                2
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let (Some(store), Some(k)) = (store::slot(slot as usize), key(key_ptr, klen)) else {
+            return FALLBACK;
+        };
+        let out = &mut *out;
+        let mut buf = BUF.take();
+        buf.clear();
+        let r = store.peek(k, stale != 0, |v, flags, expired| {
+            out.flags = flags;
+            out.stale = expired.is_some() as i32;
+            match v {
+                ValRef::Int(i) => {
+                    out.num = i as f64;
+                    2
+                }
+                ValRef::Val(Val::Num(n)) => {
+                    out.num = *n;
+                    2
+                }
+                ValRef::Val(Val::Bool(b)) => {
+                    out.num = *b as i32 as f64;
+                    3
+                }
+                ValRef::Val(Val::Str(s)) => {
+                    buf.extend_from_slice(s);
+                    1
+                }
+                ValRef::Val(_) => FALLBACK,
             }
-            ValRef::Val(Val::Num(n)) => {
-                out.num = *n;
-                2
-            }
-            ValRef::Val(Val::Bool(b)) => {
-                out.num = *b as i32 as f64;
-                3
-            }
-            ValRef::Val(Val::Str(s)) => {
-                buf.extend_from_slice(s);
-                1
-            }
-            ValRef::Val(_) => FALLBACK,
+        });
+        out.str = buf.as_ptr();
+        out.len = buf.len();
+        BUF.set(buf);
+        match r {
+            Ok(Some(rc)) => rc,
+            Ok(None) => 0,
+            Err(_) => FALLBACK,
         }
-    });
-    out.str = buf.as_ptr();
-    out.len = buf.len();
-    BUF.set(buf);
-    match r {
-        Ok(Some(rc)) => rc,
-        Ok(None) => 0,
-        Err(_) => FALLBACK,
     }
 }
 
@@ -133,43 +141,47 @@ pub unsafe extern "C" fn luaproxy_dict_store(
     force: i32,
     out: *mut Out,
 ) -> i32 {
-    let (Some(store), Some(k), Some(ttl)) =
-        (store::slot(slot as usize), key(key_ptr, klen), ttl(exptime))
-    else {
-        return FALLBACK;
-    };
-    let mode = match mode {
-        0 => Mode::Set,
-        1 => Mode::Add,
-        2 => Mode::Replace,
-        _ => return FALLBACK,
-    };
-    let out = &mut *out;
-    out.forcible = 0;
-    let force = force != 0;
-    let stored = match vtype {
-        0 if mode == Mode::Set => {
-            store.delete(k);
-            return 0;
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let (Some(store), Some(k), Some(ttl)) =
+            (store::slot(slot as usize), key(key_ptr, klen), ttl(exptime))
+        else {
+            return FALLBACK;
+        };
+        let mode = match mode {
+            0 => Mode::Set,
+            1 => Mode::Add,
+            2 => Mode::Replace,
+            _ => return FALLBACK,
+        };
+        let out = &mut *out;
+        out.forcible = 0;
+        let force = force != 0;
+        let stored = match vtype {
+            0 if mode == Mode::Set => {
+                store.delete(k);
+                return 0;
+            }
+            1 if !s.is_null() || slen == 0 => {
+                let bytes = if slen == 0 {
+                    &[][..]
+                } else {
+                    std::slice::from_raw_parts(s, slen)
+                };
+                store.store_str(k, bytes, ttl, flags, mode, force)
+            }
+            2 => store.store(k, number(num), ttl, flags, mode, force),
+            3 => store.store(k, Val::Bool(num != 0.0), ttl, flags, mode, force),
+            _ => return FALLBACK,
+        };
+        match stored {
+            Ok(forcible) => {
+                out.forcible = forcible as i32;
+                0
+            }
+            Err(e) => code(e),
         }
-        1 if !s.is_null() || slen == 0 => {
-            let bytes = if slen == 0 {
-                &[][..]
-            } else {
-                std::slice::from_raw_parts(s, slen)
-            };
-            store.store_str(k, bytes, ttl, flags, mode, force)
-        }
-        2 => store.store(k, number(num), ttl, flags, mode, force),
-        3 => store.store(k, Val::Bool(num != 0.0), ttl, flags, mode, force),
-        _ => return FALLBACK,
-    };
-    match stored {
-        Ok(forcible) => {
-            out.forcible = forcible as i32;
-            0
-        }
-        Err(e) => code(e),
     }
 }
 
@@ -188,30 +200,34 @@ pub unsafe extern "C" fn luaproxy_dict_incr(
     init_ttl: f64,
     out: *mut Out,
 ) -> i32 {
-    let (Some(store), Some(k), Some(ttl)) = (
-        store::slot(slot as usize),
-        key(key_ptr, klen),
-        ttl(init_ttl),
-    ) else {
-        return FALLBACK;
-    };
-    let n_int = match number(n) {
-        Val::Int(i) => Some(i),
-        _ => None,
-    };
-    let init = (has_init != 0).then(|| number(init));
-    let out = &mut *out;
-    match store.incr(k, n, n_int, init, ttl) {
-        Ok((v, forcible)) => {
-            out.num = match v {
-                Val::Int(i) => i as f64,
-                Val::Num(f) => f,
-                _ => return FALLBACK,
-            };
-            out.forcible = forcible as i32;
-            0
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let (Some(store), Some(k), Some(ttl)) = (
+            store::slot(slot as usize),
+            key(key_ptr, klen),
+            ttl(init_ttl),
+        ) else {
+            return FALLBACK;
+        };
+        let n_int = match number(n) {
+            Val::Int(i) => Some(i),
+            _ => None,
+        };
+        let init = (has_init != 0).then(|| number(init));
+        let out = &mut *out;
+        match store.incr(k, n, n_int, init, ttl) {
+            Ok((v, forcible)) => {
+                out.num = match v {
+                    Val::Int(i) => i as f64,
+                    Val::Num(f) => f,
+                    _ => return FALLBACK,
+                };
+                out.forcible = forcible as i32;
+                0
+            }
+            Err(e) => code(e),
         }
-        Err(e) => code(e),
     }
 }
 
@@ -221,11 +237,15 @@ pub unsafe extern "C" fn luaproxy_dict_incr(
 /// `key` points to `klen` readable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn luaproxy_dict_delete(slot: u32, key_ptr: *const u8, klen: usize) -> i32 {
-    let (Some(store), Some(k)) = (store::slot(slot as usize), key(key_ptr, klen)) else {
-        return FALLBACK;
-    };
-    store.delete(k);
-    0
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        let (Some(store), Some(k)) = (store::slot(slot as usize), key(key_ptr, klen)) else {
+            return FALLBACK;
+        };
+        store.delete(k);
+        0
+    }
 }
 
 /// Replaces the hot methods in `methods` with FFI wrappers when running on LuaJIT.
@@ -266,6 +286,7 @@ mod tests {
             forcible: 0,
         };
         let k = b"key";
+        // SAFETY: the pointers and lengths name live local buffers; `out` outlives the calls.
         unsafe {
             let v = b"value";
             let rc = luaproxy_dict_store(
