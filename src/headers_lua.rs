@@ -1,6 +1,7 @@
-//! Header fields between Lua and Rust: a Lua value set as a field, a Lua table applied to a
-//! header map, a header list turned into the `{ name = value | {values} }` table
-//! lua-resty-http and ngx.req.get_headers return.
+//! Header fields and query/form arguments between Lua and Rust: a Lua value set as a field, a
+//! Lua table applied to a header map, a header list turned into the `{ name = value |
+//! {values} }` table lua-resty-http and ngx.req.get_headers return, decoded `k=v` pairs into
+//! the table ngx.req.get_uri_args returns.
 
 use crate::h1::headers::Headers;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
@@ -72,6 +73,51 @@ pub fn headers_table(lua: &Lua, headers: &Headers) -> LuaResult<LuaTable> {
                 key,
                 lua.create_sequence_from([first, LuaValue::String(value)])?,
             )?,
+        }
+    }
+    Ok(t)
+}
+
+/// Joins repeated values the way a single header line would carry them.
+pub fn header_joined(headers: &Headers, name: &[u8]) -> Option<Vec<u8>> {
+    let mut it = headers.get_all(name);
+    let first = it.next()?;
+    let mut out = first.to_vec();
+    let sep: &[u8] = if name.eq_ignore_ascii_case(b"cookie") {
+        b"; "
+    } else {
+        b", "
+    };
+    for v in it {
+        out.extend_from_slice(sep);
+        out.extend_from_slice(v);
+    }
+    Some(out)
+}
+
+/// Turns decoded `k=v` pairs into a Lua table; repeated keys become arrays, bare keys `true`.
+pub fn args_table(
+    lua: &Lua,
+    pairs: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    max: usize,
+) -> LuaResult<LuaTable> {
+    let t = lua.create_table()?;
+    for (i, (k, v)) in pairs.into_iter().enumerate() {
+        if max > 0 && i >= max {
+            break;
+        }
+        let key = lua.create_string(&k)?;
+        let val = match v {
+            Some(v) => LuaValue::String(lua.create_string(&v)?),
+            None => LuaValue::Boolean(true),
+        };
+        match t.raw_get::<LuaValue>(&key)? {
+            LuaValue::Nil => t.raw_set(key, val)?,
+            LuaValue::Table(arr) => arr.raw_push(val)?,
+            prev => {
+                let arr = lua.create_sequence_from([prev, val])?;
+                t.raw_set(key, arr)?;
+            }
         }
     }
     Ok(t)

@@ -2,6 +2,9 @@
 //! Lua values and JSON text with the Lua C API (no intermediate tree, no per-value registry
 //! references). Bad input is `nil, err`, never an error.
 //!
+//! size: the encoder and the decoder walk the same raw Lua stack under the same rules
+//! (capi.rs), and share the number and string handling; apart they would repeat it.
+//!
 //! Chosen differences from lua-cjson 2.1 (tested in spec/json_spec.lua):
 //! - numbers keep their Lua 5.4 subtype: `1` decodes to the integer 1 (cjson: 1.0); integers
 //!   encode exactly (cjson: `%.14g`, so 2^53 became 9.007199254741e+15); floats encode in the

@@ -72,6 +72,17 @@ pub fn timestamp(secs: u64) -> String {
     )
 }
 
+/// `log!(LEVEL, "format", args...)`: one log line at `crate::log::LEVEL`, formatted only if
+/// that level passes the threshold (a message that is not written costs no formatting).
+#[macro_export]
+macro_rules! log {
+    ($level:ident, $($arg:tt)+) => {
+        if $crate::log::enabled($crate::log::$level) {
+            $crate::log::log($crate::log::$level, &format!($($arg)+));
+        }
+    };
+}
+
 /// Writes one log line if `level` passes the threshold.
 pub fn log(level: u8, msg: &str) {
     if !enabled(level) {

@@ -100,14 +100,12 @@ pub async fn proxy_exchange(inner: Rc<ReqInner>, addr: String, opts: Options) ->
                 Some((_, why)) => why.to_string(),
                 None => e,
             };
-            crate::log::log(
-                crate::log::ERR,
-                &format!(
-                    "upstream {key} failed: {e}, client: {}, request: \"{} {}\"",
-                    inner.client_ip(),
-                    inner.method.borrow(),
-                    inner.uri.borrow()
-                ),
+            crate::log!(
+                ERR,
+                "upstream {key} failed: {e}, client: {}, request: \"{} {}\"",
+                inner.client_ip(),
+                inner.method.borrow(),
+                inner.uri.borrow(),
             );
             Ok(Err(e))
         }

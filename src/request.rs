@@ -8,7 +8,7 @@ use crate::h1::body::{BoxError, ReqBody};
 use crate::h1::downstream::{BodyError, IncomingBody};
 use crate::h1::headers::Headers;
 use crate::h1::rules::{self, Limits};
-use crate::headers_lua::{header_name, headers_table, set_header};
+use crate::headers_lua::{args_table, header_joined, header_name, headers_table, set_header};
 use crate::upstream::Response;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -513,51 +513,6 @@ unsafe extern "C-unwind" fn raw_get_method(l: *mut ffi::lua_State) -> c_int {
         drop(inner);
         1
     }
-}
-
-/// Joins repeated values the way a single header line would carry them.
-pub fn header_joined(headers: &Headers, name: &[u8]) -> Option<Vec<u8>> {
-    let mut it = headers.get_all(name);
-    let first = it.next()?;
-    let mut out = first.to_vec();
-    let sep: &[u8] = if name.eq_ignore_ascii_case(b"cookie") {
-        b"; "
-    } else {
-        b", "
-    };
-    for v in it {
-        out.extend_from_slice(sep);
-        out.extend_from_slice(v);
-    }
-    Some(out)
-}
-
-/// Turns decoded `k=v` pairs into a Lua table; repeated keys become arrays, bare keys `true`.
-pub fn args_table(
-    lua: &Lua,
-    pairs: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    max: usize,
-) -> LuaResult<LuaTable> {
-    let t = lua.create_table()?;
-    for (i, (k, v)) in pairs.into_iter().enumerate() {
-        if max > 0 && i >= max {
-            break;
-        }
-        let key = lua.create_string(&k)?;
-        let val = match v {
-            Some(v) => LuaValue::String(lua.create_string(&v)?),
-            None => LuaValue::Boolean(true),
-        };
-        match t.raw_get::<LuaValue>(&key)? {
-            LuaValue::Nil => t.raw_set(key, val)?,
-            LuaValue::Table(arr) => arr.raw_push(val)?,
-            prev => {
-                let arr = lua.create_sequence_from([prev, val])?;
-                t.raw_set(key, arr)?;
-            }
-        }
-    }
-    Ok(t)
 }
 
 fn set_uri(inner: &ReqInner, new_path: Option<&str>, query: Option<Option<&str>>) -> LuaResult<()> {

@@ -338,7 +338,7 @@ fn lua_spawn(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<Ta
         let r = call_protected(&lua2, f, args).await;
         if let Err(msg) = &r {
             if !st2.borrow().waiting {
-                crate::log::log(crate::log::ERR, &format!("spawned task failed: {msg}"));
+                crate::log!(ERR, "spawned task failed: {msg}");
             }
         }
         st2.borrow_mut().result = Some(r);
@@ -403,7 +403,7 @@ fn start_timer(
             call_args.push_back(LuaValue::Boolean(false)); // `premature`, as in ngx.timer
             call_args.extend(args.iter().cloned());
             if let Err(msg) = call_protected(&lua2, f.clone(), call_args).await {
-                crate::log::log(crate::log::ERR, &format!("timer callback failed: {msg}"));
+                crate::log!(ERR, "timer callback failed: {msg}");
             }
             if !repeat || c2.get() {
                 return;

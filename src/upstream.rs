@@ -121,9 +121,9 @@ fn pool_take(key: &str) -> Option<Conn> {
             match idle_state(&idle.conn) {
                 Idleness::Clean => return Some(idle.conn),
                 Idleness::Closed => {}
-                Idleness::Stray => crate::log::log(
-                    crate::log::WARN,
-                    &format!("upstream {key} sent bytes on an idle connection: closed it"),
+                Idleness::Stray => crate::log!(
+                    WARN,
+                    "upstream {key} sent bytes on an idle connection: closed it"
                 ),
             }
         }

@@ -230,14 +230,12 @@ pub(super) async fn handle(
     let mut resp = match result.and_then(|v| to_response(&w.lua, v)) {
         Ok(r) => r,
         Err(msg) => {
-            crate::log::log(
-                crate::log::ERR,
-                &format!(
-                    "policy error: {msg}, client: {}, request: \"{} {}\"",
-                    peer.ip(),
-                    inner.method.borrow(),
-                    inner.uri.borrow()
-                ),
+            crate::log!(
+                ERR,
+                "policy error: {msg}, client: {}, request: \"{} {}\"",
+                peer.ip(),
+                inner.method.borrow(),
+                inner.uri.borrow(),
             );
             simple(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -246,13 +244,11 @@ pub(super) async fn handle(
         }
     };
     if let Some((status, why)) = inner.failure.get() {
-        crate::log::log(
-            crate::log::INFO,
-            &format!(
-                "request from {} failed: {why} ({})",
-                peer.ip(),
-                status.as_u16()
-            ),
+        crate::log!(
+            INFO,
+            "request from {} failed: {why} ({})",
+            peer.ip(),
+            status.as_u16(),
         );
         resp = simple(status, why);
         resp.headers
@@ -311,21 +307,16 @@ pub(super) async fn serve_conn(
             Ok(h) => h,
             Err(HeadError::Closed) => return,
             Err(HeadError::Timeout) => {
-                crate::log::log(
-                    crate::log::DEBUG,
-                    &format!("closing idle connection from {peer}"),
-                );
+                crate::log!(DEBUG, "closing idle connection from {peer}");
                 return;
             }
             Err(HeadError::Bad(r)) => {
-                crate::log::log(
-                    crate::log::INFO,
-                    &format!(
-                        "rejected request from {}: {} ({})",
-                        peer.ip(),
-                        r.reason,
-                        r.status.as_u16()
-                    ),
+                crate::log!(
+                    INFO,
+                    "rejected request from {}: {} ({})",
+                    peer.ip(),
+                    r.reason,
+                    r.status.as_u16(),
                 );
                 // The rest of the stream cannot be trusted to be framed correctly.
                 let mut resp = simple(r.status, r.reason);
@@ -360,14 +351,12 @@ pub(super) async fn serve_conn(
             // Dropping the handling ends the request: its leases are released and its
             // upstream exchange (and connection) dropped, as nginx does for a client abort
             // (its 499) unless proxy_ignore_client_abort is on.
-            crate::log::log(
-                crate::log::INFO,
-                &format!(
-                    "client {} closed the connection while \"{} {}\" was handled (499)",
-                    peer.ip(),
-                    request_line.0,
-                    request_line.1
-                ),
+            crate::log!(
+                INFO,
+                "client {} closed the connection while \"{} {}\" was handled (499)",
+                peer.ip(),
+                request_line.0,
+                request_line.1
             );
             return;
         };
@@ -388,7 +377,7 @@ pub(super) async fn serve_conn(
         match written {
             Ok(k) => keep = k,
             Err(e) => {
-                crate::log::log(crate::log::DEBUG, &format!("connection from {peer}: {e}"));
+                crate::log!(DEBUG, "connection from {peer}: {e}");
                 return;
             }
         }

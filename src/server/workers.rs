@@ -41,7 +41,7 @@ pub(super) async fn accept_loop(
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning or dying.
-                    crate::log::log(crate::log::ERR, &format!("accept failed: {e}"));
+                    crate::log!(ERR, "accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },

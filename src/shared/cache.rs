@@ -235,14 +235,12 @@ async fn run_fetch(
                 match to_val(&v) {
                     Ok(val) => {
                         if let Err(e) = cache.set(key, val.clone(), ttl_override.unwrap_or(ttl)) {
-                            crate::log::log(
-                                crate::log::WARN,
-                                &format!(
-                                    "cache '{}': not caching '{}': {}",
-                                    cache.store.name,
-                                    String::from_utf8_lossy(key),
-                                    e.as_str()
-                                ),
+                            crate::log!(
+                                WARN,
+                                "cache '{}': not caching '{}': {}",
+                                cache.store.name,
+                                String::from_utf8_lossy(key),
+                                e.as_str(),
                             );
                         }
                         Ok(val)
@@ -252,13 +250,11 @@ async fn run_fetch(
             }
         }
         Err(msg) => {
-            crate::log::log(
-                crate::log::ERR,
-                &format!(
-                    "cache '{}': fetch for '{}' failed: {msg}",
-                    cache.store.name,
-                    String::from_utf8_lossy(key)
-                ),
+            crate::log!(
+                ERR,
+                "cache '{}': fetch for '{}' failed: {msg}",
+                cache.store.name,
+                String::from_utf8_lossy(key),
             );
             Err(msg.lines().next().unwrap_or("fetch failed").to_string())
         }
@@ -292,13 +288,9 @@ async fn get_or_fetch(
                         // this refresh is meant to keep serving.
                         let r = run_fetch(&lua2, &cache2, f2, &key2, ttl, None).await;
                         if let Err(e) = &r {
-                            crate::log::log(
-                                crate::log::WARN,
-                                &format!(
-                                    "cache '{}': refresh of '{}' failed, still serving the stale value: {e}",
+                            crate::log!(WARN, "cache '{}': refresh of '{}' failed, still serving the stale value: {e}",
                                     cache2.store.name,
-                                    String::from_utf8_lossy(&key2)
-                                ),
+                                    String::from_utf8_lossy(&key2),
                             );
                         }
                         flight.finish(r);

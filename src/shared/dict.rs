@@ -1,5 +1,8 @@
 //! The Lua surface of `luaproxy.shared` (the store is `store.rs`).
 //!
+//! size: every hot method is here twice, as a C function and as the mlua method it falls
+//! back to, side by side so the two keep answering alike.
+//!
 //! A dict object is what ngx_lua hands out too: a table `{ [1] = slot }` with one metatable of
 //! methods per Lua state. The hot methods (`get`, `get_stale`, `set`, `add`, `replace`,
 //! `safe_set`, `safe_add`, `incr`, `delete`) are plain C functions on the Lua stack: no
