@@ -182,14 +182,10 @@ pub fn raise_nofile_limit() {
 /// the same, so no conversion or time arithmetic on them can overflow and panic.
 pub use crate::units::MAX_SECONDS;
 
-/// Seconds from Lua as a `Duration`, clamped to `MAX_SECONDS`; `None` for NaN, infinities and
-/// negative numbers. Every timeout, sleep and time to live goes through here.
-pub fn seconds(v: f64) -> Option<Duration> {
-    crate::units::seconds(v)
-}
-
+/// Seconds from Lua for `name` (`units::seconds`, which every timeout, sleep and time to live
+/// goes through), or the error naming it.
 fn seconds_arg(name: &str, v: f64) -> LuaResult<Duration> {
-    match seconds(v) {
+    match crate::units::seconds(v) {
         Some(d) => Ok(d),
         None => Err(LuaError::runtime(format!(
             "{name}: seconds must be a finite number >= 0"

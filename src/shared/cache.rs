@@ -168,7 +168,8 @@ fn key_arg(lua: &Lua, name: &str, key: &LuaValue) -> LuaResult<Vec<u8>> {
     dict::key_bytes(lua, key)?.map_err(|e| LuaError::runtime(format!("cache:{name}: {e}")))
 }
 
-fn seconds(name: &str, v: Option<f64>) -> LuaResult<Option<Duration>> {
+/// A time to live from Lua (nil or 0: none), through the store's one reading of exptimes.
+fn ttl(name: &str, v: Option<f64>) -> LuaResult<Option<Duration>> {
     dict::ttl_arg(v)
         .map_err(|_| LuaError::runtime(format!("cache:{name}: seconds must be a number >= 0")))
 }
@@ -191,13 +192,13 @@ impl FetchOpts {
         // 0 means "not at all" for each: no stale serving, no remembered failure, no waiting.
         let wait = match t.get::<Option<f64>>("timeout")? {
             None => DEFAULT_WAIT,
-            Some(v) => crate::runtime::seconds(v).ok_or_else(|| {
+            Some(v) => crate::units::seconds(v).ok_or_else(|| {
                 LuaError::runtime("cache:get_or_fetch: seconds must be a number >= 0")
             })?,
         };
         Ok(FetchOpts {
-            stale: seconds("get_or_fetch", t.get("stale")?)?,
-            neg_ttl: seconds("get_or_fetch", t.get("neg_ttl")?)?,
+            stale: ttl("get_or_fetch", t.get("stale")?)?,
+            neg_ttl: ttl("get_or_fetch", t.get("neg_ttl")?)?,
             wait,
         })
     }
@@ -343,7 +344,7 @@ impl LuaUserData for CacheHandle {
             "set",
             |lua, this, (key, v, ttl): (LuaValue, LuaValue, Option<f64>)| {
                 let key = key_arg(lua, "set", &key)?;
-                let ttl = seconds("set", ttl)?;
+                let ttl = self::ttl("set", ttl)?;
                 if v.is_nil() {
                     this.0.store.delete(&key);
                     return Ok((Some(true), None));
@@ -374,7 +375,7 @@ impl LuaUserData for CacheHandle {
             |lua, this, (key, ttl, f, opts): (LuaValue, Option<f64>, LuaFunction, Option<LuaTable>)| async move {
                 crate::runtime::check_loop("cache:get_or_fetch")?;
                 let key = key_arg(&lua, "get_or_fetch", &key)?;
-                let ttl = seconds("get_or_fetch", ttl)?;
+                let ttl = self::ttl("get_or_fetch", ttl)?;
                 let opts = FetchOpts::from_lua(opts)?;
                 get_or_fetch(lua, this.0.clone(), key, ttl, f, opts).await
             },
