@@ -44,6 +44,18 @@ fn decode_in_pieces(
     Ok((out, st, buf.len()))
 }
 
+/// A head's fields as (lowercase name, value) pairs, in order.
+fn field_pairs(h: &luaproxy::h1::headers::Headers) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(n, v)| {
+            (
+                String::from_utf8_lossy(n).to_ascii_lowercase(),
+                String::from_utf8_lossy(v).to_string(),
+            )
+        })
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
@@ -83,11 +95,7 @@ proptest! {
         prop_assert_eq!(head.method.as_str(), method);
         prop_assert_eq!(head.uri.path(), path.as_str());
         prop_assert_eq!(head.uri.query(), Some("q=1"));
-        let got: Vec<(String, String)> = head
-            .headers
-            .iter()
-            .map(|(n, v)| (String::from_utf8_lossy(n).to_ascii_lowercase(), String::from_utf8_lossy(v).to_string()))
-            .collect();
+        let got = field_pairs(&head.headers);
         prop_assert_eq!(got, want);
         // Every prefix is "more bytes needed", never an error or a wrong head.
         for cut in [1, raw.len() / 2, raw.len() - 1] {
@@ -124,11 +132,7 @@ proptest! {
         let (n, head) = parse_head(raw.as_bytes(), &Method::GET).unwrap().unwrap();
         prop_assert_eq!(n, raw.len());
         prop_assert_eq!(head.status.as_u16(), status);
-        let got: Vec<(String, String)> = head
-            .headers
-            .iter()
-            .map(|(n, v)| (String::from_utf8_lossy(n).to_ascii_lowercase(), String::from_utf8_lossy(v).to_string()))
-            .collect();
+        let got = field_pairs(&head.headers);
         prop_assert_eq!(got, want);
     }
 
