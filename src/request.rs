@@ -87,7 +87,7 @@ impl ReqInner {
                 *b = BodyState::Buffered(Bytes::new());
                 Ok(ReqBody::Bytes(Bytes::new()))
             }
-            BodyState::Stream(inc) => Ok(ReqBody::Stream(Box::pin(ClientBody::new(inc, self)))),
+            BodyState::Stream(inc) => Ok(ReqBody::Stream(Box::pin(DownstreamBody::new(inc, self)))),
             BodyState::Buffered(bytes) => {
                 // Keep the buffered copy: a retry or a second proxy call can send it again.
                 *b = BodyState::Buffered(bytes.clone());
@@ -115,7 +115,7 @@ impl ReqInner {
                 Err("request has ended")
             }
             BodyState::Stream(inc) => {
-                let mut body = ClientBody::new(inc, self);
+                let mut body = DownstreamBody::new(inc, self);
                 let mut buf = BytesMut::new();
                 while let Some(frame) = body.frame().await {
                     match frame {
@@ -148,7 +148,7 @@ impl ReqInner {
 /// The client's request body with our limits: at most `max_body` bytes (413) and at most
 /// `body_timeout` seconds of silence while we wait for the next piece (408). Malformed chunked
 /// framing is an error too (400). The failure is recorded for the listener.
-pub struct ClientBody {
+pub struct DownstreamBody {
     inner: IncomingBody,
     seen: u64,
     limit: u64,
@@ -156,10 +156,10 @@ pub struct ClientBody {
     failure: Failure,
 }
 
-impl ClientBody {
-    fn new(inner: IncomingBody, req: &ReqInner) -> ClientBody {
+impl DownstreamBody {
+    fn new(inner: IncomingBody, req: &ReqInner) -> DownstreamBody {
         let idle = req.limits.body_timeout;
-        ClientBody {
+        DownstreamBody {
             inner,
             seen: 0,
             limit: req.limits.max_body,
@@ -176,7 +176,7 @@ impl ClientBody {
     }
 }
 
-impl Body for ClientBody {
+impl Body for DownstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 

@@ -44,7 +44,7 @@ enum BodyLeft {
 /// One client connection: the socket, bytes read but not used yet, and where the current
 /// request's body stands. Shared (`Rc<RefCell<..>>`) between the connection loop and the
 /// request body the policy reads; never borrowed across an await.
-pub struct ClientConn {
+pub struct DownstreamConn {
     pub stream: TcpStream,
     buf: BytesMut,
     body: BodyLeft,
@@ -57,13 +57,13 @@ pub struct ClientConn {
     framing: u64,
 }
 
-pub type Shared = Rc<RefCell<ClientConn>>;
+pub type Shared = Rc<RefCell<DownstreamConn>>;
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-impl ClientConn {
+impl DownstreamConn {
     pub fn new(stream: TcpStream) -> Shared {
-        Rc::new(RefCell::new(ClientConn {
+        Rc::new(RefCell::new(DownstreamConn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             body: BodyLeft::Done,
@@ -123,24 +123,24 @@ pub struct RequestHead {
 
 /// A response on its way to the client: status, header fields (an upstream's pass through
 /// as the raw lines they arrived as) and a body.
-pub struct Response<B> {
+pub struct DownstreamResponse<B> {
     pub status: StatusCode,
     pub headers: Headers,
     pub body: B,
 }
 
-impl<B> Response<B> {
+impl<B> DownstreamResponse<B> {
     /// A 200 with no header fields.
     pub fn new(body: B) -> Self {
-        Response {
+        DownstreamResponse {
             status: StatusCode::OK,
             headers: Headers::default(),
             body,
         }
     }
 
-    pub fn map<C>(self, f: impl FnOnce(B) -> C) -> Response<C> {
-        Response {
+    pub fn map<C>(self, f: impl FnOnce(B) -> C) -> DownstreamResponse<C> {
+        DownstreamResponse {
             status: self.status,
             headers: self.headers,
             body: f(self.body),
@@ -488,7 +488,7 @@ impl std::fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 /// The current request's body, read from the connection on demand. Limits and timeouts are
-/// the caller's (`request::ClientBody`).
+/// the caller's (`request::DownstreamBody`).
 pub struct IncomingBody {
     conn: Shared,
 }
@@ -515,7 +515,7 @@ impl Body for IncomingBody {
         let mut c = self.conn.borrow_mut();
         loop {
             if !c.buf.is_empty() {
-                let ClientConn {
+                let DownstreamConn {
                     buf, body, framing, ..
                 } = &mut *c;
                 match body {
@@ -644,7 +644,7 @@ enum Out {
 /// body framing; returns it and whether the connection can stay open afterwards.
 fn encode_head<B: Body>(
     out: &mut Vec<u8>,
-    resp: &Response<B>,
+    resp: &DownstreamResponse<B>,
     method: &Method,
     version: Version,
     keep_alive: bool,
@@ -761,7 +761,7 @@ async fn write_parts(conn: &Shared, parts: &mut [&[u8]], timer: &mut IdleTimer) 
 /// ask for anything else.
 pub async fn write_response<B>(
     conn: &Shared,
-    resp: &mut Response<B>,
+    resp: &mut DownstreamResponse<B>,
     method: &Method,
     version: Version,
     keep_alive: bool,
@@ -1042,14 +1042,14 @@ mod tests {
     #[test]
     fn response_heads() {
         let resp = |status: u16, body: &'static str| {
-            let mut r = Response::new(http_body_util::Full::new(Bytes::from(body)));
+            let mut r = DownstreamResponse::new(http_body_util::Full::new(Bytes::from(body)));
             r.status = StatusCode::from_u16(status).unwrap();
             let h = r.headers.map_mut();
             h.insert("content-length", HeaderValue::from_static("999"));
             h.insert("connection", HeaderValue::from_static("upgrade"));
             r
         };
-        let head = |r: &Response<_>, m: Method, v: Version, keep: bool| {
+        let head = |r: &DownstreamResponse<_>, m: Method, v: Version, keep: bool| {
             let mut out = Vec::new();
             let (mode, keep) = encode_head(&mut out, r, &m, v, keep);
             (String::from_utf8(out).unwrap(), mode, keep)

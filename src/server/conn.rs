@@ -3,7 +3,9 @@
 //! request object, an abandoned upstream exchange).
 
 use crate::h1::body::{BoxBody, BoxError};
-use crate::h1::downstream::{self, ClientConn, HeadError, IncomingBody, RequestHead, Response};
+use crate::h1::downstream::{
+    self, DownstreamConn, DownstreamResponse, HeadError, IncomingBody, RequestHead,
+};
 use crate::h1::rules::Limits;
 use crate::request::ReqInner;
 use crate::runtime::{self, call_protected};
@@ -190,7 +192,7 @@ pub(super) async fn handle(
     body: IncomingBody,
     peer: SocketAddr,
     peer_ip: &Rc<str>,
-) -> Response<GuardedBody> {
+) -> DownstreamResponse<GuardedBody> {
     let inner = Rc::new(ReqInner {
         method: RefCell::new(head.method),
         uri: RefCell::new(head.uri),
@@ -285,7 +287,7 @@ pub(super) async fn serve_conn(
     _open: OpenConn,
 ) {
     let _ = stream.set_nodelay(true);
-    let conn = ClientConn::new(stream);
+    let conn = DownstreamConn::new(stream);
     let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
     let mut head_deadline = crate::h1::io::LazyDeadline::default();
     let send_timeout = w.settings.send_timeout;

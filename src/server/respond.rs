@@ -2,14 +2,14 @@
 //! itself).
 
 use crate::h1::body::{empty, full, BoxBody};
-use crate::h1::downstream::Response;
+use crate::h1::downstream::DownstreamResponse;
 use bytes::Bytes;
 use hyper::header::{self, HeaderValue};
 use hyper::StatusCode;
 use mlua::prelude::*;
 
-pub(super) fn simple(status: StatusCode, body: &str) -> Response<BoxBody> {
-    let mut r = Response::new(full(Bytes::from(format!("{body}\n"))));
+pub(super) fn simple(status: StatusCode, body: &str) -> DownstreamResponse<BoxBody> {
+    let mut r = DownstreamResponse::new(full(Bytes::from(format!("{body}\n"))));
     r.status = status;
     r.headers
         .map_mut()
@@ -23,14 +23,14 @@ pub(super) fn simple(status: StatusCode, body: &str) -> Response<BoxBody> {
 pub(super) fn to_response(
     lua: &Lua,
     mut values: LuaMultiValue,
-) -> Result<Response<BoxBody>, String> {
+) -> Result<DownstreamResponse<BoxBody>, String> {
     let first = values.pop_front().unwrap_or(LuaValue::Nil);
     let (status, body, headers) = match first {
         LuaValue::UserData(ud) => {
             let res = ud
                 .borrow::<crate::upstream::Response>()
                 .map_err(|_| "handler returned a userdata that is not a response".to_string())?;
-            return Ok(Response {
+            return Ok(DownstreamResponse {
                 status: *res.status.borrow(),
                 headers: std::mem::take(&mut *res.headers.borrow_mut()),
                 body: res.take_body(),
@@ -96,7 +96,7 @@ pub(super) fn to_response(
             ))
         }
     };
-    Ok(Response {
+    Ok(DownstreamResponse {
         status,
         headers: map.into(),
         body,

@@ -20,11 +20,11 @@ const NEGATIVE: u32 = 1;
 /// How long a caller waits for another coroutine's fetch before giving up, by default.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
-type Outcome = Option<Result<Val, String>>;
+type FetchOutcome = Option<Result<Val, String>>;
 
 pub struct Cache {
     pub store: Store,
-    flights: Mutex<HashMap<Vec<u8>, watch::Receiver<Outcome>, ahash::RandomState>>,
+    flights: Mutex<HashMap<Vec<u8>, watch::Receiver<FetchOutcome>, ahash::RandomState>>,
 }
 
 /// What a lookup means for `get` and `get_or_fetch`.
@@ -42,7 +42,7 @@ pub enum Hit {
 pub struct Flight {
     cache: Arc<Cache>,
     key: Vec<u8>,
-    tx: watch::Sender<Outcome>,
+    tx: watch::Sender<FetchOutcome>,
 }
 
 impl Flight {
@@ -59,7 +59,7 @@ impl Drop for Flight {
 
 pub enum Claim {
     Owner(Flight),
-    Waiter(watch::Receiver<Outcome>),
+    Waiter(watch::Receiver<FetchOutcome>),
 }
 
 impl Cache {
@@ -72,7 +72,7 @@ impl Cache {
 
     fn flights(
         &self,
-    ) -> MutexGuard<'_, HashMap<Vec<u8>, watch::Receiver<Outcome>, ahash::RandomState>> {
+    ) -> MutexGuard<'_, HashMap<Vec<u8>, watch::Receiver<FetchOutcome>, ahash::RandomState>> {
         self.flights.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -122,7 +122,7 @@ impl Cache {
 
 /// Waits for another fetch's outcome: `Some(outcome)`, or `None` when its owner went away
 /// without one (the caller should try to claim the key itself).
-pub async fn wait(mut rx: watch::Receiver<Outcome>) -> Option<Result<Val, String>> {
+pub async fn wait(mut rx: watch::Receiver<FetchOutcome>) -> Option<Result<Val, String>> {
     let _ = rx.wait_for(Option::is_some).await;
     let got = rx.borrow().clone();
     got
