@@ -16,13 +16,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, StatusCode, Version};
 use mlua::prelude::*;
 use std::any::Any;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::respond::{simple, to_response};
@@ -193,22 +193,7 @@ pub(super) async fn handle(
     peer: SocketAddr,
     peer_ip: &Rc<str>,
 ) -> DownstreamResponse<GuardedBody> {
-    let inner = Rc::new(ReqInner {
-        method: RefCell::new(head.method),
-        uri: RefCell::new(head.uri),
-        path: RefCell::new(head.path),
-        version: head.version,
-        headers: RefCell::new(head.headers),
-        peer,
-        peer_ip: peer_ip.clone(),
-        body: RefCell::new(crate::request::BodyState::Stream(body)),
-        guards: RefCell::new(Vec::new()),
-        failure: Default::default(),
-        limits: w.limits.clone(),
-        start: Instant::now(),
-        upstream: RefCell::new(None),
-        proxy: Default::default(),
-    });
+    let inner = Rc::new(ReqInner::new(head, body, peer, peer_ip, &w.limits));
     let drain = DrainOnDrop(inner.clone(), Cell::new(0));
     let ready = w.req_meta.get() || {
         let r = crate::request::install_metatable(&w.lua, |m| {

@@ -1,0 +1,263 @@
+//! The request object a policy's handler receives, and the client body stream behind it.
+//!
+//! The body stays on the connection until the policy asks for it: `req:read_body()` buffers it (with the
+//! size limit and idle timeout), `req:proxy()` streams it to the upstream without entering Lua.
+
+use crate::h1::body::{BoxError, ReqBody};
+use crate::h1::downstream::{BodyError, IncomingBody};
+use crate::h1::headers::Headers;
+use crate::h1::rules::Limits;
+use crate::upstream::Response;
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::{Method, StatusCode, Uri, Version};
+use mlua::prelude::*;
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+/// A status the listener must answer with, whatever the policy returns (body too large, ...).
+pub type Failure = Rc<Cell<Option<(StatusCode, &'static str)>>>;
+
+/// What `req:proxy`'s exchange yields: a misuse error (raised in Lua), or the response or the
+/// short error string `req:proxy` returns.
+pub type Outcome = LuaResult<Result<Response, String>>;
+
+/// A request's `req:proxy` call in progress, or finished but not yet handed to Lua (the fast
+/// path of `fastproxy`). It lives in the request, so the request's end drops it, and with it
+/// the upstream connection of an abandoned exchange.
+#[derive(Default)]
+pub enum ProxyCall {
+    #[default]
+    Idle,
+    Running(Pin<Box<dyn std::future::Future<Output = Outcome>>>),
+    Done(Outcome),
+}
+
+pub enum BodyState {
+    Stream(IncomingBody),
+    Buffered(Bytes),
+    Taken,
+    /// The handler has returned: the body (read or not) is gone.
+    Ended,
+}
+
+pub struct ReqInner {
+    pub method: RefCell<Method>,
+    pub uri: RefCell<Uri>,
+    /// `uri`'s path normalized (nginx's `$uri`) when that differs from it; `req:get_path()`
+    /// returns it, `req:get_uri()` the target as sent.
+    pub path: RefCell<Option<Bytes>>,
+    pub version: Version,
+    pub headers: RefCell<Headers>,
+    pub peer: SocketAddr,
+    /// `peer`'s address as text, made once per connection.
+    pub peer_ip: Rc<str>,
+    pub body: RefCell<BodyState>,
+    /// Things that must live exactly as long as the request (least-connection leases, ...).
+    pub guards: RefCell<Vec<Box<dyn Any>>>,
+    pub failure: Failure,
+    pub limits: Rc<Limits>,
+    pub start: Instant,
+    /// The upstream the request was proxied to, for the log.
+    pub upstream: RefCell<Option<String>>,
+    /// `req:proxy`'s exchange on the fast path (see `fastproxy`). It holds this request, so
+    /// the request's end drops it.
+    pub proxy: RefCell<ProxyCall>,
+}
+
+impl ReqInner {
+    /// A request as its head arrived, its body still on the connection.
+    pub fn new(
+        head: crate::h1::downstream::RequestHead,
+        body: IncomingBody,
+        peer: SocketAddr,
+        peer_ip: &Rc<str>,
+        limits: &Rc<Limits>,
+    ) -> ReqInner {
+        ReqInner {
+            method: RefCell::new(head.method),
+            uri: RefCell::new(head.uri),
+            path: RefCell::new(head.path),
+            version: head.version,
+            headers: RefCell::new(head.headers),
+            peer,
+            peer_ip: peer_ip.clone(),
+            body: RefCell::new(BodyState::Stream(body)),
+            guards: RefCell::new(Vec::new()),
+            failure: Default::default(),
+            limits: limits.clone(),
+            start: Instant::now(),
+            upstream: RefCell::new(None),
+            proxy: Default::default(),
+        }
+    }
+
+    /// Takes the body for forwarding: a stream if nobody read it, else the buffered bytes.
+    pub fn take_body(&self) -> Result<ReqBody, &'static str> {
+        let mut b = self.body.borrow_mut();
+        match std::mem::replace(&mut *b, BodyState::Taken) {
+            // No body at all (most GETs): sendable again, by a retry on a stale pooled
+            // connection or by a second proxy call (the next backend after a failure).
+            BodyState::Stream(inc) if inc.is_end_stream() => {
+                *b = BodyState::Buffered(Bytes::new());
+                Ok(ReqBody::Bytes(Bytes::new()))
+            }
+            BodyState::Stream(inc) => Ok(ReqBody::Stream(Box::pin(DownstreamBody::new(inc, self)))),
+            BodyState::Buffered(bytes) => {
+                // Keep the buffered copy: a retry or a second proxy call can send it again.
+                *b = BodyState::Buffered(bytes.clone());
+                Ok(ReqBody::Bytes(bytes))
+            }
+            BodyState::Taken => Err("request body was already streamed upstream"),
+            BodyState::Ended => {
+                *b = BodyState::Ended;
+                Err("request has ended")
+            }
+        }
+    }
+
+    /// Reads the whole body into memory (once); later calls return the same bytes.
+    pub async fn read_body(&self) -> Result<Bytes, &'static str> {
+        let state = std::mem::replace(&mut *self.body.borrow_mut(), BodyState::Taken);
+        match state {
+            BodyState::Buffered(b) => {
+                *self.body.borrow_mut() = BodyState::Buffered(b.clone());
+                Ok(b)
+            }
+            BodyState::Taken => Err("request body was already streamed upstream"),
+            BodyState::Ended => {
+                *self.body.borrow_mut() = BodyState::Ended;
+                Err("request has ended")
+            }
+            BodyState::Stream(inc) => {
+                let mut body = DownstreamBody::new(inc, self);
+                let mut buf = BytesMut::new();
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => {
+                            if let Some(d) = f.data_ref() {
+                                buf.extend_from_slice(d);
+                            }
+                        }
+                        Err(_) => {
+                            return Err(self
+                                .failure
+                                .get()
+                                .map(|f| f.1)
+                                .unwrap_or("client closed connection"));
+                        }
+                    }
+                }
+                let b = buf.freeze();
+                *self.body.borrow_mut() = BodyState::Buffered(b.clone());
+                Ok(b)
+            }
+        }
+    }
+
+    pub fn client_ip(&self) -> &str {
+        &self.peer_ip
+    }
+}
+
+/// The client's request body with our limits: at most `max_body` bytes (413) and at most
+/// `body_timeout` seconds of silence while we wait for the next piece (408). Malformed chunked
+/// framing is an error too (400). The failure is recorded for the listener.
+pub struct DownstreamBody {
+    inner: IncomingBody,
+    seen: u64,
+    limit: u64,
+    idle: crate::h1::io::IdleTimer,
+    failure: Failure,
+}
+
+impl DownstreamBody {
+    fn new(inner: IncomingBody, req: &ReqInner) -> DownstreamBody {
+        let idle = req.limits.body_timeout;
+        DownstreamBody {
+            inner,
+            seen: 0,
+            limit: req.limits.max_body,
+            idle: crate::h1::io::IdleTimer::new(idle),
+            failure: req.failure.clone(),
+        }
+    }
+
+    fn fail(&self, status: StatusCode, why: &'static str) -> BoxError {
+        if self.failure.get().is_none() {
+            self.failure.set(Some((status, why)));
+        }
+        why.into()
+    }
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // The limit counts bytes on the wire: a chunked body's framing (extensions, trailers)
+        // is as much the client's to send as its data.
+        if let Poll::Ready(Some(Ok(_)) | None) = polled {
+            let data = polled_len(&polled);
+            this.seen += data;
+            if this.limit > 0 && this.seen + this.inner.framing_bytes() > this.limit {
+                let e = this.fail(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.progress();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let why = match e {
+                    BodyError::Closed => "client closed connection",
+                    BodyError::Malformed(_) => "malformed request body",
+                };
+                Poll::Ready(Some(Err(this.fail(StatusCode::BAD_REQUEST, why))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.idle.expired(cx) {
+                    let e = this.fail(StatusCode::REQUEST_TIMEOUT, "timeout");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn polled_len<E>(p: &Poll<Option<Result<Frame<Bytes>, E>>>) -> u64 {
+    match p {
+        Poll::Ready(Some(Ok(f))) => f.data_ref().map_or(0, |d| d.len() as u64),
+        _ => 0,
+    }
+}
+
+mod object;
+pub use object::{
+    clear_live, install_metatable, live_at, request_object, request_of, Methods, NotARequest,
+    Request, ENDED,
+};
