@@ -1253,8 +1253,10 @@ fn a_client_streaming_trailers_gets_400_and_does_not_stall_others() {
     }
     let r = streamer.join().unwrap();
     assert!(r.status == 400 || r.closed, "endless trailers: {r:?}");
+    // Before the fix the streamer held its worker for the whole 2 s; a loaded CI machine may
+    // add some latency of its own, hence not a tighter bound.
     assert!(
-        worst < Duration::from_millis(200),
+        worst < Duration::from_millis(500),
         "another client waited {worst:?} behind the streamer"
     );
 }
