@@ -26,6 +26,8 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     runtime::ignore_sigpipe();
     let t = lua.create_table()?;
     t.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
+    // The names `luaproxy.serve` takes as settings: `--config` checks keys against them.
+    t.set("server_settings", settings::NAMES)?;
     runtime::register(lua, &t)?;
     log::register(lua, &t)?;
     t.set("shared", shared::dict::register(lua)?)?;

@@ -10,9 +10,10 @@ use mlua::prelude::*;
 use std::rc::Rc;
 
 /// `res, err = req:proxy(addr, opts?)`: sends the request (method, path, query, headers as
-/// the policy left them, hop-by-hop headers removed, X-Forwarded-For appended) to
-/// `addr` ("host:port") and returns the response with its body still streaming.
-/// `opts`: `connect_timeout` (5), `read_timeout` (60), in seconds. `err` is a short string:
+/// the policy left them, hop-by-hop headers removed, forwarding headers set) to `addr`
+/// ("host:port") and returns the response with its body still streaming. `opts`:
+/// `connect_timeout`, `send_timeout`, `read_timeout` (defaults: the server's `proxy_*`
+/// settings) and `max_body_size` (see `upstream::Options`). `err` is a short string:
 /// "connection refused", "timeout", "upstream closed connection", ...
 pub async fn proxy_request(
     lua: &Lua,
@@ -52,17 +53,19 @@ pub async fn proxy_exchange(inner: Rc<ReqInner>, addr: String, opts: Options) ->
             .any(|c| c.contains(inner.peer.ip()));
         let fwd = rules::forwarding(&headers, trusted);
         let forwarded = fwd.forwarded_parts(ip);
+        // The fields the proxy writes itself; the client's fields of these names are not sent.
         let candidates: [(bool, &[u8], Parts); 6] = [
             (true, b"x-forwarded-for", &[&fwd.xff_prefix, ip.as_bytes()]),
             (true, b"x-real-ip", &[ip.as_bytes()]),
             (true, b"forwarded", &forwarded),
             (!fwd.keep_proto, b"x-forwarded-proto", &[b"http"]),
             (
-                !fwd.keep_host && fwd.has_host,
+                !fwd.keep_host,
                 b"x-forwarded-host",
-                &[fwd.host],
+                // Without a Host of its own, the request goes out with `addr` as its Host.
+                &[fwd.host.unwrap_or(key.as_bytes())],
             ),
-            (!fwd.has_host, b"host", &[key.as_bytes()]),
+            (fwd.host.is_none(), b"host", &[key.as_bytes()]),
         ];
         let mut extra: [(&[u8], Parts); 6] = [(b"", &[]); 6];
         let mut k = 0;
@@ -72,22 +75,18 @@ pub async fn proxy_exchange(inner: Rc<ReqInner>, addr: String, opts: Options) ->
                 k += 1;
             }
         }
-        let (keep_proto, keep_host) = (fwd.keep_proto, fwd.keep_host);
+        let ours = &extra[..k];
         wire::encode_request(
             &method,
             &inner.uri.borrow(),
             &headers,
+            // Expect is answered here (100 Continue), never passed on.
             |n| {
                 rules::is_hop_by_hop(n)
-                    || (n.len() >= 6
-                        && (n.eq_ignore_ascii_case(b"forwarded")
-                            || n.eq_ignore_ascii_case(b"expect")
-                            || n.eq_ignore_ascii_case(b"x-forwarded-for")
-                            || n.eq_ignore_ascii_case(b"x-real-ip")
-                            || (!keep_proto && n.eq_ignore_ascii_case(b"x-forwarded-proto"))
-                            || (!keep_host && n.eq_ignore_ascii_case(b"x-forwarded-host"))))
+                    || n.eq_ignore_ascii_case(b"expect")
+                    || ours.iter().any(|(name, _)| n.eq_ignore_ascii_case(name))
             },
-            &extra[..k],
+            ours,
             body.length(),
         )
     };

@@ -265,6 +265,18 @@ mod tests {
     }
 
     #[test]
+    fn every_listed_name_is_a_setting() {
+        // NAMES is what `--config` accepts (luaproxy.server_settings); `set` must know each.
+        for name in NAMES {
+            for v in [Value::Num(1.0), Value::Str("1".into()), Value::Bool(true)] {
+                if let Err(e) = Settings::default().set(name, &v) {
+                    assert!(!e.starts_with("unknown setting"), "{name}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = |k: &str, v: Value| with(&[(k, v)]).unwrap_err();
         assert_eq!(

@@ -23,16 +23,10 @@ local DEFAULTS = {
     policy = "examples/least_conn.lua",
 }
 
--- Server settings, with nginx's names: main.lua passes them to luaproxy.serve, which checks
--- their values (sizes as 1048576 or "1m", durations as 30 or "30s") and names the key of a
--- bad one. The last three are older aliases.
-local SERVER_SETTINGS = {
-    "client_max_body_size", "client_header_timeout", "client_body_timeout", "send_timeout",
-    "keepalive_timeout", "keepalive_requests", "large_client_header_buffers", "max_headers",
-    "proxy_connect_timeout", "proxy_read_timeout", "proxy_send_timeout", "max_connections",
-    "underscores_in_headers", "trusted_ips", "upstream_keepalive", "upstream_keepalive_timeout",
-    "max_body_size", "header_timeout", "body_timeout",
-}
+-- Server settings, with nginx's names, as luaproxy.serve knows them (src/settings.rs): main.lua
+-- passes them on, and luaproxy.serve checks their values (sizes as 1048576 or "1m", durations
+-- as 30 or "30s") and names the key of a bad one.
+local SERVER_SETTINGS = require("luaproxy").server_settings
 _M.SERVER_SETTINGS = SERVER_SETTINGS
 
 local IS_SERVER_SETTING = {}

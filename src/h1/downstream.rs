@@ -54,7 +54,7 @@ pub struct DownstreamConn {
     continue_out: &'static [u8],
     /// Framing bytes of the current request's chunked body consumed so far (size lines,
     /// extensions, trailers): a body limit counts them with the data.
-    framing: u64,
+    framing_bytes: u64,
 }
 
 pub type Shared = Rc<RefCell<DownstreamConn>>;
@@ -69,7 +69,7 @@ impl DownstreamConn {
             body: BodyLeft::Done,
             continue_pending: false,
             continue_out: &[],
-            framing: 0,
+            framing_bytes: 0,
         }))
     }
 
@@ -360,13 +360,9 @@ pub async fn read_head(
     deadline: &mut LazyDeadline,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<RequestHead, HeadError> {
-    let mut waiting_idle = idle.is_some() && conn.borrow().buf.is_empty();
-    let mut give_up = Instant::now()
-        + if waiting_idle {
-            idle.unwrap_or(timeout)
-        } else {
-            timeout
-        };
+    let idle = idle.filter(|_| conn.borrow().buf.is_empty());
+    let mut waiting_idle = idle.is_some();
+    let mut give_up = Instant::now() + idle.unwrap_or(timeout);
     let mut stopping = false;
     let mut scanned = 0;
     loop {
@@ -382,7 +378,7 @@ pub async fn read_head(
                     if let Some((n, head)) = parse_request(&c.buf, limits)? {
                         c.buf.advance(n);
                         c.body = head.framing;
-                        c.framing = 0;
+                        c.framing_bytes = 0;
                         c.continue_pending = head.expect_continue;
                         return Ok(head);
                     }
@@ -438,8 +434,8 @@ pub async fn read_head(
 /// `None` when the client closed or reset its connection while nothing of it was left to read
 /// (the request and its body were in, no pipelined bytes waiting). A client that is still
 /// sending its body is not watched until the body is in, and one that has pipelined its next
-/// request not at all: those bytes are not ours to read here, and a peek would only see them. The handling is polled first, so a request answered
-/// at once never looks at the socket.
+/// request not at all: those bytes are not ours to read here, and a peek would only see them.
+/// The handling is polled first, so a request answered at once never looks at the socket.
 pub async fn unless_client_gone<F: Future>(conn: &Shared, handling: F) -> Option<F::Output> {
     tokio::pin!(handling);
     let mut watching = true;
@@ -500,7 +496,7 @@ impl IncomingBody {
 
     /// Framing bytes (chunk size lines, extensions, trailers) read so far with the data.
     pub fn framing_bytes(&self) -> u64 {
-        self.conn.borrow().framing
+        self.conn.borrow().framing_bytes
     }
 }
 
@@ -516,7 +512,10 @@ impl Body for IncomingBody {
         loop {
             if !c.buf.is_empty() {
                 let DownstreamConn {
-                    buf, body, framing, ..
+                    buf,
+                    body,
+                    framing_bytes,
+                    ..
                 } = &mut *c;
                 match body {
                     BodyLeft::Done => return Poll::Ready(None),
@@ -531,7 +530,7 @@ impl Body for IncomingBody {
                     }
                     BodyLeft::Chunked(state) => {
                         let r = state.decode(buf);
-                        *framing = state.overhead;
+                        *framing_bytes = state.overhead;
                         match r {
                             Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                             Ok(None) if state.is_done() => {

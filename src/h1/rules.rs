@@ -272,10 +272,8 @@ pub fn is_hop_by_hop(n: &[u8]) -> bool {
 /// built separately unless the client sent one to extend.
 #[derive(Debug, Default, PartialEq)]
 pub struct Forwarding<'a> {
-    /// The request names a Host.
-    pub has_host: bool,
-    /// The Host value (for `X-Forwarded-Host` and `Forwarded`).
-    pub host: &'a [u8],
+    /// The Host value, if the request names one (for `X-Forwarded-Host` and `Forwarded`).
+    pub host: Option<&'a [u8]>,
     /// The client's own `X-Forwarded-For` list followed by `", "` (empty when it sent none):
     /// the client IP is appended to it (nginx's `$proxy_add_x_forwarded_for`: the last entry
     /// is the one to trust).
@@ -293,10 +291,7 @@ pub fn forwarding<'a>(headers: &'a Headers, trusted: bool) -> Forwarding<'a> {
     let mut f = Forwarding::default();
     for (name, v) in headers.iter() {
         match name.len() {
-            4 if name.eq_ignore_ascii_case(b"host") => {
-                f.has_host = true;
-                f.host = v;
-            }
+            4 if name.eq_ignore_ascii_case(b"host") => f.host = Some(v),
             9 if trusted && name.eq_ignore_ascii_case(b"forwarded") => {
                 let v = v.trim_ascii();
                 if !v.is_empty() {
@@ -324,15 +319,17 @@ impl<'a> Forwarding<'a> {
     /// the host quoted), after a trusted client's own elements, as parts.
     pub fn forwarded_parts(&'a self, client_ip: &'a str) -> [&'a [u8]; 8] {
         let v6 = client_ip.contains(':');
-        let host = self.has_host && self.host.iter().all(|&c| c != b'"' && c != b'\\');
+        let host = self
+            .host
+            .filter(|h| h.iter().all(|&c| c != b'"' && c != b'\\'));
         [
             &self.forwarded_prefix,
             if v6 { b"for=\"[" } else { b"for=" },
             client_ip.as_bytes(),
             if v6 { b"]\"" } else { b"" },
-            if host { b";host=\"" } else { b"" },
-            if host { self.host } else { b"" },
-            if host { b"\"" } else { b"" },
+            if host.is_some() { b";host=\"" } else { b"" },
+            host.unwrap_or_default(),
+            if host.is_some() { b"\"" } else { b"" },
             b";proto=http",
         ]
     }
@@ -575,7 +572,7 @@ mod tests {
         let joined = |f: &Forwarding, ip: &str| f.forwarded_parts(ip).concat();
         let mut h = Headers::default();
         let f = forwarding(&h, false);
-        assert!(!f.has_host && f.xff_prefix.is_empty());
+        assert!(f.host.is_none() && f.xff_prefix.is_empty());
         assert_eq!(joined(&f, "127.0.0.1"), b"for=127.0.0.1;proto=http");
         let m = h.map_mut();
         m.insert("host", HeaderValue::from_static("a:8080"));
@@ -585,8 +582,8 @@ mod tests {
         m.append("forwarded", HeaderValue::from_static("for=6.6.6.6"));
         m.append("x-forwarded-proto", HeaderValue::from_static("https"));
         let f = forwarding(&h, false);
-        assert!(f.has_host && !f.keep_proto && !f.keep_host);
-        assert_eq!(f.host, b"a:8080");
+        assert!(!f.keep_proto && !f.keep_host);
+        assert_eq!(f.host, Some(&b"a:8080"[..]));
         assert_eq!(f.xff_prefix, b"10.0.0.1, 10.0.0.2, ");
         assert_eq!(
             joined(&f, "127.0.0.2"),

@@ -189,6 +189,13 @@ impl DownstreamBody {
         }
     }
 
+    /// 413 once the body's bytes on the wire pass the limit: a chunked body's framing
+    /// (extensions, trailers) is as much the client's to send as its data.
+    fn over_limit(&self) -> Option<BoxError> {
+        (self.limit > 0 && self.seen + self.inner.framing_bytes() > self.limit)
+            .then(|| self.fail(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))
+    }
+
     fn fail(&self, status: StatusCode, why: &'static str) -> BoxError {
         if self.failure.get().is_none() {
             self.failure.set(Some((status, why)));
@@ -206,21 +213,14 @@ impl Body for DownstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        // The limit counts bytes on the wire: a chunked body's framing (extensions, trailers)
-        // is as much the client's to send as its data.
-        if let Poll::Ready(Some(Ok(_)) | None) = polled {
-            let data = polled_len(&polled);
-            this.seen += data;
-            if this.limit > 0 && this.seen + this.inner.framing_bytes() > this.limit {
-                let e = this.fail(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-                return Poll::Ready(Some(Err(e)));
-            }
-        }
-        match polled {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.progress();
-                Poll::Ready(Some(Ok(frame)))
+                this.seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                match this.over_limit() {
+                    Some(e) => Poll::Ready(Some(Err(e))),
+                    None => Poll::Ready(Some(Ok(frame))),
+                }
             }
             Poll::Ready(Some(Err(e))) => {
                 let why = match e {
@@ -229,7 +229,11 @@ impl Body for DownstreamBody {
                 };
                 Poll::Ready(Some(Err(this.fail(StatusCode::BAD_REQUEST, why))))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            // A trailer section ends a chunked body: it counts too.
+            Poll::Ready(None) => this
+                .over_limit()
+                .map(|e| Poll::Ready(Some(Err(e))))
+                .unwrap_or(Poll::Ready(None)),
             Poll::Pending => {
                 if this.idle.expired(cx) {
                     let e = this.fail(StatusCode::REQUEST_TIMEOUT, "timeout");
@@ -246,13 +250,6 @@ impl Body for DownstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-fn polled_len<E>(p: &Poll<Option<Result<Frame<Bytes>, E>>>) -> u64 {
-    match p {
-        Poll::Ready(Some(Ok(f))) => f.data_ref().map_or(0, |d| d.len() as u64),
-        _ => 0,
     }
 }
 

@@ -93,12 +93,16 @@ impl ConnCap {
         })
     }
 
-    /// Waits until the server holds fewer than `max` connections.
+    /// True while the server holds fewer than `max` connections.
+    pub(super) fn has_room(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Relaxed) < self.max
+    }
+
+    /// Waits until `has_room`.
     pub(super) async fn room(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
         loop {
             let closed = self.closed.notified();
-            if self.open.load(Relaxed) < self.max {
+            if self.has_room() {
                 return;
             }
             closed.await;

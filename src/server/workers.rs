@@ -21,9 +21,12 @@ pub(super) async fn accept_loop(
     mut handed: Option<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
 ) {
     loop {
-        w.cap.room().await;
+        // At max_connections only accepting waits: a connection another worker already
+        // accepted (and counted) is still taken, and shutdown still ends the loop.
+        let room = w.cap.has_room();
         tokio::select! {
-            r = listener.accept() => match r {
+            _ = w.cap.room(), if !room => {}
+            r = listener.accept(), if room => match r {
                 Ok((stream, peer)) => {
                     let open = match &w.balance {
                         Some((b, me)) => match b.elsewhere(*me) {

@@ -169,7 +169,7 @@ fn key_arg(lua: &Lua, name: &str, key: &LuaValue) -> LuaResult<Vec<u8>> {
 }
 
 /// A time to live from Lua (nil or 0: none), through the store's one reading of exptimes.
-fn ttl(name: &str, v: Option<f64>) -> LuaResult<Option<Duration>> {
+fn ttl_of(name: &str, v: Option<f64>) -> LuaResult<Option<Duration>> {
     dict::ttl_arg(v)
         .map_err(|_| LuaError::runtime(format!("cache:{name}: seconds must be a number >= 0")))
 }
@@ -197,8 +197,8 @@ impl FetchOpts {
             })?,
         };
         Ok(FetchOpts {
-            stale: ttl("get_or_fetch", t.get("stale")?)?,
-            neg_ttl: ttl("get_or_fetch", t.get("neg_ttl")?)?,
+            stale: ttl_of("get_or_fetch", t.get("stale")?)?,
+            neg_ttl: ttl_of("get_or_fetch", t.get("neg_ttl")?)?,
             wait,
         })
     }
@@ -344,7 +344,7 @@ impl LuaUserData for CacheHandle {
             "set",
             |lua, this, (key, v, ttl): (LuaValue, LuaValue, Option<f64>)| {
                 let key = key_arg(lua, "set", &key)?;
-                let ttl = self::ttl("set", ttl)?;
+                let ttl = ttl_of("set", ttl)?;
                 if v.is_nil() {
                     this.0.store.delete(&key);
                     return Ok((Some(true), None));
@@ -375,7 +375,7 @@ impl LuaUserData for CacheHandle {
             |lua, this, (key, ttl, f, opts): (LuaValue, Option<f64>, LuaFunction, Option<LuaTable>)| async move {
                 crate::runtime::check_loop("cache:get_or_fetch")?;
                 let key = key_arg(&lua, "get_or_fetch", &key)?;
-                let ttl = self::ttl("get_or_fetch", ttl)?;
+                let ttl = ttl_of("get_or_fetch", ttl)?;
                 let opts = FetchOpts::from_lua(opts)?;
                 get_or_fetch(lua, this.0.clone(), key, ttl, f, opts).await
             },
