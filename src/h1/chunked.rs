@@ -34,6 +34,9 @@ pub struct Chunked {
     trailer_bytes: usize,
     trailer_fields: usize,
     pub overhead: u64,
+    /// Bytes of the current, unfinished line already looked at: a line trickling in a byte at
+    /// a time costs one scan, not one per byte (up to 16 KiB of trailers, squared).
+    scanned: usize,
 }
 
 impl Default for Chunked {
@@ -44,6 +47,7 @@ impl Default for Chunked {
             trailer_bytes: 0,
             trailer_fields: 0,
             overhead: 0,
+            scanned: 0,
         }
     }
 }
@@ -54,6 +58,25 @@ fn is_ctl(c: u8) -> bool {
 }
 
 impl Chunked {
+    /// Where the line at the start of `buf` ends (its CRLF), looking only at bytes an earlier
+    /// call for the same line did not; `Ok(None)` until it ends. A control byte other than
+    /// HTAB or CR is `bad` at once (a CR not followed by LF is caught when the line ends).
+    fn line_end(&mut self, buf: &[u8], bad: &'static str) -> Result<Option<usize>, &'static str> {
+        let from = self.scanned.min(buf.len());
+        match buf[from..].windows(2).position(|w| w == b"\r\n") {
+            Some(at) => {
+                self.scanned = 0;
+                Ok(Some(from + at))
+            }
+            None if buf[from..].iter().any(|&c| is_ctl(c) && c != b'\r') => Err(bad),
+            None => {
+                // A CR at the end may be the first half of the CRLF.
+                self.scanned = buf.len().saturating_sub(1);
+                Ok(None)
+            }
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.state == Chunk::Done
     }
@@ -64,10 +87,7 @@ impl Chunked {
         loop {
             match self.state {
                 Chunk::Size => {
-                    let Some(end) = find_crlf(buf) else {
-                        if buf.iter().any(|&c| is_ctl(c) && c != b'\r') {
-                            return Err("bad chunk size line");
-                        }
+                    let Some(end) = self.line_end(buf, "bad chunk size line")? else {
                         return if buf.len() > MAX_CHUNK_LINE {
                             Err("chunk size line too long")
                         } else {
@@ -135,10 +155,7 @@ impl Chunked {
                     self.state = Chunk::Size;
                 }
                 Chunk::Trailers => {
-                    let Some(end) = find_crlf(buf) else {
-                        if buf.iter().any(|&c| is_ctl(c) && c != b'\r') {
-                            return Err("bad trailer field");
-                        }
+                    let Some(end) = self.line_end(buf, "bad trailer field")? else {
                         return if self.trailer_bytes + buf.len() > MAX_TRAILER_BYTES {
                             Err("trailers too large")
                         } else {
@@ -177,10 +194,6 @@ impl Chunked {
 /// A `tchar` of RFC 9110 §5.6.2.
 fn is_token(c: u8) -> bool {
     c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
-}
-
-fn find_crlf(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\r\n")
 }
 
 #[cfg(test)]
@@ -257,6 +270,37 @@ mod tests {
             decode_all(partial.as_bytes()).unwrap_err(),
             "trailers too large"
         );
+    }
+
+    #[test]
+    fn a_line_trickling_in_is_scanned_once() {
+        let mut body = b"1\r\nx\r\n0\r\nt: ".to_vec();
+        body.extend_from_slice(&[b'v'; 15000]);
+        body.extend_from_slice(b"\r\n\r\n");
+        let mut st = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut max_scanned_back = 0;
+        for b in &body {
+            buf.extend_from_slice(&[*b]);
+            let before = st.scanned;
+            while st.decode(&mut buf).unwrap().is_some() {}
+            // Each call looks at the new byte and at most the one before it.
+            max_scanned_back = max_scanned_back.max(buf.len().saturating_sub(before));
+        }
+        assert!(st.is_done());
+        assert!(max_scanned_back <= 2, "{max_scanned_back}");
+        // A bare CR inside the line is still refused once the line ends.
+        let mut st = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut r = Ok(None);
+        for b in b"0\r\nt: a\rb\r\n\r\n" {
+            buf.extend_from_slice(&[*b]);
+            r = st.decode(&mut buf);
+            if r.is_err() {
+                break;
+            }
+        }
+        assert_eq!(r, Err("bad trailer field"));
     }
 
     #[test]
