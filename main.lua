@@ -29,23 +29,103 @@ local function demo_backend(port)
     end
 end
 
+local function resolve_policy(path)
+    if not file_exists(path) and file_exists(script_dir() .. "/" .. path) then
+        path = script_dir() .. "/" .. path
+    end
+    if not file_exists(path) then
+        return nil, "cannot read policy file '" .. path .. "'"
+    end
+    return path
+end
+
+-- Shared dicts declared in the config exist before any worker loads the policy. A reload
+-- adds the new ones; a dict that exists keeps its contents and its size.
+local function make_dicts(settings)
+    for name, size in pairs(settings.dicts or {}) do
+        if not rawget(luaproxy.shared, name) and not luaproxy.shared[name] then
+            local dict, derr = luaproxy.shared.new(name, size)
+            if not dict then
+                return nil, "dict '" .. tostring(name) .. "': " .. derr
+            end
+        end
+    end
+    return true
+end
+
+-- What luaproxy.serve (and srv:reload) get from the settings: the policy, its config table
+-- (every setting, with the backends in use) and the server settings.
+local function server_opts(settings, policy, backends)
+    local config = {}
+    for k, v in pairs(settings) do config[k] = v end
+    config.backends = backends
+    local opts = { policy = policy, config = config }
+    for _, k in ipairs(cli.SERVER_SETTINGS) do opts[k] = settings[k] end
+    return opts
+end
+
+-- SIGHUP: read the command line's config file again and reload the policy in every worker.
+-- A reload that fails leaves the old policy serving, and says why in one line.
+local function reload(srv, first, backends)
+    local settings, err = cli.parse(arg or {})
+    local policy
+    if settings then
+        policy, err = resolve_policy(settings.policy)
+    end
+    if policy then
+        for _, k in ipairs({ "listen", "workers" }) do
+            if settings[k] ~= first[k] then
+                luaproxy.log(luaproxy.WARN, "reload: '", k, "' changes only with a restart; keeping ",
+                    tostring(first[k]))
+            end
+        end
+        if settings.log_level then luaproxy.set_log_level(settings.log_level) end
+        local ok, derr = make_dicts(settings)
+        if ok then
+            local ok2, rerr = srv:reload(server_opts(settings, policy, settings.backends or backends))
+            if ok2 then
+                luaproxy.log(luaproxy.NOTICE, "reloaded: policy ", policy)
+                return true
+            end
+            err = rerr
+        else
+            err = derr
+        end
+    end
+    luaproxy.log(luaproxy.ERR, "reload failed, the old policy keeps serving: ", tostring(err))
+    return false
+end
+
+-- HUP reloads; TERM, QUIT and INT stop gracefully (no new connections, requests in flight
+-- finish within shutdown_timeout, then exit 0); a second TERM, QUIT or INT stops at once.
+local function handle_signals(srv, settings, backends)
+    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT")
+    local stopping = false
+    while true do
+        local name = sig:wait()
+        if name == "HUP" then
+            if not stopping then reload(srv, settings, backends) end
+        elseif not stopping then
+            stopping = true
+            luaproxy.log(luaproxy.NOTICE, "SIG", name, ": stopping; requests in flight may finish")
+            srv:close()
+        else
+            luaproxy.log(luaproxy.NOTICE, "SIG", name, " again: stopping now")
+            srv:close(0)
+        end
+    end
+end
+
 local function main(settings)
     if settings.log_level then luaproxy.set_log_level(settings.log_level) end
 
-    local policy = settings.policy
-    if not file_exists(policy) and file_exists(script_dir() .. "/" .. policy) then
-        policy = script_dir() .. "/" .. policy
+    local policy, perr = resolve_policy(settings.policy)
+    if not policy then
+        return nil, perr
     end
-    if not file_exists(policy) then
-        return nil, "cannot read policy file '" .. settings.policy .. "'"
-    end
-
-    -- Shared dicts declared in the config exist before any worker loads the policy.
-    for name, size in pairs(settings.dicts or {}) do
-        local dict, derr = luaproxy.shared.new(name, size)
-        if not dict then
-            return nil, "dict '" .. tostring(name) .. "': " .. derr
-        end
+    local ok, derr = make_dicts(settings)
+    if not ok then
+        return nil, derr
     end
 
     local demos = {}
@@ -63,12 +143,8 @@ local function main(settings)
         end
     end
 
-    local config = {}
-    for k, v in pairs(settings) do config[k] = v end
-    config.backends = backends
-
-    local opts = { listen = settings.listen, policy = policy, workers = settings.workers, config = config }
-    for _, k in ipairs(cli.SERVER_SETTINGS) do opts[k] = settings[k] end
+    local opts = server_opts(settings, policy, backends)
+    opts.listen, opts.workers = settings.listen, settings.workers
     local srv, err = luaproxy.serve(opts)
     if not srv then
         for _, s in ipairs(demos) do s:close() end
@@ -81,7 +157,10 @@ local function main(settings)
         io.stdout:write("try:  curl http://", srv.addr, "/    (run it twice: both demo backends answer)\n")
     end
     io.stdout:flush()
+    local signals = luaproxy.spawn(handle_signals, srv, settings, backends)
     srv:wait()
+    signals:kill()
+    for _, s in ipairs(demos) do s:close() end
     return true
 end
 

@@ -4,6 +4,7 @@
 //! This file only wires the bindings together; each binding lives in its own file.
 
 pub mod alloc;
+pub mod budget;
 pub mod capi;
 pub mod fastproxy;
 pub mod h1;
@@ -16,6 +17,7 @@ pub mod runtime;
 pub mod server;
 pub mod settings;
 pub mod shared;
+pub mod signal;
 pub mod units;
 pub mod upstream;
 
@@ -24,6 +26,7 @@ use mlua::prelude::*;
 /// Builds the `luaproxy` table. Worker threads call this for their own VMs too.
 pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     runtime::ignore_sigpipe();
+    log::install_panic_hook();
     let t = lua.create_table()?;
     t.set("_VERSION", env!("CARGO_PKG_VERSION"))?;
     // The names `luaproxy.serve` takes as settings: `--config` checks keys against them.
@@ -34,6 +37,7 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     t.set("json", json::register(lua)?)?;
     t.set("cache", shared::cache::register(lua)?)?;
     t.set("http", upstream::register(lua)?)?;
+    t.set("signal", signal::register(lua)?)?;
     server::register(lua, &t)?;
     // Parts written in Lua (lua/luaproxy/*.lua) are reachable as fields too, loaded on first
     // use: `luaproxy.lock` is `require "luaproxy.lock"`.

@@ -18,6 +18,36 @@ pub const DEBUG: u8 = 8;
 
 static LEVEL: AtomicU8 = AtomicU8::new(NOTICE);
 
+/// Panics so far in this process (the hook counts them; a connection that saw one closes).
+static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Panics seen so far in this process.
+pub fn panics() -> u64 {
+    PANICS.load(Ordering::Relaxed)
+}
+
+/// Routes panic messages into the log (one line with where it happened) instead of Rust's
+/// default print, once per process. What the panic ends is logged where it is caught.
+pub fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            PANICS.fetch_add(1, Ordering::Relaxed);
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            log(ALERT, &format!("panic at {at}: {msg}"));
+        }));
+    });
+}
+
 thread_local! {
     static WORKER: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
@@ -85,6 +115,11 @@ macro_rules! log {
 
 /// Writes one log line if `level` passes the threshold.
 pub fn log(level: u8, msg: &str) {
+    log_as(level, worker_id(), msg)
+}
+
+/// [`log`] on behalf of worker `who` (from a thread that is not that worker: the watchdog).
+pub fn log_as(level: u8, who: Option<usize>, msg: &str) {
     if !enabled(level) {
         return;
     }
@@ -92,7 +127,7 @@ pub fn log(level: u8, msg: &str) {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let who = worker_id()
+    let who = who
         .map(|w| format!("w{w}"))
         .unwrap_or_else(|| "main".into());
     let line = format!(

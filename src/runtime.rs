@@ -24,6 +24,8 @@ impl LoopState {
 }
 
 thread_local! {
+    /// Set by `luaproxy._panic("connection")`.
+    static PANIC_AFTER_HANDLER: Cell<bool> = const { Cell::new(false) };
     static LOOP: RefCell<Option<Rc<LoopState>>> = const { RefCell::new(None) };
 }
 
@@ -71,19 +73,21 @@ pub fn new_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Runs `local` until every task on it has finished or `stop()` is called, then returns the
-/// result of `main` if it finished. Remaining tasks are dropped before this returns, while the
-/// Lua state they hold is still alive.
+/// Runs `local` until every task on it has finished, `stop()` is called or `until` completes,
+/// then returns the result of `main` if it finished. Remaining tasks are dropped before this
+/// returns, while the Lua state they hold is still alive.
 pub fn drive<T: 'static>(
     rt: &tokio::runtime::Runtime,
     mut local: LocalSet,
     main: JoinHandle<T>,
     state: &LoopState,
+    until: impl std::future::Future<Output = ()>,
 ) -> Option<T> {
     rt.block_on(async {
         tokio::select! {
             _ = state.stop.notified() => {}
             _ = &mut local => {}
+            _ = until => {}
         }
     });
     let out = if main.is_finished() {
@@ -96,23 +100,54 @@ pub fn drive<T: 'static>(
     out
 }
 
+/// A server worker VM's life, kept in its app data: `RUNNING`; `STOPPING` once its
+/// generation retires (a reload) or the server stops, when timers fire with
+/// `premature = true` and no new ones start; `KILLED` when what it still runs is dropped.
+/// VMs without one (the main program's) run until their loop ends.
+pub struct VmLife(pub tokio::sync::watch::Receiver<u8>);
+
+pub const RUNNING: u8 = 0;
+pub const STOPPING: u8 = 1;
+pub const KILLED: u8 = 2;
+
+type Life = Option<tokio::sync::watch::Receiver<u8>>;
+
+/// This VM's life, if it has one.
+fn life_of(lua: &Lua) -> Life {
+    lua.app_data_ref::<VmLife>().map(|l| l.0.clone())
+}
+
+/// Waits until `life` reaches `state` (never, for a VM without a life, or once its sender is
+/// gone: the worker dropping it is dropping its tasks too).
+async fn reaches(life: &mut Life, state: u8) {
+    if let Some(rx) = life {
+        if rx.wait_for(|s| *s >= state).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 /// Calls `f(...)` inside `xpcall` with a traceback handler, so errors come back as
 /// `false, "message\nstack traceback: ..."` instead of a bare message.
 pub fn protected_call(lua: &Lua) -> LuaResult<LuaFunction> {
     if let Some(f) = lua.app_data_ref::<ProtectedCall>() {
         return Ok(f.0.clone());
     }
+    // SAFETY: `mark` keeps the raw-code rules of capi.rs (it only records its state).
+    let mark = unsafe { lua.create_c_function(crate::budget::mark)? };
     let f: LuaFunction = lua
         .load(
             r#"
+            local mark = ...
             local xpcall, tostring = xpcall, tostring
             local traceback = debug and debug.traceback or function(m) return tostring(m) end
             local function handler(e) return traceback(tostring(e), 2) end
-            return function(f, ...) return xpcall(f, handler, ...) end
+            return function(f, ...) mark() return xpcall(f, handler, ...) end
             "#,
         )
         .set_name("=luaproxy")
-        .eval()?;
+        .call(mark)?;
     lua.set_app_data(ProtectedCall(f.clone()));
     Ok(f)
 }
@@ -120,8 +155,17 @@ pub fn protected_call(lua: &Lua) -> LuaResult<LuaFunction> {
 struct ProtectedCall(LuaFunction);
 
 /// Calls `f(args)` as a coroutine under [`protected_call`]; `Err` carries the message with
-/// its traceback. Used by everything that runs Lua from the loop.
+/// its traceback. Used by everything that runs Lua from the loop, so the thread's
+/// `lua_budget` (`budget.rs`) bounds all of it.
 pub async fn call_protected(
+    lua: &Lua,
+    f: LuaFunction,
+    args: LuaMultiValue,
+) -> Result<LuaMultiValue, String> {
+    crate::budget::Budgeted::new(call_protected_unbudgeted(lua, f, args)).await
+}
+
+async fn call_protected_unbudgeted(
     lua: &Lua,
     f: LuaFunction,
     args: LuaMultiValue,
@@ -217,7 +261,7 @@ fn lua_run(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<LuaM
         }
         r
     });
-    let out = drive(&rt, local, main, &guard.0);
+    let out = drive(&rt, local, main, &guard.0, std::future::pending());
     drop(guard);
     match out {
         Some(Ok(values)) => Ok(values),
@@ -330,8 +374,12 @@ fn lua_spawn(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<Ta
     let state = Rc::new(RefCell::new(TaskState::default()));
     let done = Rc::new(Notify::new());
     let (st2, done2, lua2) = (state.clone(), done.clone(), lua.clone());
+    let mut life = life_of(lua);
     let handle = tokio::task::spawn_local(async move {
-        let r = call_protected(&lua2, f, args).await;
+        let r = tokio::select! {
+            r = call_protected(&lua2, f, args) => r,
+            _ = reaches(&mut life, KILLED) => Err("killed: the worker stopped".into()),
+        };
         if let Err(msg) = &r {
             if !st2.borrow().waiting {
                 crate::log!(ERR, "spawned task failed: {msg}");
@@ -371,11 +419,15 @@ fn start_timer(
     repeat: bool,
     f: LuaFunction,
     args: LuaMultiValue,
-) -> LuaResult<Timer> {
+) -> LuaResult<Result<Timer, &'static str>> {
     check_loop(name)?;
     let d = seconds_arg(name, delay)?;
     if repeat && d.is_zero() {
         return Err(LuaError::runtime(format!("{name}: interval must be > 0")));
+    }
+    let mut life = life_of(lua);
+    if life.as_ref().is_some_and(|l| *l.borrow() != RUNNING) {
+        return Ok(Err("process exiting"));
     }
     let cancelled = Rc::new(Cell::new(false));
     let wake = Rc::new(Notify::new());
@@ -388,20 +440,27 @@ fn start_timer(
             if c2.get() {
                 return;
             }
+            // A worker that stops (or a generation a reload retires) runs its pending timers
+            // at once with `premature = true`, as nginx does, so they can clean up.
+            let mut premature = false;
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = w2.notified() => {}
+                _ = reaches(&mut life, STOPPING) => premature = true,
             }
             if c2.get() {
                 return;
             }
             let mut call_args = LuaMultiValue::new();
-            call_args.push_back(LuaValue::Boolean(false)); // `premature`, as in ngx.timer
+            call_args.push_back(LuaValue::Boolean(premature)); // as in ngx.timer
             call_args.extend(args.iter().cloned());
-            if let Err(msg) = call_protected(&lua2, f.clone(), call_args).await {
-                crate::log!(ERR, "timer callback failed: {msg}");
+            tokio::select! {
+                r = call_protected(&lua2, f.clone(), call_args) => if let Err(msg) = r {
+                    crate::log!(ERR, "timer callback failed: {msg}");
+                },
+                _ = reaches(&mut life, KILLED) => return,
             }
-            if !repeat || c2.get() {
+            if !repeat || premature || c2.get() {
                 return;
             }
             // Fixed rate without catch-up bursts: a slow callback pushes the next tick back.
@@ -412,25 +471,37 @@ fn start_timer(
             }
         }
     });
-    Ok(Timer { cancelled, wake })
+    Ok(Ok(Timer { cancelled, wake }))
 }
 
-/// `timer = luaproxy.timer.at(delay, fn, ...)`: calls `fn(premature, ...)` once after `delay`
-/// seconds, with `premature = false` (the `ngx.timer.at` shape). `timer:cancel()` stops it.
+type TimerRet = (Option<Timer>, Option<&'static str>);
+
+fn timer_ret(r: Result<Timer, &'static str>) -> TimerRet {
+    match r {
+        Ok(t) => (Some(t), None),
+        Err(e) => (None, Some(e)),
+    }
+}
+
+/// `timer, err = luaproxy.timer.at(delay, fn, ...)`: calls `fn(premature, ...)` once after
+/// `delay` seconds, with `premature = false` (the `ngx.timer.at` shape); when the worker stops
+/// or a reload retires its policy first, at once with `premature = true`. `nil, "process
+/// exiting"` once it is stopping. `timer:cancel()` stops it.
 fn lua_timer_at(
     lua: &Lua,
     (delay, f, args): (f64, LuaFunction, LuaMultiValue),
-) -> LuaResult<Timer> {
-    start_timer(lua, "luaproxy.timer.at", delay, false, f, args)
+) -> LuaResult<TimerRet> {
+    start_timer(lua, "luaproxy.timer.at", delay, false, f, args).map(timer_ret)
 }
 
-/// `timer = luaproxy.timer.every(interval, fn, ...)`: calls `fn(premature, ...)` every
-/// `interval` seconds until cancelled; calls never overlap.
+/// `timer, err = luaproxy.timer.every(interval, fn, ...)`: calls `fn(premature, ...)` every
+/// `interval` seconds until cancelled; calls never overlap. A stopping worker calls it once
+/// more with `premature = true`, and no more.
 fn lua_timer_every(
     lua: &Lua,
     (interval, f, args): (f64, LuaFunction, LuaMultiValue),
-) -> LuaResult<Timer> {
-    start_timer(lua, "luaproxy.timer.every", interval, true, f, args)
+) -> LuaResult<TimerRet> {
+    start_timer(lua, "luaproxy.timer.every", interval, true, f, args).map(timer_ret)
 }
 
 /// `luaproxy.worker.id()` -> 0-based index of this server worker, or `nil` on the main thread.
@@ -462,7 +533,29 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
+/// True once when `luaproxy._panic("connection")` asked for a panic after this handler.
+pub fn panic_requested() -> bool {
+    PANIC_AFTER_HANDLER.with(|p| p.replace(false))
+}
+
+/// `luaproxy._panic([where])`: a Rust panic, for the specs that show one stays inside its
+/// connection. No argument: here, inside this Lua call (the handler gets an error); with
+/// `"connection"`: in the connection's own code once the handler returns.
+fn lua_panic(_: &Lua, place: Option<String>) -> LuaResult<()> {
+    match place.as_deref() {
+        None => panic!("luaproxy._panic() was called"),
+        Some("connection") => {
+            PANIC_AFTER_HANDLER.with(|p| p.set(true));
+            Ok(())
+        }
+        Some(other) => Err(LuaError::runtime(format!(
+            "luaproxy._panic: unknown place '{other}' (nil or \"connection\")"
+        ))),
+    }
+}
+
 pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {
+    t.set("_panic", lua.create_function(lua_panic)?)?;
     t.set("run", lua.create_function(lua_run)?)?;
     t.set("stop", lua.create_function(lua_stop)?)?;
     t.set("now", lua.create_function(lua_now)?)?;

@@ -30,6 +30,13 @@ pub struct Settings {
     pub keepalive_requests: usize,
     /// Open client connections in the whole server; at the cap, accepting pauses.
     pub max_connections: usize,
+    /// How long Lua may run without yielding (per call, summed over its runs); 0: no limit.
+    pub lua_budget: Duration,
+    /// Bytes each worker's Lua VM may hold; 0: no limit.
+    pub lua_memory_limit: u64,
+    /// How long a stopping server waits for requests in flight (nginx's
+    /// worker_shutdown_timeout).
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -41,6 +48,9 @@ impl Default for Settings {
             send_timeout: Duration::from_secs(60),
             keepalive_requests: 1000,
             max_connections: 10_000,
+            lua_budget: Duration::from_secs(1),
+            lua_memory_limit: 512 * 1024 * 1024,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -65,6 +75,9 @@ pub const NAMES: &[&str] = &[
     "trusted_ips",
     "upstream_keepalive",
     "upstream_keepalive_timeout",
+    "lua_budget",
+    "lua_memory_limit",
+    "shutdown_timeout",
     // Aliases kept from before the nginx names.
     "max_body_size",
     "header_timeout",
@@ -193,6 +206,18 @@ impl Settings {
             }
             "upstream_keepalive" => l.upstream_keepalive = count(key, v, 0, 100_000)? as usize,
             "upstream_keepalive_timeout" => l.upstream_keepalive_timeout = duration(key, v, false)?,
+            "lua_budget" => self.lua_budget = duration(key, v, true)?,
+            "lua_memory_limit" => {
+                let n = size(key, v)?;
+                if n != 0 && n < 1024 * 1024 {
+                    return Err(format!(
+                        "setting '{key}': {} is too small for a Lua VM (at least \"1m\", or 0 for no limit)",
+                        show(v)
+                    ));
+                }
+                self.lua_memory_limit = n
+            }
+            "shutdown_timeout" => self.shutdown_timeout = duration(key, v, true)?,
             _ => return Err(format!("unknown setting '{key}'")),
         }
         Ok(())
@@ -229,6 +254,27 @@ mod tests {
         assert!(!s.limits.underscores_in_headers);
         assert_eq!(s.limits.upstream_keepalive, 64);
         assert_eq!(s.limits.upstream_keepalive_timeout, Duration::from_secs(60));
+        assert_eq!(s.lua_budget, Duration::from_secs(1));
+        assert_eq!(s.lua_memory_limit, 512 * 1024 * 1024);
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn fault_and_stop_settings_take_nginx_forms() {
+        let s = with(&[
+            ("lua_budget", Value::Str("250ms".into())),
+            ("lua_memory_limit", Value::Str("64m".into())),
+            ("shutdown_timeout", Value::Num(5.0)),
+        ])
+        .unwrap();
+        assert_eq!(s.lua_budget, Duration::from_millis(250));
+        assert_eq!(s.lua_memory_limit, 64 * 1024 * 1024);
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(5));
+        let off = with(&[("lua_budget", Value::Num(0.0)), ("lua_memory_limit", Value::Num(0.0))])
+            .unwrap();
+        assert!(off.lua_budget.is_zero() && off.lua_memory_limit == 0);
+        let e = with(&[("lua_memory_limit", Value::Str("100k".into()))]).unwrap_err();
+        assert!(e.contains("too small"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,17 @@ pub fn parse_size(s: &str) -> Option<u64> {
     num.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// A size the way a setting would spell it: `"64m"`, `"512k"`, or bytes.
+pub fn show_size(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "g"), (1 << 20, "m"), (1 << 10, "k")];
+    for (m, u) in UNITS {
+        if n >= m && n % m == 0 {
+            return format!("{}{u}", n / m);
+        }
+    }
+    n.to_string()
+}
+
 /// Seconds as a `Duration`, clamped to `MAX_SECONDS`; `None` for NaN, infinities and
 /// negative numbers.
 pub fn seconds(v: f64) -> Option<Duration> {
@@ -74,6 +85,14 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_show_in_the_largest_whole_unit() {
+        assert_eq!(show_size(64 << 20), "64m");
+        assert_eq!(show_size(1536), "1536");
+        assert_eq!(show_size(512 << 10), "512k");
+        assert_eq!(show_size(2 << 30), "2g");
+    }
 
     #[test]
     fn sizes() {

@@ -69,6 +69,34 @@ pub struct ReqInner {
     /// `req:proxy`'s exchange on the fast path (see `fastproxy`). It holds this request, so
     /// the request's end drops it.
     pub proxy: RefCell<ProxyCall>,
+    /// Made the first time something asks (`request_id`).
+    id: Cell<Option<u128>>,
+}
+
+thread_local! {
+    /// A SplitMix64 state per thread, seeded from the kernel's random source.
+    static ID_STATE: Cell<u64> = Cell::new({
+        let mut seed = [0u8; 8];
+        // SAFETY: getrandom writes at most `seed.len()` bytes into the buffer it is given.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let fallback = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
+        if n == 8 { u64::from_ne_bytes(seed) } else { fallback }
+    });
+}
+
+/// 128 random-looking bits: unique enough to find one request in a log (not a secret).
+fn next_request_id() -> u128 {
+    ID_STATE.with(|s| {
+        let half = || {
+            let x = s.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+            s.set(x);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        ((half() as u128) << 64) | half() as u128
+    })
 }
 
 impl ReqInner {
@@ -95,7 +123,22 @@ impl ReqInner {
             start: Instant::now(),
             upstream: RefCell::new(None),
             proxy: Default::default(),
+            id: Cell::new(None),
         }
+    }
+
+    /// This request's id, 32 hex digits (nginx's `$request_id`), made on first use so a
+    /// request nobody asks about costs nothing.
+    pub fn request_id(&self) -> String {
+        let id = match self.id.get() {
+            Some(id) => id,
+            None => {
+                let id = next_request_id();
+                self.id.set(Some(id));
+                id
+            }
+        };
+        format!("{id:032x}")
     }
 
     /// Takes the body for forwarding: a stream if nobody read it, else the buffered bytes.

@@ -414,6 +414,9 @@ fn add_methods(m: &mut Methods) {
                 _ => 1.1,
             })
         });
+        // req:get_request_id() -> 32 hex digits naming this request (nginx's $request_id): the
+        // same id the error log and a 500's X-Request-Id give
+        m.add_method("get_request_id", |_, this, ()| Ok(this.0.request_id()));
         // req:elapsed() -> seconds since the request head arrived
         m.add_method("elapsed", |_, this, ()| {
             Ok(this.0.start.elapsed().as_secs_f64())

@@ -16,6 +16,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, StatusCode, Version};
 use mlua::prelude::*;
 use std::any::Any;
+use std::future::Future;
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -41,7 +42,12 @@ pub(super) struct Worker {
     pub(super) requests: Cell<u64>,
     /// This worker's place among the policy workers (none in handler mode).
     pub(super) balance: Option<(Arc<Balance>, usize)>,
+    /// This generation's life (`runtime::VmLife`): its timers and tasks watch it.
+    pub(super) life: watch::Sender<u8>,
 }
+
+/// The generation a worker thread serves new requests with; a reload replaces it.
+pub(super) type Current = Rc<std::cell::RefCell<Rc<Worker>>>;
 
 /// A freshly accepted connection on its way to another worker, already counted there.
 pub(super) type Handoff = (std::net::TcpStream, SocketAddr, OpenConn);
@@ -80,7 +86,7 @@ impl Balance {
 /// from clients alone).
 pub(super) struct ConnCap {
     pub(super) open: std::sync::atomic::AtomicUsize,
-    pub(super) max: usize,
+    pub(super) max: std::sync::atomic::AtomicUsize,
     pub(super) closed: Notify,
 }
 
@@ -88,14 +94,21 @@ impl ConnCap {
     pub(super) fn new(max: usize) -> Arc<ConnCap> {
         Arc::new(ConnCap {
             open: Default::default(),
-            max,
+            max: max.into(),
             closed: Notify::new(),
         })
     }
 
+    /// A reload's new `max_connections`.
+    pub(super) fn set_max(&self, max: usize) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
+        self.closed.notify_waiters();
+    }
+
     /// True while the server holds fewer than `max` connections.
     pub(super) fn has_room(&self) -> bool {
-        self.open.load(std::sync::atomic::Ordering::Relaxed) < self.max
+        use std::sync::atomic::Ordering::Relaxed;
+        self.open.load(Relaxed) < self.max.load(Relaxed)
     }
 
     /// Waits until `has_room`.
@@ -132,7 +145,7 @@ impl Drop for OpenConn {
         if let Some((b, i)) = &self.0 {
             b.open[*i].fetch_sub(1, Relaxed);
         }
-        if self.1.open.fetch_sub(1, Relaxed) >= self.1.max {
+        if self.1.open.fetch_sub(1, Relaxed) >= self.1.max.load(Relaxed) {
             self.1.closed.notify_waiters();
         }
     }
@@ -190,15 +203,23 @@ impl Drop for DrainOnDrop {
     }
 }
 
+/// How a handled request left the connection: its response, and whether the connection
+/// must close after it (a panic while handling it: its state cannot be trusted).
+pub(super) struct Handled {
+    resp: DownstreamResponse<GuardedBody>,
+    close: bool,
+}
+
 pub(super) async fn handle(
     w: &Worker,
     head: RequestHead,
     body: IncomingBody,
     peer: SocketAddr,
     peer_ip: &Rc<str>,
-) -> DownstreamResponse<GuardedBody> {
+) -> Handled {
     let inner = Rc::new(ReqInner::new(head, body, peer, peer_ip, &w.limits));
     let drain = DrainOnDrop(inner.clone(), Cell::new(0));
+    let panics = crate::log::panics();
     let ready = w.req_meta.get() || {
         let r = crate::request::install_metatable(&w.lua, |m| {
             crate::proxy::add_methods(m);
@@ -218,20 +239,41 @@ pub(super) async fn handle(
         }
         false => Err("cannot set up request objects".to_string()),
     };
+    let mut close = false;
     let mut resp = match result.and_then(|v| to_response(&w.lua, v)) {
         Ok(r) => r,
         Err(msg) => {
+            // Logged once, here, with its traceback; the client gets a plain 500 and the id
+            // to quote.
+            let id = inner.request_id();
+            let panicked = crate::log::panics() != panics;
+            let limit = w.settings.lua_memory_limit;
+            let what = if panicked {
+                close = true;
+                "internal error (panic) in".to_string()
+            } else if limit > 0 && msg.starts_with("not enough memory") {
+                // What the dead coroutine held is garbage now: give it back before the next
+                // request meets the cap.
+                w.lua.gc_collect().ok();
+                format!("lua_memory_limit ({}) reached by", crate::units::show_size(limit))
+            } else {
+                "error in".to_string()
+            };
             crate::log!(
                 ERR,
-                "policy error: {msg}, client: {}, request: \"{} {}\"",
+                "{what} policy: {msg}, client: {}, request: \"{} {}\", request_id: {id}",
                 peer.ip(),
                 inner.method.borrow(),
                 inner.uri.borrow(),
             );
-            simple(
+            let mut r = simple(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "500 Internal Server Error",
-            )
+            );
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                r.headers.map_mut().insert("x-request-id", v);
+            }
+            r
         }
     };
     if let Some((status, why)) = inner.failure.get() {
@@ -255,33 +297,61 @@ pub(super) async fn handle(
     if n.is_multiple_of(GC_STEP_EVERY) {
         runtime::gc_pressure(&w.lua, GC_STEP_KB);
     }
-    resp.map(|b| GuardedBody {
-        inner: b,
-        _guards: guards,
-    })
+    Handled {
+        resp: resp.map(|b| GuardedBody {
+            inner: b,
+            _guards: guards,
+        }),
+        close,
+    }
 }
 
 /// How long a connection we close keeps reading (and discarding) what the client still sends,
 /// like nginx's lingering close.
 pub(super) const LINGER: Duration = Duration::from_secs(2);
 
+/// Serves one client connection (`serve_conn_inner`); a panic in it ends only this
+/// connection, and is logged.
+pub(super) async fn serve_conn(
+    cur: Current,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    open: OpenConn,
+) {
+    let mut fut = std::pin::pin!(serve_conn_inner(cur, stream, peer, shutdown, open));
+    let caught = std::future::poll_fn(|cx| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx)))
+            .unwrap_or(Poll::Ready(Err(())))
+            .map(Some)
+    })
+    .await;
+    if let Some(Err(())) = caught {
+        crate::log!(
+            ERR,
+            "internal error (panic) on the connection from {peer}: connection closed"
+        );
+    }
+}
+
 /// Serves one client connection: head, policy, response, and again while the connection
 /// stays open. Requests on one connection run one after another (pipelined ones wait in the
-/// read buffer).
-pub(super) async fn serve_conn(
-    w: Rc<Worker>,
+/// read buffer); each runs on the generation serving when its head arrived.
+async fn serve_conn_inner(
+    cur: Current,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
     _open: OpenConn,
-) {
+) -> Result<(), ()> {
     let _ = stream.set_nodelay(true);
     let conn = DownstreamConn::new(stream);
     let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
     let mut head_deadline = crate::h1::io::LazyDeadline::default();
-    let send_timeout = w.settings.send_timeout;
     let mut served = 0usize;
     loop {
+        let w = cur.borrow().clone();
+        let send_timeout = w.settings.send_timeout;
         // The first head is due within client_header_timeout of the accept; a kept-alive
         // connection may then idle for keepalive_timeout before its next head begins.
         let idle = (served > 0).then_some(w.settings.keepalive_timeout);
@@ -296,10 +366,10 @@ pub(super) async fn serve_conn(
         .await
         {
             Ok(h) => h,
-            Err(HeadError::Closed) => return,
+            Err(HeadError::Closed) => return Ok(()),
             Err(HeadError::Timeout) => {
                 crate::log!(DEBUG, "closing idle connection from {peer}");
-                return;
+                return Ok(());
             }
             Err(HeadError::Bad(r)) => {
                 crate::log!(
@@ -326,19 +396,18 @@ pub(super) async fn serve_conn(
                 {
                     downstream::linger_close(&conn, LINGER).await;
                 }
-                return;
+                return Ok(());
             }
         };
         served += 1;
         let (method, version) = (head.method.clone(), head.version);
         let at_limit = w.settings.keepalive_requests > 0 && served >= w.settings.keepalive_requests;
-        let mut keep = head.keep_alive
-            && !at_limit
-            && !w.settings.keepalive_timeout.is_zero()
-            && !*shutdown.borrow();
+        let wants_keep = head.keep_alive && !at_limit && !w.settings.keepalive_timeout.is_zero();
         let request_line = (method.clone(), head.uri.clone());
         let handled = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip);
-        let Some(mut resp) = downstream::unless_client_gone(&conn, handled).await else {
+        let Some(Handled { mut resp, close }) =
+            downstream::unless_client_gone(&conn, handled).await
+        else {
             // Dropping the handling ends the request: its leases are released and its
             // upstream exchange (and connection) dropped, as nginx does for a client abort
             // (its 499) unless proxy_ignore_client_abort is on.
@@ -349,8 +418,15 @@ pub(super) async fn serve_conn(
                 request_line.0,
                 request_line.1
             );
-            return;
+            return Ok(());
         };
+        if runtime::panic_requested() {
+            panic!("luaproxy._panic(\"connection\") was called");
+        }
+        drop(w);
+        // A server that began to stop while this request ran says so on its response
+        // (`Connection: close`) and closes once it is written.
+        let mut keep = wants_keep && !close && !*shutdown.borrow();
         let mut guards = std::mem::take(&mut resp.body._guards);
         let written = downstream::write_response(
             &conn,
@@ -369,18 +445,19 @@ pub(super) async fn serve_conn(
             Ok(k) => keep = k,
             Err(e) => {
                 crate::log!(DEBUG, "connection from {peer}: {e}");
-                return;
+                return Ok(());
             }
         }
+        let body_timeout = cur.borrow().limits.body_timeout;
         let clean = conn.borrow().body_done()
-            || (keep && downstream::drain_body(&conn, w.limits.body_timeout).await);
+            || (keep && downstream::drain_body(&conn, body_timeout).await);
         if !keep || !clean {
             if !clean || !conn.borrow().idle() {
                 // The client may still be sending: closing with unread bytes would send a
                 // reset, which can destroy the response on its way.
                 downstream::linger_close(&conn, LINGER).await;
             }
-            return;
+            return Ok(());
         }
         // Let the worker's other connections go first, as nginx posts a keep-alive
         // connection's next read behind the events already waiting. On loopback the

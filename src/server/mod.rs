@@ -11,7 +11,7 @@ mod respond;
 mod workers;
 
 use conn::{Balance, ConnCap, Worker};
-use workers::{accept_loop, worker_thread, WorkerSpec};
+use workers::{accept_loop, worker_thread, Command, ThreadStart, WorkerSpec};
 
 use crate::runtime::{self};
 use crate::settings::{self, Settings};
@@ -24,10 +24,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
 
-/// A running server: `srv.addr`, `srv.port`, `srv:close()`, `srv:wait()`.
+/// A running server: `srv.addr`, `srv.port`, `srv:close()`, `srv:wait()`, `srv:reload()`.
 pub struct Server {
     pub(super) addr: SocketAddr,
     pub(super) shutdown: watch::Sender<bool>,
+    hurry: watch::Sender<bool>,
+    /// One per policy worker (none in handler mode).
+    commands: Vec<tokio::sync::mpsc::UnboundedSender<Command>>,
+    /// What a reload starts from: the package paths the workers were given.
+    base: Option<WorkerSpec>,
+    reloading: Cell<bool>,
     pub(super) threads: RefCell<Vec<std::thread::JoinHandle<()>>>,
     pub(super) local_done: Rc<Notify>,
     pub(super) local_running: Rc<std::cell::Cell<bool>>,
@@ -41,10 +47,31 @@ impl LuaUserData for Server {
     }
 
     fn add_methods<M: LuaUserDataMethods<Self>>(m: &mut M) {
-        // srv:close() -> true: stop accepting; in-flight requests finish, idle connections close.
-        m.add_method("close", |_, this, ()| {
-            let _ = this.shutdown.send(true);
+        // srv:close([timeout]) -> true: stop accepting; idle connections close, requests in
+        // flight finish (their responses say `Connection: close`) for up to
+        // `shutdown_timeout` (or `timeout` seconds; 0: drop them now), timers fire with
+        // premature = true. `srv:wait()` returns once it is all over.
+        m.add_method("close", |_, this, timeout: Option<f64>| {
+            if let Some(t) = timeout {
+                if crate::units::seconds(t).is_none() {
+                    return Err(LuaError::runtime(
+                        "srv:close: timeout must be a finite number >= 0",
+                    ));
+                }
+                if t == 0.0 {
+                    this.hurry.send_replace(true);
+                }
+            }
+            this.shutdown.send_replace(true);
             Ok(true)
+        });
+        // ok, err = srv:reload{ policy = FILE, config = {...}, <settings> }: every worker
+        // builds the new policy (a fresh VM, init_worker run) beside the old one; when all
+        // have, new requests go to it and the old one finishes what it holds. A failure
+        // anywhere keeps the old policy everywhere: nil and why.
+        m.add_async_method("reload", |lua, this, opts: LuaTable| async move {
+            runtime::check_loop("srv:reload")?;
+            reload(&lua, &this, opts).await
         });
         // srv:wait() -> true once every worker has stopped (after close, or never).
         m.add_async_method("wait", |_, this, ()| async move {
@@ -191,10 +218,15 @@ pub(super) async fn lua_serve(
     };
     let addr = std_listener.local_addr().unwrap_or(addr);
     let (tx, rx) = watch::channel(false);
+    let (hurry, hurry_rx) = watch::channel(false);
     let exited = Arc::new(Notify::new());
-    let server = Server {
+    let mut server = Server {
         addr,
         shutdown: tx,
+        hurry,
+        commands: Vec::new(),
+        base: None,
+        reloading: Cell::new(false),
         threads: RefCell::new(Vec::new()),
         local_done: Rc::new(Notify::new()),
         local_running: Rc::new(std::cell::Cell::new(false)),
@@ -204,6 +236,11 @@ pub(super) async fn lua_serve(
     if let Some(handler) = handler {
         let listener = tokio::net::TcpListener::from_std(std_listener)
             .map_err(|e| LuaError::runtime(format!("luaproxy.serve: {e}")))?;
+        // The calling thread's VM serves: the budget bounds every Lua call on this thread
+        // from now on (the memory cap needs a VM of our own: policy workers).
+        if !settings.lua_budget.is_zero() {
+            crate::budget::set_thread_budget(Some(settings.lua_budget));
+        }
         let w = Rc::new(Worker {
             lua: lua.clone(),
             handler,
@@ -213,11 +250,12 @@ pub(super) async fn lua_serve(
             requests: Cell::new(0),
             req_meta: Cell::new(false),
             balance: None,
+            life: watch::channel(runtime::RUNNING).0,
         });
         let (done, running) = (server.local_done.clone(), server.local_running.clone());
         running.set(true);
         tokio::task::spawn_local(async move {
-            accept_loop(w, listener, rx, None).await;
+            accept_loop(Rc::new(RefCell::new(w)), listener, rx, None).await;
             running.set(false);
             done.notify_waiters();
         });
@@ -225,14 +263,15 @@ pub(super) async fn lua_serve(
     }
 
     let package: LuaTable = lua.globals().get("package")?;
+    let cap = ConnCap::new(settings.max_connections);
     let spec = WorkerSpec {
         policy: policy.unwrap_or_default(),
         config,
         package_path: package.get("path")?,
         package_cpath: package.get("cpath")?,
-        cap: ConnCap::new(settings.max_connections),
         settings,
     };
+    server.base = Some(spec.clone());
     let mut readies = Vec::new();
     let mut sockets = vec![std_listener];
     for _ in 1..workers {
@@ -252,11 +291,23 @@ pub(super) async fn lua_serve(
     });
     for (id, l) in sockets.into_iter().enumerate() {
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (spec, rx, exited) = (spec.clone(), rx.clone(), exited.clone());
-        let bal = (balance.clone(), receivers.remove(0));
+        let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+        server.commands.push(cmd_tx);
+        let start = ThreadStart {
+            id,
+            listener: l,
+            spec: spec.clone(),
+            ready: ready_tx,
+            shutdown: rx.clone(),
+            hurry: hurry_rx.clone(),
+            exited: exited.clone(),
+            balance: (balance.clone(), receivers.remove(0)),
+            cap: cap.clone(),
+            commands: cmd_rx,
+        };
         let t = std::thread::Builder::new()
             .name(format!("luaproxy-w{id}"))
-            .spawn(move || worker_thread(id, l, spec, ready_tx, rx, exited, bal))
+            .spawn(move || worker_thread(start))
             .map_err(|e| LuaError::runtime(format!("luaproxy.serve: cannot start worker: {e}")))?;
         server.threads.borrow_mut().push(t);
         readies.push(ready_rx);
@@ -274,13 +325,93 @@ pub(super) async fn lua_serve(
         }
     }
     if let Some(e) = first_err {
-        let _ = server.shutdown.send(true);
+        let _ = server.shutdown.send_replace(true);
         for t in server.threads.borrow_mut().drain(..) {
             let _ = t.join();
         }
         return Ok((None, Some(e)));
     }
     Ok((Some(server), None))
+}
+
+/// `srv:reload{...}` (see its entry in `add_methods`).
+async fn reload(
+    lua: &Lua,
+    srv: &Server,
+    opts: LuaTable,
+) -> LuaResult<(Option<bool>, Option<String>)> {
+    let Some(base) = &srv.base else {
+        return Err(LuaError::runtime(
+            "srv:reload: only a server started with a policy file can reload",
+        ));
+    };
+    for key in ["listen", "handler", "workers"] {
+        if !opts.get::<LuaValue>(key)?.is_nil() {
+            return Err(LuaError::runtime(format!(
+                "srv:reload: '{key}' cannot change without a restart"
+            )));
+        }
+    }
+    if *srv.shutdown.borrow() {
+        return Ok((None, Some("server is stopping".into())));
+    }
+    if srv.reloading.replace(true) {
+        return Ok((None, Some("a reload is already under way".into())));
+    }
+    struct Done<'a>(&'a Cell<bool>);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.set(false);
+        }
+    }
+    let _done = Done(&srv.reloading);
+    let settings = settings_from(&opts)?;
+    let config_value: LuaValue = opts.get("config")?;
+    let config = if config_value.is_nil() {
+        base.config.clone()
+    } else {
+        lua.from_value(config_value).map_err(|e| {
+            LuaError::runtime(format!("srv:reload: config must be plain data: {e}"))
+        })?
+    };
+    let spec = WorkerSpec {
+        policy: opts
+            .get::<Option<String>>("policy")?
+            .unwrap_or_else(|| base.policy.clone()),
+        config,
+        package_path: base.package_path.clone(),
+        package_cpath: base.package_cpath.clone(),
+        settings,
+    };
+    let mut replies = Vec::new();
+    for c in &srv.commands {
+        let (tx, rx) = oneshot::channel();
+        if c.send(Command::Prepare(Box::new(spec.clone()), tx)).is_err() {
+            return Ok((None, Some("a worker has stopped".into())));
+        }
+        replies.push(rx);
+    }
+    let mut failed = None;
+    for (i, r) in replies.into_iter().enumerate() {
+        let r = r
+            .await
+            .unwrap_or_else(|_| Err("the worker stopped".into()));
+        if let Err(e) = r {
+            failed.get_or_insert(format!("worker {i}: {e}"));
+        }
+    }
+    let verdict = if failed.is_some() {
+        || Command::Abort
+    } else {
+        || Command::Commit
+    };
+    for c in &srv.commands {
+        let _ = c.send(verdict());
+    }
+    Ok(match failed {
+        Some(e) => (None, Some(e)),
+        None => (Some(true), None),
+    })
 }
 
 pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {

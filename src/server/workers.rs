@@ -1,46 +1,57 @@
-//! Worker threads (one Lua VM and one current-thread runtime each, the policy loaded once),
-//! their accept loops, and how connections are spread and capped across them.
+//! Worker threads (one current-thread runtime each, running one generation of the policy in
+//! its own Lua VM at a time), their accept loops, reloads, and how they stop.
+//!
+//! A reload builds a new generation (a fresh VM, the policy loaded, `init_worker` run) beside
+//! the serving one on every worker; only when all have built theirs does each switch, so a
+//! policy that fails anywhere keeps the old one serving everywhere. The listening sockets never
+//! close, so no connection waiting in a backlog is lost. A retired generation finishes the
+//! requests it holds; its timers fire with `premature = true`, and what it still runs after
+//! `shutdown_timeout` is dropped.
 
-use crate::runtime::{self, call_protected, LoopGuard};
+use crate::runtime::{self, call_protected, LoopGuard, VmLife, KILLED, RUNNING, STOPPING};
 use crate::settings::Settings;
 use mlua::prelude::*;
 use mlua::LuaSerdeExt;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::TcpListener as StdListener;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
-use super::conn::{serve_conn, Balance, ConnCap, Handoff, OpenConn, Worker};
+use super::conn::{serve_conn, Balance, ConnCap, Current, Handoff, OpenConn, Worker};
 
 pub(super) async fn accept_loop(
-    w: Rc<Worker>,
+    cur: Current,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
-    mut handed: Option<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
+    mut handed: Option<mpsc::UnboundedReceiver<Handoff>>,
 ) {
+    let (cap, balance) = {
+        let w = cur.borrow();
+        (w.cap.clone(), w.balance.clone())
+    };
     loop {
         // At max_connections only accepting waits: a connection another worker already
         // accepted (and counted) is still taken, and shutdown still ends the loop.
-        let room = w.cap.has_room();
+        let room = cap.has_room();
         tokio::select! {
-            _ = w.cap.room(), if !room => {}
+            _ = cap.room(), if !room => {}
             r = listener.accept(), if room => match r {
                 Ok((stream, peer)) => {
-                    let open = match &w.balance {
+                    let open = match &balance {
                         Some((b, me)) => match b.elsewhere(*me) {
                             Some(j) => {
                                 if let Ok(s) = stream.into_std() {
-                                    let _ = b.handoff[j].send((s, peer, OpenConn::new(Some((b, j)), &w.cap)));
+                                    let _ = b.handoff[j].send((s, peer, OpenConn::new(Some((b, j)), &cap)));
                                 }
                                 continue;
                             }
-                            None => OpenConn::new(Some((b, *me)), &w.cap),
+                            None => OpenConn::new(Some((b, *me)), &cap),
                         },
-                        None => OpenConn::new(None, &w.cap),
+                        None => OpenConn::new(None, &cap),
                     };
-                    tokio::task::spawn_local(serve_conn(w.clone(), stream, peer, shutdown.clone(), open));
+                    tokio::task::spawn_local(serve_conn(cur.clone(), stream, peer, shutdown.clone(), open));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning or dying.
@@ -53,7 +64,7 @@ pub(super) async fn accept_loop(
                 None => std::future::pending().await,
             } } => {
                 if let Ok(stream) = tokio::net::TcpStream::from_std(s) {
-                    tokio::task::spawn_local(serve_conn(w.clone(), stream, peer, shutdown.clone(), open));
+                    tokio::task::spawn_local(serve_conn(cur.clone(), stream, peer, shutdown.clone(), open));
                 }
             }
             _ = shutdown.changed() => return,
@@ -69,8 +80,18 @@ pub(super) struct WorkerSpec {
     pub(super) package_path: Option<String>,
     pub(super) package_cpath: Option<String>,
     pub(super) settings: Settings,
-    pub(super) cap: Arc<ConnCap>,
 }
+
+/// What the server tells a running worker.
+pub(super) enum Command {
+    /// Build a new generation from this spec beside the serving one; answer whether it loaded.
+    Prepare(Box<WorkerSpec>, oneshot::Sender<Result<(), String>>),
+    /// Serve new requests with the prepared generation; the old one retires.
+    Commit,
+    /// Drop the prepared generation (another worker failed to build its own).
+    Abort,
+}
+
 
 /// Loads the policy into a fresh VM: the file must return a handler function or a table
 /// with `handler` (and optionally `init_worker(config)`).
@@ -145,24 +166,15 @@ pub(super) fn jit_libs() -> LuaStdLib {
     LuaStdLib::NONE
 }
 
-pub(super) fn worker_thread(
-    id: usize,
-    std_listener: StdListener,
-    spec: WorkerSpec,
-    ready: oneshot::Sender<Result<(), String>>,
-    shutdown: watch::Receiver<bool>,
-    exited: Arc<Notify>,
-    balance: (Arc<Balance>, tokio::sync::mpsc::UnboundedReceiver<Handoff>),
-) {
-    runtime::set_worker_id(id);
-    let (balance, handed) = balance;
-    let rt = match runtime::new_runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(format!("worker {id}: {e}")));
-            return;
-        }
-    };
+/// What stays with a worker thread across generations.
+#[derive(Clone)]
+pub(super) struct Site {
+    pub(super) cap: Arc<ConnCap>,
+    pub(super) balance: Option<(Arc<Balance>, usize)>,
+}
+
+/// Builds one generation: a fresh VM with the policy loaded and `init_worker` run.
+async fn generation(spec: &WorkerSpec, site: &Site) -> Result<Worker, String> {
     // SAFETY: unsafe_new lets policies `require` C modules (lua-cjson, ...) exactly like the
     // main program can; the VM never leaves this thread. On LuaJIT the `ffi` library is
     // opened too: OpenResty-style policies use it, and so do the dict methods.
@@ -172,39 +184,175 @@ pub(super) fn worker_thread(
             LuaOptions::new().thread_pool_size(256),
         )
     };
+    let limit = spec.settings.lua_memory_limit;
+    if limit > 0 && lua.set_memory_limit(limit as usize).is_err() {
+        crate::log!(
+            DEBUG,
+            "lua_memory_limit: this Lua (LuaJIT) keeps its own allocator; no limit set"
+        );
+    }
+    let (life, life_rx) = watch::channel(RUNNING);
+    lua.set_app_data(VmLife(life_rx));
+    let t = crate::exports(&lua).map_err(|e| e.to_string())?;
+    lua.register_module("luaproxy", t)
+        .map_err(|e| e.to_string())?;
+    let handler = match load_policy(&lua, spec).await {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = life.send_replace(KILLED);
+            return Err(e);
+        }
+    };
+    Ok(Worker {
+        lua,
+        handler,
+        limits: Rc::new(spec.settings.limits.clone()),
+        settings: spec.settings.clone(),
+        cap: site.cap.clone(),
+        requests: Cell::new(0),
+        req_meta: Cell::new(false),
+        balance: site.balance.clone(),
+        life,
+    })
+}
+
+/// Retires a generation: its timers fire with `premature = true` now; what it still runs
+/// (timers, spawned tasks) after `shutdown_timeout` is dropped, or at once when the server
+/// stops. Its requests in flight finish on it; its VM goes with the last of them.
+fn retire(old: Rc<Worker>, mut shutdown: watch::Receiver<bool>) {
+    let _ = old.life.send_replace(STOPPING);
+    let grace = old.settings.shutdown_timeout;
+    let life = old.life.clone();
+    drop(old);
+    tokio::task::spawn_local(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => {}
+            _ = shutdown.changed() => {}
+        }
+        let _ = life.send_replace(KILLED);
+    });
+}
+
+/// Everything a worker thread is started with.
+pub(super) struct ThreadStart {
+    pub(super) id: usize,
+    pub(super) listener: StdListener,
+    pub(super) spec: WorkerSpec,
+    pub(super) ready: oneshot::Sender<Result<(), String>>,
+    pub(super) shutdown: watch::Receiver<bool>,
+    /// Set with `shutdown` when the server must stop without waiting.
+    pub(super) hurry: watch::Receiver<bool>,
+    pub(super) exited: Arc<Notify>,
+    pub(super) balance: (Arc<Balance>, mpsc::UnboundedReceiver<Handoff>),
+    pub(super) cap: Arc<ConnCap>,
+    pub(super) commands: mpsc::UnboundedReceiver<Command>,
+}
+
+pub(super) fn worker_thread(start: ThreadStart) {
+    let ThreadStart {
+        id,
+        listener: std_listener,
+        spec,
+        ready,
+        shutdown,
+        mut hurry,
+        exited,
+        balance,
+        cap,
+        mut commands,
+    } = start;
+    runtime::set_worker_id(id);
+    let (balance, handed) = balance;
+    let rt = match runtime::new_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {id}: {e}")));
+            return;
+        }
+    };
     let guard = LoopGuard::enter();
     let local = tokio::task::LocalSet::new();
+    let site = Site {
+        cap,
+        balance: Some((balance, id)),
+    };
+    // Set when the server stops: from then on the worker has `grace` to finish.
+    let stopping = Rc::new(Notify::new());
+    let grace = Rc::new(Cell::new(spec.settings.shutdown_timeout));
+    let (stopping2, grace2) = (stopping.clone(), grace.clone());
     let main = local.spawn_local(async move {
+        crate::budget::set_thread_budget(Some(spec.settings.lua_budget));
         let setup = async {
-            let t = crate::exports(&lua).map_err(|e| e.to_string())?;
-            lua.register_module("luaproxy", t)
-                .map_err(|e| e.to_string())?;
-            let handler = load_policy(&lua, &spec).await?;
+            let w = generation(&spec, &site).await?;
             let listener =
                 tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?;
-            Ok::<_, String>((handler, listener))
+            Ok::<_, String>((w, listener))
         };
-        match setup.await {
+        let (w, listener) = match setup.await {
             Err(e) => {
                 let _ = ready.send(Err(e));
+                return;
             }
-            Ok((handler, listener)) => {
-                let _ = ready.send(Ok(()));
-                let w = Rc::new(Worker {
-                    lua: lua.clone(),
-                    handler,
-                    limits: Rc::new(spec.settings.limits.clone()),
-                    settings: spec.settings.clone(),
-                    cap: spec.cap.clone(),
-                    requests: Cell::new(0),
-                    req_meta: Cell::new(false),
-                    balance: Some((balance, id)),
-                });
-                accept_loop(w, listener, shutdown, Some(handed)).await;
+            Ok(x) => x,
+        };
+        let _ = ready.send(Ok(()));
+        let cur: Current = Rc::new(RefCell::new(Rc::new(w)));
+        let accepting = tokio::task::spawn_local(accept_loop(
+            cur.clone(),
+            listener,
+            shutdown.clone(),
+            Some(handed),
+        ));
+        let mut prepared: Option<Worker> = None;
+        let mut shut = shutdown.clone();
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Prepare(spec, reply)) => {
+                        if let Some(w) = prepared.take() {
+                            let _ = w.life.send_replace(KILLED);
+                        }
+                        let built = generation(&spec, &site).await;
+                        let _ = reply.send(built.as_ref().map(|_| ()).map_err(|e| e.clone()));
+                        prepared = built.ok();
+                    }
+                    Some(Command::Commit) => {
+                        if let Some(w) = prepared.take() {
+                            crate::budget::set_thread_budget(Some(w.settings.lua_budget));
+                            site.cap.set_max(w.settings.max_connections);
+                            grace2.set(w.settings.shutdown_timeout);
+                            let old = cur.replace(Rc::new(w));
+                            retire(old, shutdown.clone());
+                        }
+                    }
+                    Some(Command::Abort) => {
+                        if let Some(w) = prepared.take() {
+                            let _ = w.life.send_replace(KILLED);
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                },
+                _ = shut.changed() => break,
             }
         }
+        if let Some(w) = prepared.take() {
+            let _ = w.life.send_replace(KILLED);
+        }
+        let _ = accepting.await;
+        // Timers fire with premature = true; connections finish what they hold.
+        let _ = cur.borrow().life.send_replace(STOPPING);
+        stopping2.notify_one();
     });
-    runtime::drive(&rt, local, main, &guard.0);
+    // The loop runs until every task has ended (connections closed, timers and tasks done),
+    // or `grace` after the server began to stop, or at once when told to hurry.
+    let deadline = async move {
+        stopping.notified().await;
+        tokio::select! {
+            _ = tokio::time::sleep(grace.get()) => {}
+            _ = hurry.wait_for(|h| *h) => {}
+        }
+    };
+    runtime::drive(&rt, local, main, &guard.0, deadline);
     drop(guard);
     exited.notify_waiters();
 }
