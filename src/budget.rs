@@ -39,7 +39,8 @@ const TICK: Duration = Duration::from_millis(10);
 
 /// The budget state of one thread that runs Lua.
 pub struct Slot {
-    budget: Duration,
+    /// The budget of the call being polled, in ms (0: none).
+    budget_ms: AtomicU64,
     /// The coroutine being polled (null between polls). Written by the thread that owns the
     /// slot; cleared only under `lock`, so the watchdog never hooks a coroutine that is gone.
     running: AtomicPtr<ffi::lua_State>,
@@ -54,35 +55,44 @@ pub struct Slot {
 }
 
 thread_local! {
+    /// This thread's slot, made the first time a call with a budget runs here.
     static SLOT: RefCell<Option<Arc<Slot>>> = const { RefCell::new(None) };
+    /// The budget of protected calls on this thread that are not given one.
+    static DEFAULT: Cell<Duration> = const { Cell::new(Duration::ZERO) };
     /// The coroutine that last called `mark` on this thread.
     static MARKED: Cell<*mut ffi::lua_State> = const { Cell::new(ptr::null_mut()) };
 }
 
-/// Gives this thread a budget: every protected call run from its loop is stopped once it has
-/// run `budget` of Lua without finishing (time spent waiting in a yield does not count).
-/// `None` or zero removes it.
-pub fn set_thread_budget(budget: Option<Duration>) {
-    let slot = budget.filter(|b| !b.is_zero()).map(|budget| {
-        Arc::new(Slot {
-            budget,
-            running: AtomicPtr::new(ptr::null_mut()),
-            since: AtomicU64::new(0),
-            hooked: AtomicPtr::new(ptr::null_mut()),
-            stuck_logged: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            worker: crate::log::worker_id(),
-        })
-    });
-    if let Some(s) = &slot {
-        watchdog().register(s);
-    }
-    SLOT.with(|c| *c.borrow_mut() = slot);
+/// Sets the budget of every protected call on this thread that is not given its own (a
+/// policy worker's thread: all its Lua is policy code); zero for none (the main program).
+pub fn set_thread_budget(budget: Duration) {
+    DEFAULT.with(|d| d.set(budget));
 }
 
-/// The budget of this thread, if it has one.
-pub fn thread_budget() -> Option<Duration> {
-    SLOT.with(|c| c.borrow().as_ref().map(|s| s.budget))
+/// The budget of protected calls on this thread that are not given one.
+pub fn thread_budget() -> Duration {
+    DEFAULT.with(|d| d.get())
+}
+
+/// This thread's slot, registered with the watchdog on first use.
+fn slot() -> Arc<Slot> {
+    SLOT.with(|c| {
+        c.borrow_mut()
+            .get_or_insert_with(|| {
+                let s = Arc::new(Slot {
+                    budget_ms: AtomicU64::new(0),
+                    running: AtomicPtr::new(ptr::null_mut()),
+                    since: AtomicU64::new(0),
+                    hooked: AtomicPtr::new(ptr::null_mut()),
+                    stuck_logged: AtomicBool::new(false),
+                    lock: Mutex::new(()),
+                    worker: crate::log::worker_id(),
+                });
+                watchdog().register(&s);
+                s
+            })
+            .clone()
+    })
 }
 
 struct Watchdog {
@@ -130,11 +140,12 @@ impl Watchdog {
 
 impl Slot {
     fn check(&self, now: u64) {
-        if self.running.load(Acquire).is_null() {
+        let budget = self.budget_ms.load(Acquire);
+        if budget == 0 || self.running.load(Acquire).is_null() {
             return;
         }
-        let ran = Duration::from_millis(now.saturating_sub(self.since.load(Acquire)));
-        if ran < self.budget {
+        let ran = now.saturating_sub(self.since.load(Acquire));
+        if ran < budget {
             return;
         }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -149,13 +160,12 @@ impl Slot {
             // checks at its next instruction (Lua's own signal handler calls it the same way).
             unsafe { ffi::lua_sethook(l, Some(budget_hook), ffi::LUA_MASKCOUNT, 1) };
             self.hooked.store(l, Relaxed);
-        } else if ran >= self.budget * 2 && !self.stuck_logged.swap(true, Relaxed) {
+        } else if ran >= budget * 2 && !self.stuck_logged.swap(true, Relaxed) {
             crate::log::log_as(
                 crate::log::CRIT,
                 self.worker,
                 &format!(
-                    "lua code has run for {:?} without yielding and the budget hook cannot stop it (a compiled LuaJIT loop or a long C call): this worker serves nothing until it ends",
-                    ran
+                    "lua code has run for {ran} ms without yielding and the budget hook cannot stop it (a compiled LuaJIT loop or a long C call): this worker serves nothing until it ends"
                 ),
             );
         }
@@ -202,6 +212,9 @@ unsafe extern "C-unwind" fn budget_hook(l: *mut ffi::lua_State, _ar: *mut ffi::l
 
 /// `mark()`: called first thing in every protected call's coroutine, so the slot knows which
 /// coroutine is running.
+///
+/// # Safety
+/// A C function Lua calls (capi.rs rules); it only records `l`.
 pub unsafe extern "C-unwind" fn mark(l: *mut ffi::lua_State) -> c_int {
     MARKED.with(|m| m.set(l));
     SLOT.with(|c| {
@@ -212,20 +225,21 @@ pub unsafe extern "C-unwind" fn mark(l: *mut ffi::lua_State) -> c_int {
     0
 }
 
-/// A protected call's future under this thread's budget (if it has one when polled).
+/// A protected call's future under a budget (none: zero).
 pub struct Budgeted<F> {
+    budget: Duration,
     /// Gone once the budget stopped it (dropping it abandons the suspended coroutine).
     inner: Option<Pin<Box<F>>>,
     /// Its coroutine, once `mark` has named it.
     l: *mut ffi::lua_State,
     /// Ticks charged to it by earlier polls.
     charged: u64,
-
 }
 
 impl<F> Budgeted<F> {
-    pub fn new(inner: F) -> Budgeted<F> {
+    pub fn new(inner: F, budget: Duration) -> Budgeted<F> {
         Budgeted {
+            budget,
             inner: Some(Box::pin(inner)),
             l: ptr::null_mut(),
             charged: 0,
@@ -244,17 +258,26 @@ where
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(Err(format!("{EXCEEDED} (polled again)")));
         };
-        let Some(slot) = SLOT.with(|c| c.borrow().clone()) else {
-            return inner.as_mut().poll(cx);
+        // A thread where no call ever had a budget has no slot and pays nothing.
+        let slot = match SLOT.with(|c| c.borrow().clone()) {
+            Some(s) => s,
+            None if this.budget.is_zero() => return inner.as_mut().poll(cx),
+            None => slot(),
         };
         // Polls nest (a Lua callback run by a binding the outer coroutine awaits): the outer
         // coroutine's state comes back when this poll ends, and its time keeps counting.
         let prev_running = slot.running.load(Relaxed);
         let prev_since = slot.since.load(Relaxed);
+        let prev_budget = slot.budget_ms.load(Relaxed);
         let prev_marked = MARKED.with(|m| m.replace(ptr::null_mut()));
         let start = TICKS.load(Relaxed);
         slot.since
             .store(start.saturating_sub(this.charged), Release);
+        let budget_ms = match this.budget.as_millis() {
+            0 if this.budget.is_zero() => 0,
+            ms => ms.clamp(1, u64::MAX as u128) as u64,
+        };
+        slot.budget_ms.store(budget_ms, Release);
         slot.running.store(this.l, Release);
 
         let out = inner.as_mut().poll(cx);
@@ -276,6 +299,7 @@ where
             }
             slot.running.store(prev_running, Release);
             slot.since.store(prev_since, Release);
+            slot.budget_ms.store(prev_budget, Release);
         }
         this.charged += TICKS.load(Relaxed).saturating_sub(start);
         if !stopped {
@@ -291,7 +315,7 @@ where
                 format!(
                     "{EXCEEDED}: ran {} ms of a {} ms budget without finishing{rest}",
                     this.charged,
-                    slot.budget.as_millis()
+                    this.budget.as_millis()
                 )
             }
             (Poll::Ready(Err(msg)), None) => msg,

@@ -155,14 +155,25 @@ pub fn protected_call(lua: &Lua) -> LuaResult<LuaFunction> {
 struct ProtectedCall(LuaFunction);
 
 /// Calls `f(args)` as a coroutine under [`protected_call`]; `Err` carries the message with
-/// its traceback. Used by everything that runs Lua from the loop, so the thread's
-/// `lua_budget` (`budget.rs`) bounds all of it.
+/// its traceback. Used by everything that runs Lua from the loop, under the thread's
+/// `lua_budget` (`budget.rs`: a policy worker's, none on the main program's thread).
 pub async fn call_protected(
     lua: &Lua,
     f: LuaFunction,
     args: LuaMultiValue,
 ) -> Result<LuaMultiValue, String> {
-    crate::budget::Budgeted::new(call_protected_unbudgeted(lua, f, args)).await
+    let budget = crate::budget::thread_budget();
+    crate::budget::Budgeted::new(call_protected_unbudgeted(lua, f, args), budget).await
+}
+
+/// [`call_protected`] under `budget` (zero: none) instead of the thread's.
+pub async fn call_protected_budgeted(
+    lua: &Lua,
+    f: LuaFunction,
+    args: LuaMultiValue,
+    budget: Duration,
+) -> Result<LuaMultiValue, String> {
+    crate::budget::Budgeted::new(call_protected_unbudgeted(lua, f, args), budget).await
 }
 
 async fn call_protected_unbudgeted(

@@ -270,8 +270,11 @@ mod tests {
         assert_eq!(s.lua_budget, Duration::from_millis(250));
         assert_eq!(s.lua_memory_limit, 64 * 1024 * 1024);
         assert_eq!(s.shutdown_timeout, Duration::from_secs(5));
-        let off = with(&[("lua_budget", Value::Num(0.0)), ("lua_memory_limit", Value::Num(0.0))])
-            .unwrap();
+        let off = with(&[
+            ("lua_budget", Value::Num(0.0)),
+            ("lua_memory_limit", Value::Num(0.0)),
+        ])
+        .unwrap();
         assert!(off.lua_budget.is_zero() && off.lua_memory_limit == 0);
         let e = with(&[("lua_memory_limit", Value::Str("100k".into()))]).unwrap_err();
         assert!(e.contains("too small"), "{e}");

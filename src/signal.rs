@@ -6,7 +6,8 @@ use std::cell::RefCell;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// The signals a program may listen for, by their names without `SIG`.
-const NAMES: &[(&str, fn() -> SignalKind)] = &[
+type Kind = fn() -> SignalKind;
+const NAMES: &[(&str, Kind)] = &[
     ("HUP", SignalKind::hangup),
     ("TERM", SignalKind::terminate),
     ("QUIT", SignalKind::quit),
@@ -78,9 +79,8 @@ fn lua_listen(_: &Lua, names: LuaMultiValue) -> LuaResult<Listener> {
                 "luaproxy.signal.listen: unknown signal '{n}' (HUP, TERM, QUIT, INT, USR1, USR2)"
             )));
         };
-        let s = signal(kind()).map_err(|e| {
-            LuaError::runtime(format!("luaproxy.signal.listen: {name}: {e}"))
-        })?;
+        let s = signal(kind())
+            .map_err(|e| LuaError::runtime(format!("luaproxy.signal.listen: {name}: {e}")))?;
         streams.push((*name, s));
     }
     if streams.is_empty() {

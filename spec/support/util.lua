@@ -73,6 +73,38 @@ function _M.start(cmd, seconds, out)
     return assert(pid, "could not start " .. cmd)
 end
 
+--- p = util.main(args, seconds): `lua main.lua ARGS` of this checkout as a user runs it, in
+-- the background under `timeout` (killed after `seconds` whatever happens). `p.pid` is lua's
+-- own pid (signals go straight to it: p:signal("HUP")), `p:log()` what it printed so far,
+-- `p:status()` its exit status once it has exited (nil while it runs; 124: timed out).
+function _M.main(args, seconds)
+    local dir = _M.write_temp("main.pid", ""):match("^(.*)/")
+    local pidfile, log, status = dir .. "/main.pid", dir .. "/main.log", dir .. "/main.status"
+    os.execute(("(LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout -k 2 %d sh -c 'echo $$ >%s; exec lua5.4 main.lua %s' >%s 2>&1 </dev/null; echo $? >%s) &")
+        :format(math.ceil(seconds), pidfile, args, log, status))
+    local pid
+    for _ = 1, 250 do
+        pid = tonumber(_M.read_file(pidfile) or "")
+        if pid then break end
+        os.execute("sleep 0.02")
+    end
+    local p = { pid = assert(pid, "main.lua did not start") }
+    function p.signal(_, sig) os.execute("kill -" .. sig .. " " .. p.pid .. " 2>/dev/null") end
+    function p.log() return _M.read_file(log) or "" end
+    function p.status() return tonumber(_M.read_file(status) or "") end
+    --- code = p:wait_exit(seconds): the exit status, or nil if still running after `seconds`
+    function p.wait_exit(_, secs)
+        for _ = 1, math.ceil((secs or 5) / 0.02) do
+            local code = p.status()
+            if code then return code end
+            os.execute("sleep 0.02")
+        end
+        return p.status()
+    end
+    function p.kill() os.execute("kill -9 " .. p.pid .. " 2>/dev/null") end
+    return p
+end
+
 --- alive = util.alive(pid): running (a zombie nobody reaped does not count: the processes
 -- util.start starts are orphans, and PID 1 of a container may never reap them)
 function _M.alive(pid)

@@ -8,7 +8,7 @@ use crate::h1::downstream::{
 };
 use crate::h1::rules::Limits;
 use crate::request::ReqInner;
-use crate::runtime::{self, call_protected};
+use crate::runtime;
 use crate::settings::Settings;
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -16,8 +16,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, StatusCode, Version};
 use mlua::prelude::*;
 use std::any::Any;
-use std::future::Future;
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -235,7 +235,9 @@ pub(super) async fn handle(
             drain.1.set(id);
             let mut args = LuaMultiValue::new();
             args.push_back(obj);
-            crate::fastproxy::driving(call_protected(&w.lua, w.handler.clone(), args)).await
+            let budget = w.settings.lua_budget;
+            let call = runtime::call_protected_budgeted(&w.lua, w.handler.clone(), args, budget);
+            crate::fastproxy::driving(call).await
         }
         false => Err("cannot set up request objects".to_string()),
     };
@@ -255,7 +257,10 @@ pub(super) async fn handle(
                 // What the dead coroutine held is garbage now: give it back before the next
                 // request meets the cap.
                 w.lua.gc_collect().ok();
-                format!("lua_memory_limit ({}) reached by", crate::units::show_size(limit))
+                format!(
+                    "lua_memory_limit ({}) reached by",
+                    crate::units::show_size(limit)
+                )
             } else {
                 "error in".to_string()
             };

@@ -236,11 +236,8 @@ pub(super) async fn lua_serve(
     if let Some(handler) = handler {
         let listener = tokio::net::TcpListener::from_std(std_listener)
             .map_err(|e| LuaError::runtime(format!("luaproxy.serve: {e}")))?;
-        // The calling thread's VM serves: the budget bounds every Lua call on this thread
-        // from now on (the memory cap needs a VM of our own: policy workers).
-        if !settings.lua_budget.is_zero() {
-            crate::budget::set_thread_budget(Some(settings.lua_budget));
-        }
+        // The calling thread's VM serves: the budget bounds each handler call (not the
+        // program's own code); the memory cap needs a VM of our own (policy workers).
         let w = Rc::new(Worker {
             lua: lua.clone(),
             handler,
@@ -370,9 +367,8 @@ async fn reload(
     let config = if config_value.is_nil() {
         base.config.clone()
     } else {
-        lua.from_value(config_value).map_err(|e| {
-            LuaError::runtime(format!("srv:reload: config must be plain data: {e}"))
-        })?
+        lua.from_value(config_value)
+            .map_err(|e| LuaError::runtime(format!("srv:reload: config must be plain data: {e}")))?
     };
     let spec = WorkerSpec {
         policy: opts
@@ -386,16 +382,16 @@ async fn reload(
     let mut replies = Vec::new();
     for c in &srv.commands {
         let (tx, rx) = oneshot::channel();
-        if c.send(Command::Prepare(Box::new(spec.clone()), tx)).is_err() {
+        if c.send(Command::Prepare(Box::new(spec.clone()), tx))
+            .is_err()
+        {
             return Ok((None, Some("a worker has stopped".into())));
         }
         replies.push(rx);
     }
     let mut failed = None;
     for (i, r) in replies.into_iter().enumerate() {
-        let r = r
-            .await
-            .unwrap_or_else(|_| Err("the worker stopped".into()));
+        let r = r.await.unwrap_or_else(|_| Err("the worker stopped".into()));
         if let Err(e) = r {
             failed.get_or_insert(format!("worker {i}: {e}"));
         }

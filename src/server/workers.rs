@@ -92,7 +92,6 @@ pub(super) enum Command {
     Abort,
 }
 
-
 /// Loads the policy into a fresh VM: the file must return a handler function or a table
 /// with `handler` (and optionally `init_worker(config)`).
 pub(super) async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunction, String> {
@@ -281,7 +280,7 @@ pub(super) fn worker_thread(start: ThreadStart) {
     let grace = Rc::new(Cell::new(spec.settings.shutdown_timeout));
     let (stopping2, grace2) = (stopping.clone(), grace.clone());
     let main = local.spawn_local(async move {
-        crate::budget::set_thread_budget(Some(spec.settings.lua_budget));
+        crate::budget::set_thread_budget(spec.settings.lua_budget);
         let setup = async {
             let w = generation(&spec, &site).await?;
             let listener =
@@ -318,7 +317,7 @@ pub(super) fn worker_thread(start: ThreadStart) {
                     }
                     Some(Command::Commit) => {
                         if let Some(w) = prepared.take() {
-                            crate::budget::set_thread_budget(Some(w.settings.lua_budget));
+                            crate::budget::set_thread_budget(w.settings.lua_budget);
                             site.cap.set_max(w.settings.max_connections);
                             grace2.set(w.settings.shutdown_timeout);
                             let old = cur.replace(Rc::new(w));
