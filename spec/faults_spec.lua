@@ -9,8 +9,10 @@ local luaproxy = require "luaproxy"
 local balancer = require "luaproxy.balancer"
 local bal
 local _M = {}
+local hostile
 function _M.init_worker(config)
     bal = assert(balancer.new{ backends = { "127.0.0.1:9" }, dict = "faults_bal" })
+    hostile = config.backends[1]
 end
 function _M.handler(req)
     local p = req:get_path()
@@ -40,6 +42,8 @@ function _M.handler(req)
     elseif p == "/panic-connection" then
         luaproxy._panic("connection")
         return 200, "never sent\n"
+    elseif p == "/short" then
+        return req:proxy(hostile)
     elseif p == "/leases" then
         return 200, tostring(bal:counts()["127.0.0.1:9"]) .. "\n"
     elseif p == "/slow" then
@@ -51,15 +55,26 @@ end
 return _M
 ]]
 
-local proc, base
+local proc, base, up
+
+-- The line of POLICY where `text` first appears (what the log's traceback must name).
+local function line_of(text)
+    local n = 0
+    for line in POLICY:gmatch("[^\n]*\n") do
+        n = n + 1
+        if line:find(text, 1, true) then return n end
+    end
+    error("not in the policy: " .. text)
+end
 
 local function start()
     local port = util.free_port()
+    up = util.python_upstream("hostile", 60)
     local policy = util.write_temp("faults_policy.lua", POLICY)
     local conf = util.write_temp("faults.conf.lua", ([[
-        return { listen = "127.0.0.1:%d", policy = %q, workers = 1, backends = { "127.0.0.1:9" },
+        return { listen = "127.0.0.1:%d", policy = %q, workers = 1, backends = { %q },
                  dicts = { faults_bal = "64k" }, lua_budget = "300ms", lua_memory_limit = "48m" }
-    ]]):format(port, policy))
+    ]]):format(port, policy, up.addr))
     proc = util.main("--config " .. conf, 60)
     base = "http://127.0.0.1:" .. port
     local up = util.wait_for(function() return util.get(base .. "/") == 200 end, 10)
@@ -87,6 +102,7 @@ end
 describe("Lua faults", function()
     setup(function() util.run(start, 20) end)
     teardown(function()
+        if up then up.stop() end
         if proc then
             proc:signal("TERM")
             if not proc:wait_exit(5) then proc:kill() end
@@ -116,7 +132,7 @@ describe("Lua faults", function()
         local e = entries("GET /spin\"")
         assert.are.equal(1, #e, proc.log())
         assert.matches("lua_budget exceeded: ran %d+ ms of a 300 ms budget", e[1])
-        assert.matches("faults_policy.lua:11:", e[1], 1, true)
+        assert.matches("faults_policy.lua:" .. line_of("while true do end") .. ":", e[1], 1, true)
     end)
 
     it("a pcall cannot catch the budget, nor does a loop inside a C call escape it; leases are released", function()
@@ -181,7 +197,15 @@ describe("Lua faults", function()
         assert.are.equal(1, #e, proc.log())
         assert.matches("request_id: " .. id, e[1], 1, true)
         assert.matches("stack traceback:", e[1], 1, true)
-        assert.matches("faults_policy.lua:30: boom in the policy", e[1], 1, true)
+        assert.matches("faults_policy.lua:" .. line_of("boom in the policy") .. ": boom in the policy", e[1], 1, true)
         assert.matches("client: 127.0.0.1", e[1], 1, true)
+    end)
+
+    it("logs an upstream response cut short (nginx's 'upstream prematurely closed') and closes the client's connection", function()
+        local out, code = util.sh("curl -s -m 5 " .. base .. "/short")
+        assert.are.equal(18, code, out) -- curl: transfer closed with bytes remaining
+        local e = entries("GET /short\"")
+        assert.are.equal(1, #e, proc.log())
+        assert.matches("response body failed after 10 bytes", e[1], 1, true)
     end)
 end)

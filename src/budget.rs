@@ -27,7 +27,8 @@ use std::os::raw::c_int;
 use std::pin::Pin;
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Mutex;
+
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,25 +43,31 @@ pub struct Slot {
     /// The budget of the call being polled, in ms (0: none).
     budget_ms: AtomicU64,
     /// The coroutine being polled (null between polls). Written by the thread that owns the
-    /// slot; cleared only under `lock`, so the watchdog never hooks a coroutine that is gone.
+    /// slot; see `busy` for how the watchdog never hooks a coroutine that is gone.
     running: AtomicPtr<ffi::lua_State>,
     /// `TICKS` at its poll's start, less what its call was charged before (ms).
     since: AtomicU64,
-    /// The coroutine the watchdog hooked, if any (under `lock`).
+    /// The coroutine the watchdog hooked, if any (written while `busy`).
     hooked: AtomicPtr<ffi::lua_State>,
     /// Logged that the hook did not stop it (LuaJIT trace, C loop).
     stuck_logged: AtomicBool,
-    lock: Mutex<()>,
+    /// Set by the watchdog while it looks at `running` and hooks it. The owning thread, after
+    /// taking its coroutine out of `running`, waits while this is set. Both sides store, then
+    /// load the other's flag, all sequentially consistent: either the watchdog sees the
+    /// coroutine gone, or the owner sees the watchdog at work and waits for it (Dekker's
+    /// pattern); a lock would cost the owner two read-modify-writes per poll.
+    busy: AtomicBool,
     worker: Option<usize>,
 }
 
 thread_local! {
     /// This thread's slot, made the first time a call with a budget runs here.
-    static SLOT: RefCell<Option<Arc<Slot>>> = const { RefCell::new(None) };
+    /// Never freed: a thread that ran Lua under a budget keeps it (the workers live as long as
+    /// the process; a slot left by a thread that ended sits idle), so the watchdog and the
+    /// polls share it without reference counting.
+    static SLOT: Cell<Option<&'static Slot>> = const { Cell::new(None) };
     /// The budget of protected calls on this thread that are not given one.
     static DEFAULT: Cell<Duration> = const { Cell::new(Duration::ZERO) };
-    /// The coroutine that last called `mark` on this thread.
-    static MARKED: Cell<*mut ffi::lua_State> = const { Cell::new(ptr::null_mut()) };
 }
 
 /// Sets the budget of every protected call on this thread that is not given its own (a
@@ -75,28 +82,28 @@ pub fn thread_budget() -> Duration {
 }
 
 /// This thread's slot, registered with the watchdog on first use.
-fn slot() -> Arc<Slot> {
-    SLOT.with(|c| {
-        c.borrow_mut()
-            .get_or_insert_with(|| {
-                let s = Arc::new(Slot {
-                    budget_ms: AtomicU64::new(0),
-                    running: AtomicPtr::new(ptr::null_mut()),
-                    since: AtomicU64::new(0),
-                    hooked: AtomicPtr::new(ptr::null_mut()),
-                    stuck_logged: AtomicBool::new(false),
-                    lock: Mutex::new(()),
-                    worker: crate::log::worker_id(),
-                });
-                watchdog().register(&s);
-                s
-            })
-            .clone()
+fn slot() -> &'static Slot {
+    SLOT.with(|c| match c.get() {
+        Some(s) => s,
+        None => {
+            let s: &'static Slot = Box::leak(Box::new(Slot {
+                budget_ms: AtomicU64::new(0),
+                running: AtomicPtr::new(ptr::null_mut()),
+                since: AtomicU64::new(0),
+                hooked: AtomicPtr::new(ptr::null_mut()),
+                stuck_logged: AtomicBool::new(false),
+                busy: AtomicBool::new(false),
+                worker: crate::log::worker_id(),
+            }));
+            watchdog().register(s);
+            c.set(Some(s));
+            s
+        }
     })
 }
 
 struct Watchdog {
-    slots: Mutex<Vec<Weak<Slot>>>,
+    slots: Mutex<Vec<&'static Slot>>,
 }
 
 fn watchdog() -> &'static Watchdog {
@@ -113,10 +120,8 @@ fn watchdog() -> &'static Watchdog {
 }
 
 impl Watchdog {
-    fn register(&self, s: &Arc<Slot>) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|w| w.strong_count() > 0);
-        slots.push(Arc::downgrade(s));
+    fn register(&self, s: &'static Slot) {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).push(s);
     }
 
     fn run(&self) {
@@ -126,11 +131,7 @@ impl Watchdog {
             // Real time, not a count of wake-ups: on a loaded machine sleeps overshoot.
             let now = start.elapsed().as_millis() as u64;
             TICKS.store(now, Relaxed);
-            let slots: Vec<Arc<Slot>> = {
-                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                slots.retain(|w| w.strong_count() > 0);
-                slots.iter().filter_map(Weak::upgrade).collect()
-            };
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone();
             for s in slots {
                 s.check(now);
             }
@@ -148,19 +149,23 @@ impl Slot {
         if ran < budget {
             return;
         }
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let l = self.running.load(Acquire);
+        self.busy.store(true, SeqCst);
+        let l = self.running.load(SeqCst);
         if l.is_null() {
+            self.busy.store(false, SeqCst);
             return;
         }
-        if self.hooked.load(Relaxed) != l {
-            // SAFETY: `l` is the coroutine its thread is running right now: the thread
-            // clears `running` under `lock` (held here) before that coroutine can finish, so
-            // `l` is alive. lua_sethook only stores the hook and sets flags the interpreter
-            // checks at its next instruction (Lua's own signal handler calls it the same way).
+        let hooked = self.hooked.load(SeqCst) == l;
+        if !hooked {
+            // SAFETY: `l` was in `running` after `busy` was set, so its thread, which waits
+            // while `busy` is set once it has taken `l` out, has not let it go: `l` is alive.
+            // lua_sethook only stores the hook and sets flags the interpreter checks at its
+            // next instruction (Lua's own Ctrl-C handler calls it from a signal handler).
             unsafe { ffi::lua_sethook(l, Some(budget_hook), ffi::LUA_MASKCOUNT, 1) };
-            self.hooked.store(l, Relaxed);
-        } else if ran >= budget * 2 && !self.stuck_logged.swap(true, Relaxed) {
+            self.hooked.store(l, SeqCst);
+        }
+        self.busy.store(false, SeqCst);
+        if hooked && ran >= budget * 2 && !self.stuck_logged.swap(true, Relaxed) {
             crate::log::log_as(
                 crate::log::CRIT,
                 self.worker,
@@ -216,12 +221,9 @@ unsafe extern "C-unwind" fn budget_hook(l: *mut ffi::lua_State, _ar: *mut ffi::l
 /// # Safety
 /// A C function Lua calls (capi.rs rules); it only records `l`.
 pub unsafe extern "C-unwind" fn mark(l: *mut ffi::lua_State) -> c_int {
-    MARKED.with(|m| m.set(l));
-    SLOT.with(|c| {
-        if let Some(s) = &*c.borrow() {
-            s.running.store(l, Release);
-        }
-    });
+    if let Some(s) = SLOT.with(|c| c.get()) {
+        s.running.store(l, Release);
+    }
     0
 }
 
@@ -229,7 +231,7 @@ pub unsafe extern "C-unwind" fn mark(l: *mut ffi::lua_State) -> c_int {
 pub struct Budgeted<F> {
     budget: Duration,
     /// Gone once the budget stopped it (dropping it abandons the suspended coroutine).
-    inner: Option<Pin<Box<F>>>,
+    inner: Option<F>,
     /// Its coroutine, once `mark` has named it.
     l: *mut ffi::lua_State,
     /// Ticks charged to it by earlier polls.
@@ -240,7 +242,7 @@ impl<F> Budgeted<F> {
     pub fn new(inner: F, budget: Duration) -> Budgeted<F> {
         Budgeted {
             budget,
-            inner: Some(Box::pin(inner)),
+            inner: Some(inner),
             l: ptr::null_mut(),
             charged: 0,
         }
@@ -253,13 +255,17 @@ where
 {
     type Output = Result<T, String>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: `inner` is never moved: it is polled where it is and dropped where it is
+        // (set to `None`), which is what pinning allows.
+        let this = unsafe { self.get_unchecked_mut() };
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(Err(format!("{EXCEEDED} (polled again)")));
         };
+        // SAFETY: as above; `inner` stays in place inside the pinned `Budgeted`.
+        let mut inner = unsafe { Pin::new_unchecked(inner) };
         // A thread where no call ever had a budget has no slot and pays nothing.
-        let slot = match SLOT.with(|c| c.borrow().clone()) {
+        let slot = match SLOT.with(|c| c.get()) {
             Some(s) => s,
             None if this.budget.is_zero() => return inner.as_mut().poll(cx),
             None => slot(),
@@ -269,7 +275,6 @@ where
         let prev_running = slot.running.load(Relaxed);
         let prev_since = slot.since.load(Relaxed);
         let prev_budget = slot.budget_ms.load(Relaxed);
-        let prev_marked = MARKED.with(|m| m.replace(ptr::null_mut()));
         let start = TICKS.load(Relaxed);
         slot.since
             .store(start.saturating_sub(this.charged), Release);
@@ -278,28 +283,31 @@ where
             ms => ms.clamp(1, u64::MAX as u128) as u64,
         };
         slot.budget_ms.store(budget_ms, Release);
-        slot.running.store(this.l, Release);
+        slot.running.store(this.l, SeqCst);
 
         let out = inner.as_mut().poll(cx);
 
         if this.l.is_null() {
-            this.l = MARKED.with(|m| m.get());
+            // Its first poll: `mark`, the coroutine's first step, named it in `running`
+            // (where a nested call's poll, ending, puts it back).
+            this.l = slot.running.load(Relaxed);
         }
-        MARKED.with(|m| m.set(prev_marked));
-        let mut stopped = false;
-        {
-            let _g = slot.lock.lock().unwrap_or_else(|e| e.into_inner());
-            if !this.l.is_null() && slot.hooked.load(Relaxed) == this.l {
-                // SAFETY: `this.l` is this call's coroutine, owned by `inner` (still alive),
-                // on this thread; the hook goes before the coroutine can be reused.
-                unsafe { ffi::lua_sethook(this.l, None, 0, 0) };
-                slot.hooked.store(ptr::null_mut(), Relaxed);
-                slot.stuck_logged.store(false, Relaxed);
-                stopped = true;
-            }
-            slot.running.store(prev_running, Release);
-            slot.since.store(prev_since, Release);
-            slot.budget_ms.store(prev_budget, Release);
+        // This coroutine leaves `running` (the outer one, if any, comes back, with its clock
+        // and budget first); then, if the watchdog is at work, wait until it is done before
+        // looking at what it did.
+        slot.since.store(prev_since, Release);
+        slot.budget_ms.store(prev_budget, Release);
+        slot.running.store(prev_running, SeqCst);
+        while slot.busy.load(SeqCst) {
+            std::hint::spin_loop();
+        }
+        let stopped = !this.l.is_null() && slot.hooked.load(SeqCst) == this.l;
+        if stopped {
+            // SAFETY: `this.l` is this call's coroutine, owned by `inner` (still alive), on
+            // this thread; the hook goes before the coroutine can be reused.
+            unsafe { ffi::lua_sethook(this.l, None, 0, 0) };
+            slot.hooked.store(ptr::null_mut(), SeqCst);
+            slot.stuck_logged.store(false, Relaxed);
         }
         this.charged += TICKS.load(Relaxed).saturating_sub(start);
         if !stopped {

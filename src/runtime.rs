@@ -24,8 +24,6 @@ impl LoopState {
 }
 
 thread_local! {
-    /// Set by `luaproxy._panic("connection")`.
-    static PANIC_AFTER_HANDLER: Cell<bool> = const { Cell::new(false) };
     static LOOP: RefCell<Option<Rc<LoopState>>> = const { RefCell::new(None) };
 }
 
@@ -84,9 +82,12 @@ pub fn drive<T: 'static>(
     until: impl std::future::Future<Output = ()>,
 ) -> Option<T> {
     rt.block_on(async {
+        // Polled on every wake-up of the loop: in a fixed order (no random draw), the tasks
+        // first.
         tokio::select! {
-            _ = state.stop.notified() => {}
+            biased;
             _ = &mut local => {}
+            _ = state.stop.notified() => {}
             _ = until => {}
         }
     });
@@ -544,9 +545,15 @@ pub fn default_workers() -> usize {
         .unwrap_or(1)
 }
 
-/// True once when `luaproxy._panic("connection")` asked for a panic after this handler.
+/// Set by `luaproxy._panic("connection")` (process-wide: a thread-local costs more per request
+/// in a loaded library, and the specs that use it run one worker).
+static PANIC_AFTER_HANDLER: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// True once when `luaproxy._panic("connection")` asked for a panic after a handler.
 pub fn panic_requested() -> bool {
-    PANIC_AFTER_HANDLER.with(|p| p.replace(false))
+    use std::sync::atomic::Ordering::Relaxed;
+    PANIC_AFTER_HANDLER.load(Relaxed) && PANIC_AFTER_HANDLER.swap(false, Relaxed)
 }
 
 /// `luaproxy._panic([where])`: a Rust panic, for the specs that show one stays inside its
@@ -556,7 +563,7 @@ fn lua_panic(_: &Lua, place: Option<String>) -> LuaResult<()> {
     match place.as_deref() {
         None => panic!("luaproxy._panic() was called"),
         Some("connection") => {
-            PANIC_AFTER_HANDLER.with(|p| p.set(true));
+            PANIC_AFTER_HANDLER.store(true, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }
         Some(other) => Err(LuaError::runtime(format!(

@@ -36,6 +36,7 @@ HOSTILE = {
     "/cl-list": b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!",
     "/cl-te": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     "/ok": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "/short": b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b",
 }
 
 

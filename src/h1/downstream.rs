@@ -752,9 +752,28 @@ async fn write_parts(conn: &Shared, parts: &mut [&[u8]], timer: &mut IdleTimer) 
     .await
 }
 
+/// Why a response could not be written whole (the connection must be closed either way).
+#[derive(Debug)]
+pub enum WriteError {
+    /// The client went away or stalled for `send_timeout`.
+    Client(String),
+    /// The body failed midway (an upstream that cut its response short, ...): the client
+    /// cannot tell a cut body from a whole one unless the connection closes.
+    Body { sent: u64, why: String },
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Client(why) => f.write_str(why),
+            WriteError::Body { sent, why } => {
+                write!(f, "response body failed after {sent} bytes: {why}")
+            }
+        }
+    }
+}
+
 /// Writes `resp` to the client. `Ok(true)`: the connection may carry another request.
-/// `Err`: the client went away, stalled for `send_timeout`, or the body failed midway (the
-/// connection must be closed: the client cannot tell a cut body from a whole one otherwise).
 /// `done` runs once the body is complete, before its last bytes are written: what it releases
 /// (least-connection leases) is released before the client can see the response end and
 /// ask for anything else.
@@ -766,11 +785,12 @@ pub async fn write_response<B>(
     keep_alive: bool,
     send_timeout: Duration,
     done: &mut dyn FnMut(),
-) -> Result<bool, String>
+) -> Result<bool, WriteError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    let client = |e: std::io::Error| WriteError::Client(io_reason(&e).to_string());
     let mut head = Vec::with_capacity(256);
     let (mode, keep) = encode_head(&mut head, resp, method, version, keep_alive);
     let mut timer = IdleTimer::new(send_timeout);
@@ -779,7 +799,7 @@ where
         done();
         write_parts(conn, &mut [&head], &mut timer)
             .await
-            .map_err(|e| io_reason(&e))?;
+            .map_err(client)?;
         return Ok(keep);
     }
     let exact = body.size_hint().exact();
@@ -798,7 +818,7 @@ where
                 if let Some(h) = pending_head.take() {
                     write_parts(conn, &mut [&h], &mut timer)
                         .await
-                        .map_err(|e| io_reason(&e))?;
+                        .map_err(client)?;
                 }
                 poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
             }
@@ -809,10 +829,15 @@ where
                 let h = pending_head.take().unwrap_or_default();
                 write_parts(conn, &mut [&h, tail], &mut timer)
                     .await
-                    .map_err(|e| io_reason(&e))?;
+                    .map_err(client)?;
                 break;
             }
-            Some(Err(e)) => return Err(e.to_string()),
+            Some(Err(e)) => {
+                return Err(WriteError::Body {
+                    sent,
+                    why: e.to_string(),
+                })
+            }
             Some(Ok(f)) => {
                 let Ok(data) = f.into_data() else { continue };
                 if data.is_empty() {
@@ -834,7 +859,7 @@ where
                 } else {
                     write_parts(conn, &mut [&h, &data, end], &mut timer).await
                 };
-                r.map_err(|e| io_reason(&e))?;
+                r.map_err(client)?;
                 if last {
                     break;
                 }
@@ -843,7 +868,10 @@ where
     }
     if mode == Out::Length && Some(sent) != exact {
         // The head promised another length: the client would misread the next response.
-        return Err("response body length mismatch".into());
+        return Err(WriteError::Body {
+            sent,
+            why: "shorter than its Content-Length".into(),
+        });
     }
     Ok(keep)
 }

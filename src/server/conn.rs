@@ -88,6 +88,9 @@ pub(super) struct ConnCap {
     pub(super) open: std::sync::atomic::AtomicUsize,
     pub(super) max: std::sync::atomic::AtomicUsize,
     pub(super) closed: Notify,
+    /// Set when the server begins to stop (beside the shutdown channel, which wakes waiters:
+    /// this is what a response checks, for the price of a load).
+    pub(super) stopping: std::sync::atomic::AtomicBool,
 }
 
 impl ConnCap {
@@ -96,6 +99,7 @@ impl ConnCap {
             open: Default::default(),
             max: max.into(),
             closed: Notify::new(),
+            stopping: false.into(),
         })
     }
 
@@ -428,10 +432,10 @@ async fn serve_conn_inner(
         if runtime::panic_requested() {
             panic!("luaproxy._panic(\"connection\") was called");
         }
-        drop(w);
         // A server that began to stop while this request ran says so on its response
         // (`Connection: close`) and closes once it is written.
-        let mut keep = wants_keep && !close && !*shutdown.borrow();
+        let stopping = w.cap.stopping.load(std::sync::atomic::Ordering::Relaxed);
+        let mut keep = wants_keep && !close && !stopping;
         let mut guards = std::mem::take(&mut resp.body._guards);
         let written = downstream::write_response(
             &conn,
@@ -448,14 +452,24 @@ async fn serve_conn_inner(
         drop(resp);
         match written {
             Ok(k) => keep = k,
+            Err(e @ downstream::WriteError::Body { .. }) => {
+                // nginx: "upstream prematurely closed connection while reading upstream".
+                crate::log!(
+                    ERR,
+                    "{e}, client: {}, request: \"{} {}\"; connection closed",
+                    peer.ip(),
+                    request_line.0,
+                    request_line.1
+                );
+                return Ok(());
+            }
             Err(e) => {
                 crate::log!(DEBUG, "connection from {peer}: {e}");
                 return Ok(());
             }
         }
-        let body_timeout = cur.borrow().limits.body_timeout;
         let clean = conn.borrow().body_done()
-            || (keep && downstream::drain_body(&conn, body_timeout).await);
+            || (keep && downstream::drain_body(&conn, w.limits.body_timeout).await);
         if !keep || !clean {
             if !clean || !conn.borrow().idle() {
                 // The client may still be sending: closing with unread bytes would send a

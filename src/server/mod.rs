@@ -29,6 +29,7 @@ pub struct Server {
     pub(super) addr: SocketAddr,
     pub(super) shutdown: watch::Sender<bool>,
     hurry: watch::Sender<bool>,
+    cap: Arc<ConnCap>,
     /// One per policy worker (none in handler mode).
     commands: Vec<tokio::sync::mpsc::UnboundedSender<Command>>,
     /// What a reload starts from: the package paths the workers were given.
@@ -62,6 +63,9 @@ impl LuaUserData for Server {
                     this.hurry.send_replace(true);
                 }
             }
+            this.cap
+                .stopping
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             this.shutdown.send_replace(true);
             Ok(true)
         });
@@ -220,10 +224,12 @@ pub(super) async fn lua_serve(
     let (tx, rx) = watch::channel(false);
     let (hurry, hurry_rx) = watch::channel(false);
     let exited = Arc::new(Notify::new());
+    let cap = ConnCap::new(settings.max_connections);
     let mut server = Server {
         addr,
         shutdown: tx,
         hurry,
+        cap: cap.clone(),
         commands: Vec::new(),
         base: None,
         reloading: Cell::new(false),
@@ -242,7 +248,7 @@ pub(super) async fn lua_serve(
             lua: lua.clone(),
             handler,
             limits: Rc::new(settings.limits.clone()),
-            cap: ConnCap::new(settings.max_connections),
+            cap,
             settings,
             requests: Cell::new(0),
             req_meta: Cell::new(false),
@@ -260,7 +266,6 @@ pub(super) async fn lua_serve(
     }
 
     let package: LuaTable = lua.globals().get("package")?;
-    let cap = ConnCap::new(settings.max_connections);
     let spec = WorkerSpec {
         policy: policy.unwrap_or_default(),
         config,
