@@ -82,12 +82,14 @@ local function reload(srv, first, backends)
         if settings.log_level then luaproxy.set_log_level(settings.log_level) end
         local ok, derr = make_dicts(settings)
         if ok then
-            local ok2, rerr = srv:reload(server_opts(settings, policy, settings.backends or backends))
-            if ok2 then
+            -- A bad setting value raises (as at start-up); it must not end this loop.
+            local called, ok2, rerr = pcall(srv.reload, srv,
+                server_opts(settings, policy, settings.backends or backends))
+            if called and ok2 then
                 luaproxy.log(luaproxy.NOTICE, "reloaded: policy ", policy)
                 return true
             end
-            err = rerr
+            err = called and rerr or tostring(ok2):match("^[^\n]*"):gsub("^srv:reload: ", "")
         else
             err = derr
         end

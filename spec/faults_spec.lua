@@ -73,7 +73,7 @@ local function start()
     local policy = util.write_temp("faults_policy.lua", POLICY)
     local conf = util.write_temp("faults.conf.lua", ([[
         return { listen = "127.0.0.1:%d", policy = %q, workers = 1, backends = { %q },
-                 dicts = { faults_bal = "64k" }, lua_budget = "300ms", lua_memory_limit = "48m" }
+                 dicts = { faults_bal = "64k" }, lua_budget = "300ms", lua_memory_limit = "16m" }
     ]]):format(port, policy, up.addr))
     proc = util.main("--config " .. conf, 60)
     base = "http://127.0.0.1:" .. port
@@ -159,12 +159,12 @@ describe("Lua faults", function()
                 local s2, b2 = util.get(base .. "/")
                 assert.are.equal(200, s2)
                 -- What the failed request held was collected: the VM is far below its cap.
-                assert.is_true(tonumber(b2:match("fast (%S+)")) < 16 * 1024, b2)
+                assert.is_true(tonumber(b2:match("fast (%S+)")) < 8 * 1024, b2)
             end
         end, 60)
         local e = entries("GET /alloc\"")
         assert.are.equal(3, #e, proc.log())
-        assert.matches("lua_memory_limit (48m) reached by policy: not enough memory", e[1], 1, true)
+        assert.matches("lua_memory_limit (16m) reached by policy: not enough memory", e[1], 1, true)
     end)
 
     it("a Rust panic costs its request or connection only, and is logged", function()

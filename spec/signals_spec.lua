@@ -11,7 +11,9 @@ local function policy_text(v, extra)
 local luaproxy = require "luaproxy"
 local V = %q
 local _M = {}
+local config_backend
 function _M.init_worker(config)
+    config_backend = config.backends[1]
     %s
     luaproxy.timer.every(60, function(premature)
         if premature then luaproxy.log(luaproxy.NOTICE, "premature timer of v", V) end
@@ -22,7 +24,9 @@ end
 function _M.handler(req)
     local p = req:get_path()
     local hits = luaproxy.shared.signals_hits:incr("n", 1, 0)
-    if p == "/slow" then
+    if p == "/up" then
+        return req:proxy(config_backend)
+    elseif p == "/slow" then
         luaproxy.sleep(tonumber(req:get_uri_args().s) or 1)
         return 200, "v" .. V .. " slow\n"
     elseif p == "/state" then
@@ -40,9 +44,10 @@ local function write(path, text)
     f:close()
 end
 
-local function config_text(port, policy, extra)
-    return ([[return { listen = "127.0.0.1:%d", policy = %q, workers = 2, backends = { "127.0.0.1:9" },
-        dicts = { signals_hits = "64k" }, shutdown_timeout = "10s" %s }]]):format(port, policy, extra or "")
+local function config_text(port, policy, extra, backend, workers)
+    return ([[return { listen = "127.0.0.1:%d", policy = %q, workers = %d, backends = { %q },
+        dicts = { signals_hits = "64k" }, shutdown_timeout = "10s" %s }]])
+        :format(port, policy, workers or 2, backend or "127.0.0.1:9", extra or "")
 end
 
 local function count(text, pat)
@@ -51,11 +56,11 @@ local function count(text, pat)
     return n
 end
 
-local function start(extra_config)
+local function start(backend, workers)
     local port = util.free_port()
     local policy = util.write_temp("signals_policy.lua", policy_text("1"))
     local conf = policy:gsub("[^/]+$", "signals.conf.lua")
-    write(conf, config_text(port, policy, extra_config))
+    write(conf, config_text(port, policy, nil, backend, workers))
     local proc = util.main("--config " .. conf, 60)
     local base = "http://127.0.0.1:" .. port
     assert(util.wait_for(function() return util.get(base .. "/") == 200 end, 10), proc.log())
@@ -168,10 +173,13 @@ describe("signals", function()
                 for _ = 1, 4 do assert.are.equal("v2\n", select(2, util.get(base .. "/"))) end
             end
             write(policy, policy_text("3"))
-            write(conf, config_text(port, policy, ", no_such_setting = 1"))
-            proc:signal("HUP")
-            assert(util.wait_for(function() return select(2, proc.log():gsub("reload failed", "")) >= 3 end, 5))
-            assert.are.equal("v2\n", select(2, util.get(base .. "/")))
+            for i, bad in ipairs({ ", no_such_setting = 1", ", client_max_body_size = 'lots'" }) do
+                write(conf, config_text(port, policy, bad))
+                proc:signal("HUP")
+                assert(util.wait_for(function()
+                    return select(2, proc.log():gsub("reload failed", "")) >= 2 + i end, 5), proc.log())
+                assert.are.equal("v2\n", select(2, util.get(base .. "/")))
+            end
             -- Fixed: the next HUP takes.
             write(conf, config_text(port, policy))
             proc:signal("HUP")
@@ -186,12 +194,38 @@ describe("signals", function()
         local log = proc.log()
         local lines = {}
         for line in log:gmatch("[^\n]*reload failed[^\n]*") do lines[#lines + 1] = line end
-        assert.are.equal(3, #lines, log)
+        assert.are.equal(4, #lines, log)
         assert.matches("signals_policy.lua:%d+:", lines[1])
         assert.matches("init refuses", lines[2], 1, true)
         assert.matches("unknown setting 'no_such_setting'", lines[3], 1, true)
+        assert.matches("setting 'client_max_body_size': bad size 'lots'", lines[4], 1, true)
         -- v1's timers fired prematurely when v2 took over (one per worker), v2's at v3.
         assert.are.equal(2, count(log, "premature timer of v1"), log)
         assert.are.equal(2, count(log, "premature timer of v2"), log)
+    end)
+
+    it("a reload keeps the worker's upstream connections: the next request reuses the same one", function()
+        local up, proc
+        local ok, err = pcall(util.run, function()
+            up = util.python_upstream("record", 30)
+            local base, policy
+            proc, base, policy = start(up.addr, 1)
+            local s1, b1 = util.get(base .. "/up")
+            assert.are.equal(200, s1)
+            write(policy, policy_text("2"))
+            proc:signal("HUP")
+            assert(util.wait_for(function() return select(2, util.get(base .. "/")) == "v2\n" end, 5), proc.log())
+            local s2, b2 = util.get(base .. "/up")
+            assert.are.equal(200, s2)
+            -- "conn=C n=N": the same upstream connection, its second request.
+            assert.are.equal(b1:match("conn=(%d+)"), b2:match("conn=(%d+)"), b1 .. " / " .. b2)
+            assert.are.equal("2", b2:match(" n=(%d+)"), b1 .. " / " .. b2 .. " / " .. table.concat(up.log(), "; "))
+        end, 20)
+        if up then up.stop() end
+        if proc then
+            proc:signal("TERM")
+            if not proc:wait_exit(5) then proc:kill() end
+        end
+        assert(ok, err)
     end)
 end)

@@ -107,3 +107,71 @@ fn refused_connection_is_nil_err() {
     assert!(ok);
     assert_eq!(err, "connection refused");
 }
+
+/// Runs `f()` as the loop would (a protected call under `budget`), with its time.
+fn budgeted(lua: &Lua, f: &str, budget_ms: u64) -> (Result<Vec<String>, String>, f64) {
+    let f: LuaFunction = lua.load(f).eval().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _loop = luaproxy::runtime::LoopGuard::enter();
+    let local = tokio::task::LocalSet::new();
+    let t0 = std::time::Instant::now();
+    let budget = std::time::Duration::from_millis(budget_ms);
+    let r = local.block_on(
+        &rt,
+        luaproxy::runtime::call_protected_budgeted(lua, f, LuaMultiValue::new(), budget),
+    );
+    let r = r.map(|vals| vals.iter().map(|v| format!("{v:?}")).collect());
+    (r, t0.elapsed().as_secs_f64())
+}
+
+#[test]
+fn the_budget_stops_lua_that_runs_too_long_however_it_loops() {
+    let lua = lua();
+    for (what, f) in [
+        ("a bare loop", "return function() while true do end end"),
+        (
+            "a loop that catches errors",
+            "return function() while true do pcall(function() while true do end end) end end",
+        ),
+        (
+            "a loop in a comparator",
+            "return function() table.sort({3, 1, 2}, function() while true do end end) end",
+        ),
+        (
+            "a loop that yields now and then",
+            "return function() local lp = require 'luaproxy'; local i = 0
+             while true do i = i + 1; if i % 10000 == 0 then lp.sleep(0) end end end",
+        ),
+    ] {
+        let (r, took) = budgeted(&lua, f, 150);
+        let err = r.expect_err(what);
+        assert!(err.contains("lua_budget exceeded"), "{what}: {err}");
+        assert!(err.contains("stack traceback"), "{what}: {err}");
+        assert!(took >= 0.14 && took < 2.0, "{what}: stopped after {took} s");
+    }
+    // The VM goes on.
+    let (r, _) = budgeted(&lua, "return function() return 'fine' end", 150);
+    assert_eq!(r.unwrap().len(), 1);
+}
+
+#[test]
+fn the_budget_counts_running_not_waiting() {
+    let lua = lua();
+    let (r, took) = budgeted(
+        &lua,
+        "return function() local lp = require 'luaproxy'; for _ = 1, 4 do lp.sleep(0.1) end return 'waited' end",
+        100,
+    );
+    assert!(r.is_ok(), "{r:?}");
+    assert!(took >= 0.4, "{took}");
+    // No budget: nothing is stopped.
+    let (r, _) = budgeted(
+        &lua,
+        "return function() local x = 0 for i = 1, 3e6 do x = x + i end return x end",
+        0,
+    );
+    assert!(r.is_ok(), "{r:?}");
+}

@@ -265,6 +265,11 @@ pub(super) async fn handle(
                     "lua_memory_limit ({}) reached by",
                     crate::units::show_size(limit)
                 )
+            } else if msg.starts_with(crate::budget::EXCEEDED) {
+                // A runaway call often leaves a heap of garbage (a loop that allocated): the
+                // collector would take its time over it; this is rare, so now.
+                w.lua.gc_collect().ok();
+                "error in".to_string()
             } else {
                 "error in".to_string()
             };

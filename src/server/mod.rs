@@ -398,7 +398,9 @@ async fn reload(
     for (i, r) in replies.into_iter().enumerate() {
         let r = r.await.unwrap_or_else(|_| Err("the worker stopped".into()));
         if let Err(e) = r {
-            failed.get_or_insert(format!("worker {i}: {e}"));
+            // One line: the message, not the traceback under it.
+            let first = e.lines().next().unwrap_or_default();
+            failed.get_or_insert(format!("worker {i}: {first}"));
         }
     }
     let verdict = if failed.is_some() {
