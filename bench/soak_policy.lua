@@ -47,7 +47,7 @@ end
 
 local function alloc()
     local t = {}
-    -- 1 MiB at a time: at the cap (64m) long before lua_budget (200 ms) runs out.
+    -- 1 MiB at a time: at the cap (32m in the soak) before lua_budget (200 ms) runs out.
     while true do t[#t + 1] = string.rep("x", 1024 * 1024) end
 end
 

@@ -228,4 +228,26 @@ describe("signals", function()
         end
         assert(ok, err)
     end)
+
+    it("srv:close(timeout) bounds the drain: what is still running after it is dropped", function()
+        util.run(function()
+            local policy = util.write_temp("close_policy.lua", [[
+                local luaproxy = require "luaproxy"
+                return function(req) luaproxy.sleep(5) return 200, "late\n" end
+            ]])
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 1 })
+            local task = luaproxy.spawn(function()
+                return util.get("http://" .. srv.addr .. "/", { read_timeout = 10 })
+            end)
+            luaproxy.sleep(0.3)
+            local t0 = luaproxy.now()
+            srv:close(0.5)
+            srv:wait()
+            local took = luaproxy.now() - t0
+            assert.is_true(took >= 0.45 and took < 3, "stopped after " .. took)
+            local _, status, err = task:wait()
+            assert.is_nil(status, "the request should have been dropped")
+            assert.is_string(err)
+        end, 15)
+    end)
 end)

@@ -18,6 +18,21 @@ fn plain(l: &Layout) -> bool {
 
 pub struct Alloc;
 
+extern "C" {
+    // In every libmimalloc build (the crate declares it only behind its "extended" feature).
+    fn mi_collect(force: bool);
+}
+
+/// Returns the memory this thread's heap holds free to the system. mimalloc keeps freed pages
+/// for reuse; after a policy call that was stopped holding tens of MB (a runaway allocation,
+/// up to `lua_memory_limit`), that kept the process's RSS at its peak for good (measured: 20
+/// aborted 32 MB allocations on 2 workers left 50-67 MB resident; with this, the baseline).
+pub fn release_free_memory() {
+    // SAFETY: mi_collect takes no pointers; it frees what the calling thread's heap holds
+    // unused, and is safe to call at any time outside an allocation.
+    unsafe { mi_collect(true) }
+}
+
 unsafe impl GlobalAlloc for Alloc {
     #[inline]
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {

@@ -258,9 +258,10 @@ pub(super) async fn handle(
                 close = true;
                 "internal error (panic) in".to_string()
             } else if limit > 0 && msg.starts_with("not enough memory") {
-                // What the dead coroutine held is garbage now: give it back before the next
-                // request meets the cap.
+                // What the dead coroutine held is garbage now: give it back (to the VM, and
+                // to the system) before the next request meets the cap.
                 w.lua.gc_collect().ok();
+                crate::alloc::release_free_memory();
                 format!(
                     "lua_memory_limit ({}) reached by",
                     crate::units::show_size(limit)
@@ -269,6 +270,7 @@ pub(super) async fn handle(
                 // A runaway call often leaves a heap of garbage (a loop that allocated): the
                 // collector would take its time over it; this is rare, so now.
                 w.lua.gc_collect().ok();
+                crate::alloc::release_free_memory();
                 "error in".to_string()
             } else {
                 "error in".to_string()

@@ -28,7 +28,8 @@ use tokio::sync::{oneshot, watch, Notify};
 pub struct Server {
     pub(super) addr: SocketAddr,
     pub(super) shutdown: watch::Sender<bool>,
-    hurry: watch::Sender<bool>,
+    /// `srv:close(timeout)`'s timeout, when given: it replaces `shutdown_timeout`.
+    hurry: watch::Sender<Option<Duration>>,
     cap: Arc<ConnCap>,
     /// One per policy worker (none in handler mode).
     commands: Vec<tokio::sync::mpsc::UnboundedSender<Command>>,
@@ -54,14 +55,12 @@ impl LuaUserData for Server {
         // premature = true. `srv:wait()` returns once it is all over.
         m.add_method("close", |_, this, timeout: Option<f64>| {
             if let Some(t) = timeout {
-                if crate::units::seconds(t).is_none() {
+                let Some(d) = crate::units::seconds(t) else {
                     return Err(LuaError::runtime(
                         "srv:close: timeout must be a finite number >= 0",
                     ));
-                }
-                if t == 0.0 {
-                    this.hurry.send_replace(true);
-                }
+                };
+                this.hurry.send_replace(Some(d));
             }
             this.cap
                 .stopping
@@ -222,7 +221,7 @@ pub(super) async fn lua_serve(
     };
     let addr = std_listener.local_addr().unwrap_or(addr);
     let (tx, rx) = watch::channel(false);
-    let (hurry, hurry_rx) = watch::channel(false);
+    let (hurry, hurry_rx) = watch::channel(None);
     let exited = Arc::new(Notify::new());
     let cap = ConnCap::new(settings.max_connections);
     let mut server = Server {

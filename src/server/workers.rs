@@ -239,8 +239,9 @@ pub(super) struct ThreadStart {
     pub(super) spec: WorkerSpec,
     pub(super) ready: oneshot::Sender<Result<(), String>>,
     pub(super) shutdown: watch::Receiver<bool>,
-    /// Set with `shutdown` when the server must stop without waiting.
-    pub(super) hurry: watch::Receiver<bool>,
+    /// Set with `shutdown` when the server stops within another time than its
+    /// `shutdown_timeout` (`srv:close(timeout)`; 0: at once).
+    pub(super) hurry: watch::Receiver<Option<Duration>>,
     pub(super) exited: Arc<Notify>,
     pub(super) balance: (Arc<Balance>, mpsc::UnboundedReceiver<Handoff>),
     pub(super) cap: Arc<ConnCap>,
@@ -343,12 +344,20 @@ pub(super) fn worker_thread(start: ThreadStart) {
         stopping2.notify_one();
     });
     // The loop runs until every task has ended (connections closed, timers and tasks done),
-    // or `grace` after the server began to stop, or at once when told to hurry.
+    // or `grace` after the server began to stop (a later `srv:close(timeout)` shortens it).
     let deadline = async move {
         stopping.notified().await;
-        tokio::select! {
-            _ = tokio::time::sleep(grace.get()) => {}
-            _ = hurry.wait_for(|h| *h) => {}
+        let began = tokio::time::Instant::now();
+        loop {
+            let limit = (*hurry.borrow_and_update()).unwrap_or(grace.get());
+            tokio::select! {
+                _ = tokio::time::sleep_until(began + limit) => return,
+                changed = hurry.changed() => if changed.is_err() {
+                    // The server object is gone: no new limit can come.
+                    tokio::time::sleep_until(began + limit).await;
+                    return;
+                },
+            }
         }
     };
     runtime::drive(&rt, local, main, &guard.0, deadline);
