@@ -33,6 +33,7 @@ build = {
       lua = {
          ["luaproxy.admin"] = "lua/luaproxy/admin.lua",
          ["luaproxy.balancer"] = "lua/luaproxy/balancer.lua",
+         ["luaproxy.chash"] = "lua/luaproxy/chash.lua",
          ["luaproxy.cli"] = "lua/luaproxy/cli.lua",
          ["luaproxy.lock"] = "lua/luaproxy/lock.lua",
       },

@@ -8,6 +8,7 @@ pub mod budget;
 pub mod capi;
 pub mod fastproxy;
 pub mod h1;
+pub mod hash;
 pub mod headers_lua;
 pub mod json;
 pub mod log;
@@ -33,6 +34,7 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     t.set("server_settings", settings::NAMES)?;
     runtime::register(lua, &t)?;
     log::register(lua, &t)?;
+    hash::register(lua, &t)?;
     t.set("shared", shared::dict::register(lua)?)?;
     t.set("json", json::register(lua)?)?;
     t.set("cache", shared::cache::register(lua)?)?;
@@ -46,7 +48,7 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
         "__index",
         lua.load(
             r#"
-            local LAZY = { lock = true, balancer = true }
+            local LAZY = { lock = true, balancer = true, chash = true }
             return function(t, k)
                 if LAZY[k] then
                     local m = require("luaproxy." .. k)
