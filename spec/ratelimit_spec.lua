@@ -124,6 +124,64 @@ describe("luaproxy.ratelimit", function()
         end, 20)
     end)
 
+    it("counts exactly while two workers hammer one key at the same moment (cas, no lost update)", function()
+        n = n + 1
+        local dict = "rl_spec_hot" .. n
+        luaproxy.shared.new("rl_spec_hot_out" .. n, "64k")
+        -- Both workers call incoming() in a tight loop (no yield) over the same 0.4 s: the
+        -- limit must hold for the two together, as if one worker had asked.
+        local policy = util.write_temp("ratelimit_hot.lua", [[
+            local luaproxy = require "luaproxy"
+            local ratelimit = require "luaproxy.ratelimit"
+            return {
+                init_worker = function(config)
+                    local rl = assert(ratelimit.new{ dict = config.dict, rate = config.rate, burst = config.burst })
+                    local out = luaproxy.shared[config.out]
+                    luaproxy.timer.at(0, function(premature)
+                        if premature then return end
+                        while luaproxy.now() < config.start do luaproxy.sleep(0.001) end
+                        local allowed, first, last = 0, nil, nil
+                        local now = luaproxy.now
+                        -- each allowed call happened between `t` and the now() after it
+                        local t = now()
+                        while t < config.stop do
+                            if rl:incoming("hot") then
+                                allowed = allowed + 1
+                                first = first or t
+                                last = now()
+                            end
+                            t = now()
+                        end
+                        out:incr("allowed", allowed, 0)
+                        out:set("first" .. luaproxy.worker.id(), first or 0)
+                        out:set("last" .. luaproxy.worker.id(), last or 0)
+                        out:incr("done", 1, 0)
+                    end)
+                end,
+                handler = function() return 200 end,
+            }
+        ]])
+        local out = luaproxy.shared["rl_spec_hot_out" .. n]
+        local rate, burst, span = 2000, 100, 0.4
+        util.run(function()
+            local start = luaproxy.now() + 0.5
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = policy, workers = 2,
+                config = { dict = dict, out = "rl_spec_hot_out" .. n, rate = rate, burst = burst,
+                    start = start, stop = start + span } })
+            assert.is_true(util.wait_for(function() return out:get("done") == 2 end, 5))
+            srv:close()
+            srv:wait()
+        end, 15)
+        local allowed = out:get("allowed")
+        local first = math.min(out:get("first0"), out:get("first1"))
+        local last = math.max(out:get("last0"), out:get("last1"))
+        -- 1 + burst at once, then one per 1/rate over the time the two loops ran
+        local most = 1 + burst + math.floor(rate * (last - first)) + 1
+        assert.is_true(allowed <= most, allowed .. " allowed, at most " .. most)
+        assert.is_true(allowed >= most - 0.25 * rate * span, allowed .. " allowed, expected about " .. most)
+        assert.is_true(out:get("first0") > 0 and out:get("first1") > 0, "a worker got nothing")
+    end)
+
     it("misuse raises", function()
         assert.has_error(function() ratelimit.new() end)
         assert.has_error(function() ratelimit.new{ rate = 0 } end)
