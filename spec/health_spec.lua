@@ -190,6 +190,23 @@ describe("luaproxy.health", function()
         end)
     end)
 
+    it("a passively ejected backend comes back after rise good probes, long before fail_timeout", function()
+        with_policy({ check = { path = "/health", interval = 0.2, timeout = 0.3, fall = 5, rise = 2 },
+            max_fails = 1, fail_timeout = 30, tries = 2 }, function(t)
+            assert.is_true(util.wait_for(function() return t.s1.probes > 0 end, 3))
+            local port1 = t.b1.port
+            shut(t.b1)
+            t.prefer(t.a1)
+            assert.are.same({ 200, "b2 0" }, { get(t, "/") })
+            assert.are.equal("ejected", t.state(t.a1).state)
+            t.b1 = open("b1", t.s1, port1)
+            local p0 = t.s1.probes
+            assert.is_true(util.wait_for(function() return t.state(t.a1).up end, 5), "b1 never came back")
+            assert.is_true(t.s1.probes - p0 >= 2, (t.s1.probes - p0) .. " probes")
+            assert.are.same({ 200, "b1 0" }, { get(t, "/") })
+        end)
+    end)
+
     it("passive checks never take out the last backend up", function()
         with_policy({ max_fails = 1, fail_timeout = 10, tries = 2 }, function(t)
             shut(t.b1)
