@@ -35,7 +35,9 @@ build = {
          ["luaproxy.balancer"] = "lua/luaproxy/balancer.lua",
          ["luaproxy.chash"] = "lua/luaproxy/chash.lua",
          ["luaproxy.cli"] = "lua/luaproxy/cli.lua",
+         ["luaproxy.health"] = "lua/luaproxy/health.lua",
          ["luaproxy.lock"] = "lua/luaproxy/lock.lua",
+         ["luaproxy.ratelimit"] = "lua/luaproxy/ratelimit.lua",
       },
    },
 }

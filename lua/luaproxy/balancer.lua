@@ -4,11 +4,14 @@
 -- Dict layout: "backends" = JSON list of "host:port"; "version" = bumped on every change
 -- (workers re-read the list only then); "conn:<addr>" = requests in flight to <addr>,
 -- counted with leases so a count can never leak.
+--
+-- With `health = hc` (a luaproxy.health checker) pick/take skip backends that are down, and
+-- bal:proxy(req) tries another backend when one refused the connection (nothing reached it).
 
 local luaproxy = require "luaproxy"
 
 local json = luaproxy.json
-local type, ipairs, tostring = type, ipairs, tostring
+local type, ipairs, tostring, find = type, ipairs, tostring, string.find
 
 local _M = { _VERSION = "0.1.0" }
 local mt = { __index = _M }
@@ -16,6 +19,13 @@ local mt = { __index = _M }
 local DEFAULT_DICT = "luaproxy_upstreams"
 local DEFAULT_SIZE = "1m"
 local COUNT_PREFIX = "conn:"
+local DEFAULT_TRIES = 3
+
+-- Errors from req:proxy raised before a connection existed: the backend got nothing, so the
+-- request may go to another one. ("timeout" is not here: a connect timeout and a read
+-- timeout give the same error, and after the latter the backend may have acted on it.)
+local CONNECT_ERRORS = { "connection refused", "could not resolve", "address not available",
+    "no route to host", "network is unreachable", "host is unreachable" }
 
 -- "conn:" .. addr, made once per address rather than on every request (bounded by the
 -- addresses ever configured).
@@ -34,10 +44,23 @@ function _M.valid_addr(addr)
     return host ~= nil and port ~= nil and port >= 1 and port <= 65535
 end
 
---- bal, err = balancer.new{ dict = name?, backends = {...}? }
+--- ok = balancer.is_connect_error(err): req:proxy failed before the backend got anything
+function _M.is_connect_error(err)
+    if type(err) ~= "string" then return false end
+    for _, prefix in ipairs(CONNECT_ERRORS) do
+        if find(err, prefix, 1, true) == 1 then return true end
+    end
+    return false
+end
+
+--- bal, err = balancer.new{ dict = name?, backends = {...}?, health = hc? }
 -- Backends given here seed the list only if no worker has set one yet.
 function _M.new(opts)
     opts = opts or {}
+    local health = opts.health
+    if health ~= nil and (type(health) ~= "table" or type(health.is_up) ~= "function") then
+        error("balancer.new: health must be a luaproxy.health checker", 2)
+    end
     local name = opts.dict or DEFAULT_DICT
     local dict = luaproxy.shared[name]
     if not dict then
@@ -49,7 +72,8 @@ function _M.new(opts)
             if not dict then return nil, err end
         end
     end
-    local self = setmetatable({ dict = dict, version = -1, list = {}, rr = luaproxy.worker.id() or 0 }, mt)
+    local self = setmetatable({ dict = dict, version = -1, list = {}, rr = luaproxy.worker.id() or 0,
+        health = health }, mt)
     if opts.backends and not dict:get("backends") then
         local ok, err = self:set_backends(opts.backends)
         if not ok then return nil, err end
@@ -95,34 +119,84 @@ function _M.backends(self)
     return self.list
 end
 
---- addr, err = bal:pick(): the backend with the fewest requests in flight; ties go round-robin
-function _M.pick(self)
+--- addr, err = bal:pick(opts?): the backend with the fewest requests in flight; ties go
+-- round-robin. Backends the health checker says are down, and those in opts.exclude
+-- ({ [addr] = true }), are skipped: nil, "no backends" / "no backend up" / "no other backend".
+function _M.pick(self, opts)
     local list = self:backends()
     local n = #list
     if n == 0 then return nil, "no backends" end
-    local dict = self.dict
+    local dict, health = self.dict, self.health
+    local exclude = opts and opts.exclude
     -- Ties are common (all idle): spread them round-robin. Each worker keeps its own turn,
     -- starting at its worker id, so consecutive requests alternate whichever worker gets them.
     local start = self.rr % n
     self.rr = self.rr + 1
     local best, best_count
+    local excluded = false
     for i = 0, n - 1 do
         local addr = list[(start + i) % n + 1]
-        local c = dict:get(count_keys[addr]) or 0
-        if not best_count or c < best_count then
-            best, best_count = addr, c
+        if exclude and exclude[addr] then
+            excluded = true
+        elseif not health or health:is_up(addr) then
+            local c = dict:get(count_keys[addr]) or 0
+            if not best_count or c < best_count then
+                best, best_count = addr, c
+            end
         end
+    end
+    if not best then
+        return nil, excluded and "no other backend" or "no backend up"
     end
     return best
 end
 
---- addr, err = bal:take(req): pick a backend and count `req` against it until it ends
-function _M.take(self, req)
-    local addr, err = self:pick()
+--- addr, err = bal:take(req, opts?): pick a backend (opts as for pick) and count `req`
+-- against it until it ends
+function _M.take(self, req, opts)
+    local addr, err = self:pick(opts)
     if not addr then return nil, err end
     local _, lerr = self.dict:lease(count_keys[addr], req)
     if lerr then return nil, lerr end
     return addr
+end
+
+--- res, err, addr = bal:proxy(req, opts?): take a backend and req:proxy to it. When the
+-- connection failed before the backend got anything (balancer.is_connect_error) and the
+-- request can be sent again (no body, or a body read with req:read_body() first), another
+-- backend is tried, up to opts.tries backends in all (3). Every outcome is reported to the
+-- health checker. opts.proxy is passed to req:proxy. err (with addr nil) is take's when no
+-- backend could be chosen; otherwise the last backend's error.
+function _M.proxy(self, req, opts)
+    local tries, proxy_opts = DEFAULT_TRIES, nil
+    if opts then
+        tries = opts.tries or DEFAULT_TRIES
+        proxy_opts = opts.proxy
+        if type(tries) ~= "number" or tries < 1 then
+            error("bal:proxy: opts.tries must be >= 1", 2)
+        end
+    end
+    local health = self.health
+    local addr, err = self:take(req)
+    if not addr then return nil, err end
+    local exclude
+    local tried = 1
+    while true do
+        local res, perr = req:proxy(addr, proxy_opts)
+        if health then health:report(addr, res or perr) end
+        if res then return res, nil, addr end
+        -- get_body_data() is nil once an unread body was streamed: it cannot be sent again
+        if tried >= tries or not _M.is_connect_error(perr) or req:get_body_data() == nil then
+            return nil, perr, addr
+        end
+        exclude = exclude or {}
+        exclude[addr] = true
+        local next_addr = self:take(req, { exclude = exclude })
+        if not next_addr then return nil, perr, addr end
+        luaproxy.log(luaproxy.WARN, "upstream ", addr, " failed (", perr, "), trying ", next_addr)
+        addr = next_addr
+        tried = tried + 1
+    end
 end
 
 --- counts = bal:counts(): { [addr] = requests in flight } for the current list
