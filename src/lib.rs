@@ -48,7 +48,7 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
         "__index",
         lua.load(
             r#"
-            local LAZY = { lock = true, balancer = true, chash = true }
+            local LAZY = { lock = true, balancer = true, chash = true, health = true, ratelimit = true }
             return function(t, k)
                 if LAZY[k] then
                     local m = require("luaproxy." .. k)
