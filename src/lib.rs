@@ -6,6 +6,7 @@
 pub mod alloc;
 pub mod budget;
 pub mod capi;
+pub mod entry;
 pub mod fastproxy;
 pub mod h1;
 pub mod hash;

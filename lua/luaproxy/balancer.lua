@@ -133,6 +133,17 @@ function _M.pick(self, opts)
     local start = self.rr % n
     self.rr = self.rr + 1
     local best, best_count
+    if not health and not exclude then
+        -- The plain least-connection loop, without the tests below: it runs per request.
+        for i = 0, n - 1 do
+            local addr = list[(start + i) % n + 1]
+            local c = dict:get(count_keys[addr]) or 0
+            if not best_count or c < best_count then
+                best, best_count = addr, c
+            end
+        end
+        return best
+    end
     local excluded = false
     for i = 0, n - 1 do
         local addr = list[(start + i) % n + 1]

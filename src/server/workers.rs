@@ -277,7 +277,7 @@ pub(super) fn worker_thread(start: ThreadStart) {
         balance: Some((balance, id)),
     };
     // Set when the server stops: from then on the worker has `grace` to finish.
-    let stopping = Rc::new(Notify::new());
+    let stopping = Rc::new(runtime::Flag::default());
     let grace = Rc::new(Cell::new(spec.settings.shutdown_timeout));
     let (stopping2, grace2) = (stopping.clone(), grace.clone());
     let main = local.spawn_local(async move {
@@ -341,12 +341,12 @@ pub(super) fn worker_thread(start: ThreadStart) {
         let _ = accepting.await;
         // Timers fire with premature = true; connections finish what they hold.
         let _ = cur.borrow().life.send_replace(STOPPING);
-        stopping2.notify_one();
+        stopping2.raise();
     });
     // The loop runs until every task has ended (connections closed, timers and tasks done),
     // or `grace` after the server began to stop (a later `srv:close(timeout)` shortens it).
     let deadline = async move {
-        stopping.notified().await;
+        stopping.wait().await;
         let began = tokio::time::Instant::now();
         loop {
             let limit = (*hurry.borrow_and_update()).unwrap_or(grace.get());
