@@ -150,7 +150,10 @@ fn the_budget_stops_lua_that_runs_too_long_however_it_loops() {
         let err = r.expect_err(what);
         assert!(err.contains("lua_budget exceeded"), "{what}: {err}");
         assert!(err.contains("stack traceback"), "{what}: {err}");
-        assert!((0.14..2.0).contains(&took), "{what}: stopped after {took} s");
+        assert!(
+            (0.14..2.0).contains(&took),
+            "{what}: stopped after {took} s"
+        );
     }
     // The VM goes on.
     let (r, _) = budgeted(&lua, "return function() return 'fine' end", 150);

@@ -73,6 +73,12 @@ proptest! {
         segs in prop::collection::vec(from(PCHAR, 1..12), 1..5),
         fields in prop::collection::vec((from(TCHAR, 1..20), from(VCHAR, 0..40)), 0..20),
     ) {
+        // A ".." segment can climb above the root, which is refused (a rule of its own,
+        // tested in tests/edge.rs): this test is about heads that are valid.
+        let segs: Vec<String> = segs
+            .into_iter()
+            .map(|s| if s == "." || s == ".." { "dot".to_string() } else { s })
+            .collect();
         let path = format!("/{}", segs.join("/"));
         let mut raw = format!("{method} {path}?q=1 HTTP/1.1\r\nHost: a.example\r\n");
         let mut want = vec![("host".to_string(), "a.example".to_string())];
