@@ -3,7 +3,7 @@
 #   make test   the same set-up, then every test (cargo test, clippy, fmt, busted)
 SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := lua5.4 liblua5.4-dev luarocks lua-busted lua-cjson luajit2 curl build-essential pkg-config nginx python3
+DEB_PACKAGES := lua5.4 liblua5.4-dev luarocks lua-busted lua-cjson luajit2 curl build-essential pkg-config nginx python3 python3-prometheus-client
 RUST_FEATURES := --no-default-features --features lua54,vendored
 ARGS ?=
 

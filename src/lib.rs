@@ -13,6 +13,7 @@ pub mod hash;
 pub mod headers_lua;
 pub mod json;
 pub mod log;
+pub mod metrics;
 pub mod proxy;
 pub mod request;
 pub mod runtime;
@@ -41,6 +42,7 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     t.set("cache", shared::cache::register(lua)?)?;
     t.set("http", upstream::register(lua)?)?;
     t.set("signal", signal::register(lua)?)?;
+    t.set("metrics", metrics::lua::register(lua)?)?;
     server::register(lua, &t)?;
     // Parts written in Lua (lua/luaproxy/*.lua) are reachable as fields too, loaded on first
     // use: `luaproxy.lock` is `require "luaproxy.lock"`.
