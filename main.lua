@@ -7,6 +7,8 @@ local luaproxy = require "luaproxy"
 local cli = require "luaproxy.cli"
 
 local DEMO_PORTS = { 9001, 9002 }
+-- After a second TERM/QUIT/INT, how long stopping may take before the process exits anyway.
+local STUCK_EXIT_AFTER = 5
 
 local function script_dir()
     local src = arg and arg[0] or ""
@@ -99,8 +101,10 @@ local function reload(srv, first, backends)
 end
 
 -- HUP reloads; TERM, QUIT and INT stop gracefully (no new connections, requests in flight
--- finish within shutdown_timeout, then exit 0); a second TERM, QUIT or INT stops at once.
-local function handle_signals(srv, settings, backends)
+-- finish within shutdown_timeout, then exit 0); a second TERM, QUIT or INT stops at once
+-- (exit 0), and if a worker cannot stop (stuck in code the budget cannot reach), exit 1 after
+-- STUCK_EXIT_AFTER seconds.
+local function handle_signals(srv, settings, backends, state)
     local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT")
     local stopping = false
     while true do
@@ -114,6 +118,13 @@ local function handle_signals(srv, settings, backends)
         else
             luaproxy.log(luaproxy.NOTICE, "SIG", name, " again: stopping now")
             srv:close(0)
+            -- A worker stuck where lua_budget cannot reach (a loop LuaJIT compiled, a long C
+            -- call) never gets back to its loop to stop: do not wait for it forever.
+            state.exit_timer = luaproxy.timer.at(STUCK_EXIT_AFTER, function()
+                luaproxy.log(luaproxy.CRIT, "a worker did not stop within ", STUCK_EXIT_AFTER,
+                    " s (stuck in Lua or C code): exiting without it")
+                os.exit(1)
+            end)
         end
     end
 end
@@ -159,9 +170,11 @@ local function main(settings)
         io.stdout:write("try:  curl http://", srv.addr, "/    (run it twice: both demo backends answer)\n")
     end
     io.stdout:flush()
-    local signals = luaproxy.spawn(handle_signals, srv, settings, backends)
+    local state = {}
+    local signals = luaproxy.spawn(handle_signals, srv, settings, backends, state)
     srv:wait()
     signals:kill()
+    if state.exit_timer then state.exit_timer:cancel() end
     for _, s in ipairs(demos) do s:close() end
     return true
 end
