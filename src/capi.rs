@@ -45,3 +45,21 @@ pub unsafe fn push_bytes(l: *mut ffi::lua_State, b: &[u8]) {
         ffi::lua_pushlstring(l, b.as_ptr() as *const c_char, b.len());
     }
 }
+
+/// What a raw C function's body returns: its result count, or the message to raise.
+pub type RawResult = Result<c_int, String>;
+
+/// Raises `msg` as a Lua error (a longjmp: `msg` is copied to Lua and dropped first).
+///
+/// # Safety
+/// `l` must be the state of a running C function, with nothing pending a destructor in the
+/// caller's frames (capi.rs rules).
+pub unsafe fn raise(l: *mut ffi::lua_State, msg: String) -> ! {
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        ffi::lua_pushlstring(l, msg.as_ptr() as *const c_char, msg.len());
+        drop(msg);
+        ffi::lua_error(l)
+    }
+}

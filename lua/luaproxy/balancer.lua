@@ -62,16 +62,8 @@ function _M.new(opts)
         error("balancer.new: health must be a luaproxy.health checker", 2)
     end
     local name = opts.dict or DEFAULT_DICT
-    local dict = luaproxy.shared[name]
-    if not dict then
-        local err
-        dict, err = luaproxy.shared.new(name, opts.dict_size or DEFAULT_SIZE)
-        if not dict then
-            -- another worker may have created it at the same moment
-            dict = luaproxy.shared[name]
-            if not dict then return nil, err end
-        end
-    end
+    local dict, err = luaproxy.shared.open(name, opts.dict_size or DEFAULT_SIZE)
+    if not dict then return nil, err end
     local self = setmetatable({ dict = dict, version = -1, list = {}, rr = luaproxy.worker.id() or 0,
         health = health }, mt)
     if opts.backends and not dict:get("backends") then

@@ -133,15 +133,8 @@ function _M.new(opts)
     local fail_timeout = positive(opts.fail_timeout or DEFAULT_FAIL_TIMEOUT, "fail_timeout")
     local name = opts.dict or DEFAULT_DICT
     if type(name) ~= "string" then error("health.new: dict must be a name", 2) end
-    local dict = luaproxy.shared[name]
-    if not dict then
-        local err
-        dict, err = luaproxy.shared.new(name, opts.dict_size or DEFAULT_SIZE)
-        if not dict then
-            dict = luaproxy.shared[name] -- another worker made it at the same moment
-            if not dict then return nil, err end
-        end
-    end
+    local dict, err = luaproxy.shared.open(name, opts.dict_size or DEFAULT_SIZE)
+    if not dict then return nil, err end
     return setmetatable({
         dict = dict, backends = backends, check = check,
         max_fails = max_fails, fail_timeout = fail_timeout, timer = nil,

@@ -42,15 +42,8 @@ function _M.new(opts)
     end
     local name = opts.dict or DEFAULT_DICT
     if type(name) ~= "string" then error("ratelimit.new: dict must be a name", 2) end
-    local dict = luaproxy.shared[name]
-    if not dict then
-        local err
-        dict, err = luaproxy.shared.new(name, opts.dict_size or DEFAULT_SIZE)
-        if not dict then
-            dict = luaproxy.shared[name] -- another worker made it at the same moment
-            if not dict then return nil, err end
-        end
-    end
+    local dict, err = luaproxy.shared.open(name, opts.dict_size or DEFAULT_SIZE)
+    if not dict then return nil, err end
     local interval = 1 / rate
     return setmetatable({
         dict = dict, rate = rate, burst = burst,

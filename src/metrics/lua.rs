@@ -15,11 +15,12 @@
 //! `lua_tolstring` on a number label, by a memory error) comes before any borrow is taken,
 //! and errors are raised after every Rust value is dropped (`raise`).
 
+use crate::capi::{raise, RawResult};
 use crate::metrics::registry::{self, registry, Kind, Metric, Series, SeriesCache};
 use mlua::ffi;
 use mlua::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::os::raw::{c_char, c_int};
+use std::os::raw::c_int;
 use std::sync::Arc;
 
 const METATABLE_KEYS: [&str; 3] = [
@@ -62,18 +63,6 @@ fn with_local<R>(id: usize, f: impl FnOnce(&mut SeriesCache) -> R) -> Option<R> 
 
 // ---------------------------------------------------------------------------------------
 // The raw C functions
-
-type RawResult = Result<c_int, String>;
-
-unsafe fn raise(l: *mut ffi::lua_State, msg: String) -> ! {
-    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
-    // of capi.rs for C functions Lua calls) is what every operation below relies on.
-    unsafe {
-        ffi::lua_pushlstring(l, msg.as_ptr() as *const c_char, msg.len());
-        drop(msg);
-        ffi::lua_error(l)
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Op {

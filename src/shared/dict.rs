@@ -16,6 +16,7 @@
 //! at worst leaks a buffer. And misuse errors are raised only after every Rust value is
 //! dropped (`raise`).
 
+use crate::capi::{raise, RawResult};
 use crate::shared::store::{
     self, ttl_secs, CachedResponse, Lease, Mode, Store, Val, ValRef, MAX_KEY_LEN,
 };
@@ -143,18 +144,6 @@ pub fn capacity_arg(v: LuaValue) -> LuaResult<usize> {
 
 // ---------------------------------------------------------------------------------------
 // The raw C functions
-
-type RawResult = Result<c_int, String>;
-
-unsafe fn raise(l: *mut ffi::lua_State, msg: String) -> ! {
-    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
-    // of capi.rs for C functions Lua calls) is what every operation below relies on.
-    unsafe {
-        ffi::lua_pushlstring(l, msg.as_ptr() as *const c_char, msg.len());
-        drop(msg);
-        ffi::lua_error(l)
-    }
-}
 
 unsafe fn push_str(l: *mut ffi::lua_State, s: &str) {
     // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
@@ -843,15 +832,43 @@ pub fn register(lua: &Lua) -> LuaResult<LuaTable> {
     shared.raw_set(
         "new",
         lua.create_function(move |lua, (name, capacity): (String, LuaValue)| {
-            if name.is_empty() || name == "new" {
+            if name.is_empty() || name == "new" || name == "open" {
                 return Err(LuaError::runtime(
-                    "luaproxy.shared.new: name must not be empty or \"new\"",
+                    "luaproxy.shared.new: name must not be empty, \"new\" or \"open\"",
                 ));
             }
             match store::create(&name, capacity_arg(capacity)?) {
                 Ok(d) => {
                     let obj = dict_object(lua, &d)?;
                     shared2.raw_set(name, &obj)?;
+                    Ok((Some(obj), None))
+                }
+                Err(e) => Ok((None, Some(e))),
+            }
+        })?,
+    )?;
+    let shared3 = shared.clone();
+    // dict, err = luaproxy.shared.open(name, capacity): the dict of that name, whatever its
+    // capacity, or a new one (what a module that keeps its state in a dict of its own wants:
+    // every worker's init opens it, the first creates it)
+    shared.raw_set(
+        "open",
+        lua.create_function(move |lua, (name, capacity): (String, LuaValue)| {
+            if name.is_empty() || name == "new" || name == "open" {
+                return Err(LuaError::runtime(
+                    "luaproxy.shared.open: name must not be empty, \"new\" or \"open\"",
+                ));
+            }
+            let capacity = capacity_arg(capacity)?;
+            let made = match store::find(&name) {
+                Some(d) => Ok(d),
+                // Another worker may create it between the two calls: then find it.
+                None => store::create(&name, capacity).or_else(|e| store::find(&name).ok_or(e)),
+            };
+            match made {
+                Ok(d) => {
+                    let obj = dict_object(lua, &d)?;
+                    shared3.raw_set(name, &obj)?;
                     Ok((Some(obj), None))
                 }
                 Err(e) => Ok((None, Some(e))),
