@@ -357,3 +357,37 @@ print(s.recv(100).split(b"\r\n")[0].decode())
         assert(ok, err)
     end)
 end)
+
+describe("req:ctx()", function()
+    it("is one table per request, the same on every call, kept across yields, gone with the request", function()
+        util.run(function()
+            local kept
+            local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function(req)
+                local ctx = req:ctx()
+                ctx.n = (ctx.n or 0) + 1
+                ctx.path = req:get_path()
+                luaproxy.sleep(0.05) -- the other requests run meanwhile
+                if req:get_path() == "/keep" then kept = req end
+                if req:get_path() == "/ended" then
+                    local t, err = kept:ctx()
+                    return 200, tostring(t) .. " " .. tostring(err)
+                end
+                return 200, ("%s %d %s"):format(ctx.path, ctx.n, tostring(req:ctx() == ctx))
+            end })
+            local base = "http://" .. srv.addr
+            local tasks = {}
+            for i = 1, 5 do
+                tasks[i] = luaproxy.spawn(function() return util.get(base .. "/r" .. i) end)
+            end
+            for i = 1, 5 do
+                local _, status, body = tasks[i]:wait()
+                assert.are.equal(200, status)
+                assert.are.equal("/r" .. i .. " 1 true", body)
+            end
+            assert.are.equal(200, (util.get(base .. "/keep")))
+            local _, body = util.get(base .. "/ended")
+            assert.are.equal("nil request has ended", body)
+            srv:close()
+        end, 10)
+    end)
+end)

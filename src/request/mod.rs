@@ -71,6 +71,8 @@ pub struct ReqInner {
     pub proxy: RefCell<ProxyCall>,
     /// Made the first time something asks (`request_id`).
     id: Cell<Option<u128>>,
+    /// `req:ctx()`'s table, made on first use (ngx.ctx): the policy's per-request data.
+    pub ctx: RefCell<Option<LuaTable>>,
 }
 
 thread_local! {
@@ -124,6 +126,7 @@ impl ReqInner {
             upstream: RefCell::new(None),
             proxy: Default::default(),
             id: Cell::new(None),
+            ctx: RefCell::new(None),
         }
     }
 

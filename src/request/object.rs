@@ -417,6 +417,16 @@ fn add_methods(m: &mut Methods) {
         // req:get_request_id() -> 32 hex digits naming this request (nginx's $request_id): the
         // same id the error log and a 500's X-Request-Id give
         m.add_method("get_request_id", |_, this, ()| Ok(this.0.request_id()));
+        // req:ctx() -> a table for this request only, the same one on every call (ngx.ctx):
+        // what one part of a policy leaves for another (a checked API key, timings)
+        m.add_method("ctx", |lua, this, ()| {
+            if let Some(t) = &*this.0.ctx.borrow() {
+                return Ok(t.clone());
+            }
+            let t = lua.create_table()?;
+            *this.0.ctx.borrow_mut() = Some(t.clone());
+            Ok(t)
+        });
         // req:elapsed() -> seconds since the request head arrived
         m.add_method("elapsed", |_, this, ()| {
             Ok(this.0.start.elapsed().as_secs_f64())

@@ -203,6 +203,8 @@ impl Drop for DrainOnDrop {
         // A `req:proxy` exchange cut short (client gone) holds the request and an upstream
         // connection: both go now.
         drop(std::mem::take(&mut *self.0.proxy.borrow_mut()));
+        // The policy's table goes with the request (a VM a reload retired can then go too).
+        drop(self.0.ctx.borrow_mut().take());
         *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
     }
 }
