@@ -258,9 +258,28 @@ describe("examples/api_router.lua", function()
             util.same_bytes("apiKey=chunky&x=%25%%26&y=a+b", seen.body, "chunked body")
             assert.are.equal("29", seen.cl)
             assert.is_nil(seen.te)
+            -- a large one from curl asking `Expect: 100-continue` first: it waits for our 100
+            local big = "apiKey=expect&data=" .. util.random_bytes(60000)
+            file = util.write_temp("big.txt", big)
+            local headers
+            status, _, headers = curl("--trace-ascii " .. file .. ".trace --expect100-timeout 4 "
+                .. "-H 'Expect: 100-continue' -H 'Content-Type: " .. FORM .. "' --data-binary @" .. file
+                .. " '" .. t.url .. "/expect'")
+            assert.are.equal(200, status)
+            assert.matches("HTTP/1.1 100 Continue", util.read_file(file .. ".trace"), 1, true)
+            assert.is_truthy(headers["x-backend"])
+            seen = nil
+            for b = 1, 2 do
+                for _, s in ipairs(t.st[b].seen) do
+                    if s.uri == "/expect" then seen = s end
+                end
+            end
+            util.same_bytes(big, seen.body, "body sent after 100 Continue")
+            assert.are.equal(tostring(#big), seen.cl)
             local _, usage = t.admin("usage/")
             for _, k in ipairs(keys) do assert.are.equal(1, usage[k], k) end
             assert.are.equal(1, usage.chunky)
+            assert.are.equal(1, usage.expect)
         end)
     end)
 
