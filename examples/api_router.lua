@@ -3,7 +3,8 @@
 --
 -- Every request outside /admin/ must carry an API key: the `apiKey` field of an
 -- application/x-www-form-urlencoded body, else the `apiKey` query argument, else the
--- `X-Api-Key` header (the first source that gives a non-empty value wins; a repeated field
+-- `X-Api-Key` header (the first source that gives a non-empty value wins; names and values
+-- are %-decoded, as nginx decodes arguments, among the first 100 fields; a repeated field
 -- counts with its first value). Without one: 400 `Request is missing apiKey param.` and
 -- nothing goes upstream. Reading the form keeps the body in memory, and it is forwarded byte
 -- for byte with the same Content-Length (other bodies stream through unread). A key longer
