@@ -196,6 +196,7 @@ if not ok then
     io.stderr:write("luaproxy: ", msg, "\n")
     os.exit(1)
 elseif not perr then
-    io.stderr:write("luaproxy: ", tostring(rerr), "\n")
+    -- One line here too: a failing init_worker's error comes with its traceback.
+    io.stderr:write("luaproxy: ", (tostring(rerr):match("^[^\n]*")), "\n")
     os.exit(1)
 end

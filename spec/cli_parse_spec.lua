@@ -44,6 +44,31 @@ describe("luaproxy.cli.parse", function()
         assert.matches("cannot read config file", err, 1, true)
     end)
 
+    it("accepts examples/api_router.lua's settings, and checks their types", function()
+        local conf = util.write_temp("c.lua", [[return {
+            health_check = { path = "/health", interval = 2, timeout = 1, fall = 3, rise = 2, valid_statuses = { 200, 302 } },
+            rate_limit = { rate = 10, burst = 20 }, max_fails = 3, fail_timeout = 30,
+        }]])
+        local s = assert(cli.parse({ "--config", conf }))
+        assert.are.same({ path = "/health", interval = 2, timeout = 1, fall = 3, rise = 2, valid_statuses = { 200, 302 } },
+            s.health_check)
+        assert.are.same({ rate = 10, burst = 20 }, s.rate_limit)
+        assert.are.equal(3, s.max_fails)
+        assert.are.equal(30, s.fail_timeout)
+        for text, want in pairs({
+            ["health_check = true"] = "setting 'health_check' must be a table",
+            ["rate_limit = 10"] = "setting 'rate_limit' must be a table",
+            ["max_fails = '3'"] = "setting 'max_fails' must be a number",
+            ["fail_timeout = '10s'"] = "setting 'fail_timeout' must be a number",
+        }) do
+            local bad = util.write_temp("c.lua", "return { " .. text .. " }")
+            local none, err, code = cli.parse({ "--config", bad })
+            assert.is_nil(none)
+            assert.matches(want, err, 1, true)
+            assert.are.equal(1, code)
+        end
+    end)
+
     it("--help wins", function()
         assert.is_true(cli.parse({ "--backend", "a:1", "--help" }).help)
     end)

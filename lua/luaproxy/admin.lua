@@ -1,12 +1,16 @@
--- luaproxy.admin: the localhost-only admin endpoints of the least-connection policy.
+-- luaproxy.admin: the localhost-only admin endpoints of the least-connection policies.
 --   POST /admin/set_backends/   body: JSON list of "host:port"  -> 200 {"backends": [...]}
---   GET  /admin/backends/       -> 200 {"backends": [...], "inflight": {addr = n}}
+--   GET  /admin/backends/       -> 200 {"backends": [...], "inflight": {addr = n}}, plus
+--                                  "health": {addr = hc:status()[addr]} when the balancer
+--                                  has a health checker
+--   GET  /admin/usage/          -> 200 {key = n}: every key of the dict opts.usage (404
+--                                  without one)
 -- Anything not from 127.0.0.1 gets 403; a body that is not a JSON list of addresses gets 400.
 
 local luaproxy = require "luaproxy"
 
 local json = luaproxy.json
-local type, find = type, string.find
+local type, find, ipairs = type, string.find, ipairs
 
 local _M = { _VERSION = "0.1.0" }
 
@@ -16,6 +20,7 @@ local ALLOWED_ADDR = "127.0.0.1"
 local function routes(path)
     if path == "/admin/set_backends/" or path == "/admin/set_backends" then return "set" end
     if path == "/admin/backends/" or path == "/admin/backends" then return "get" end
+    if path == "/admin/usage/" or path == "/admin/usage" then return "usage" end
     return nil
 end
 
@@ -36,8 +41,19 @@ local function err_response(status, msg)
     return status, { error = msg }
 end
 
---- status, body = admin.handle(req, bal)
-function _M.handle(req, bal)
+-- { key = value } for every key of a dict of counters.
+local function dict_view(dict)
+    local out = {}
+    for _, k in ipairs(dict:get_keys(0)) do
+        local v = dict:get(k)
+        if v ~= nil then out[k] = v end
+    end
+    return out
+end
+
+--- status, body = admin.handle(req, bal, opts?): opts.usage, a dict of per-key counters
+-- served at /admin/usage/
+function _M.handle(req, bal, opts)
     if req:get_remote_addr() ~= ALLOWED_ADDR then
         luaproxy.log(luaproxy.WARN, "admin request from ", req:get_remote_addr(), " refused")
         return err_response(403, "admin endpoints are only open to 127.0.0.1")
@@ -47,7 +63,17 @@ function _M.handle(req, bal)
         return err_response(404, "no such admin endpoint")
     end
     if route == "get" then
-        return 200, { backends = as_array(bal:backends()), inflight = bal:counts() }
+        local hc = bal.health
+        return 200, { backends = as_array(bal:backends()), inflight = bal:counts(),
+            health = hc and hc:status() or nil }
+    end
+    if route == "usage" then
+        local usage = opts and opts.usage
+        if not usage then return err_response(404, "no such admin endpoint") end
+        if req:get_method() ~= "GET" and req:get_method() ~= "HEAD" then
+            return 405, { error = "use GET" }, { allow = "GET, HEAD" }
+        end
+        return 200, dict_view(usage)
     end
     if req:get_method() ~= "POST" then
         return 405, { error = "use POST" }, { allow = "POST" }
