@@ -61,3 +61,62 @@ describe("luaproxy.balancer", function()
         assert.are.equal(0, luaproxy.shared["bal_spec_" .. n]:get("conn:a:1"))
     end)
 end)
+
+describe("luaproxy.balancer, chash mode", function()
+    local m = 0
+    local function fresh(backends, extra)
+        m = m + 1
+        local opts = { dict = "bal_chash_spec_" .. m, backends = backends, mode = "chash" }
+        for k, v in pairs(extra or {}) do opts[k] = v end
+        return assert(balancer.new(opts))
+    end
+    local NODES = {}
+    for i = 1, 10 do NODES[i] = "10.0.0." .. i .. ":80" end
+
+    it("maps a key as luaproxy.chash does, in every balancer on the list", function()
+        local bal = fresh(NODES)
+        local ring = require("luaproxy.chash").new(NODES)
+        local other = assert(balancer.new{ dict = "bal_chash_spec_" .. m, mode = "chash" })
+        for i = 1, 200 do
+            local key = "key-" .. i
+            assert.are.equal(ring:find(key), bal:pick{ key = key })
+            assert.are.equal(ring:find(key), other:pick{ key = key })
+        end
+    end)
+
+    it("follows a list change, moving only the removed node's keys", function()
+        local bal = fresh(NODES)
+        local before = {}
+        for i = 1, 2000 do before[i] = bal:pick{ key = "k" .. i } end
+        local fewer = {}
+        for i = 1, 9 do fewer[i] = NODES[i] end
+        assert.is_true(bal:set_backends(fewer))
+        for i = 1, 2000 do
+            local now = bal:pick{ key = "k" .. i }
+            if before[i] ~= NODES[10] then assert.are.equal(before[i], now) end
+            assert.are_not.equal(NODES[10], now)
+        end
+    end)
+
+    it("skips excluded and down nodes the same way everywhere; needs a key", function()
+        local down = { [NODES[3]] = true }
+        local hc = { is_up = function(_, addr) return not down[addr] end }
+        local bal = fresh(NODES, { health = hc })
+        for i = 1, 500 do
+            local key = "x" .. i
+            local a = bal:pick{ key = key }
+            assert.are_not.equal(NODES[3], a)
+            local b = bal:pick{ key = key, exclude = { [a] = true } }
+            assert.is_truthy(b)
+            assert.are_not.equal(a, b)
+            assert.are.equal(a, bal:pick{ key = key })
+        end
+        for _, addr in ipairs(NODES) do down[addr] = true end
+        assert.are.same({ nil, "no backend up" }, { bal:pick{ key = "x" } })
+        assert.has_error(function() bal:pick() end)
+        assert.has_error(function() balancer.new{ mode = "random" } end)
+        local empty = fresh({ "10.9.9.9:80" })
+        assert.is_true(empty:set_backends({}))
+        assert.are.same({ nil, "no backends" }, { empty:pick{ key = "x" } })
+    end)
+end)

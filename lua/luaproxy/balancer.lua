@@ -11,6 +11,7 @@
 local luaproxy = require "luaproxy"
 
 local json = luaproxy.json
+local chash = require "luaproxy.chash"
 local type, ipairs, tostring, find = type, ipairs, tostring, string.find
 
 local _M = { _VERSION = "0.1.0" }
@@ -53,10 +54,15 @@ function _M.is_connect_error(err)
     return false
 end
 
---- bal, err = balancer.new{ dict = name?, backends = {...}?, health = hc? }
--- Backends given here seed the list only if no worker has set one yet.
+--- bal, err = balancer.new{ dict = name?, backends = {...}?, health = hc?, mode = "least_conn"|"chash" }
+-- Backends given here seed the list only if no worker has set one yet. With mode = "chash",
+-- pick/take choose by opts.key on a consistent-hash ring (luaproxy.chash) over the list.
 function _M.new(opts)
     opts = opts or {}
+    local mode = opts.mode or "least_conn"
+    if mode ~= "least_conn" and mode ~= "chash" then
+        error("balancer.new: mode must be \"least_conn\" or \"chash\"", 2)
+    end
     local health = opts.health
     if health ~= nil and (type(health) ~= "table" or type(health.is_up) ~= "function") then
         error("balancer.new: health must be a luaproxy.health checker", 2)
@@ -65,7 +71,7 @@ function _M.new(opts)
     local dict, err = luaproxy.shared.open(name, opts.dict_size or DEFAULT_SIZE)
     if not dict then return nil, err end
     local self = setmetatable({ dict = dict, version = -1, list = {}, rr = luaproxy.worker.id() or 0,
-        health = health }, mt)
+        health = health, chash = mode == "chash", vnodes = opts.vnodes }, mt)
     if opts.backends and not dict:get("backends") then
         local ok, err = self:set_backends(opts.backends)
         if not ok then return nil, err end
@@ -111,10 +117,43 @@ function _M.backends(self)
     return self.list
 end
 
---- addr, err = bal:pick(opts?): the backend with the fewest requests in flight; ties go
--- round-robin. Backends the health checker says are down, and those in opts.exclude
+-- The ring over the current list, rebuilt only when another worker changed the list.
+local function ring_of(self)
+    local list = self:backends()
+    if self.ring_version ~= self.version then
+        self.ring = chash.new(list, self.vnodes and { vnodes = self.vnodes } or nil)
+        self.ring_version = self.version
+    end
+    return self.ring, #list
+end
+
+-- chash mode: the key's node, or when it is down or excluded, the first usable node of the
+-- key's rehashes (key#1, key#2, ...): the same choice in every worker and process.
+local function pick_chash(self, opts)
+    local key = opts and opts.key
+    if type(key) ~= "string" then
+        error("bal:pick: chash mode needs opts.key (a string)", 3)
+    end
+    local ring, n = ring_of(self)
+    if n == 0 then return nil, "no backends" end
+    local health, exclude = self.health, opts.exclude
+    local excluded = false
+    for i = 0, n * 2 do
+        local addr = ring:find(i == 0 and key or key .. "#" .. i)
+        if exclude and exclude[addr] then
+            excluded = true
+        elseif not health or health:is_up(addr) then
+            return addr
+        end
+    end
+    return nil, excluded and "no other backend" or "no backend up"
+end
+
+--- addr, err = bal:pick(opts?): the backend with the fewest requests in flight (ties go
+-- round-robin), or in chash mode the node of opts.key. Backends the health checker says are down, and those in opts.exclude
 -- ({ [addr] = true }), are skipped: nil, "no backends" / "no backend up" / "no other backend".
 function _M.pick(self, opts)
+    if self.chash then return pick_chash(self, opts) end
     local list = self:backends()
     local n = #list
     if n == 0 then return nil, "no backends" end
@@ -168,19 +207,20 @@ end
 -- connection failed before the backend got anything (balancer.is_connect_error) and the
 -- request can be sent again (no body, or a body read with req:read_body() first), another
 -- backend is tried, up to opts.tries backends in all (3). Every outcome is reported to the
--- health checker. opts.proxy is passed to req:proxy. err (with addr nil) is take's when no
--- backend could be chosen; otherwise the last backend's error.
+-- health checker. opts.proxy is passed to req:proxy; opts.key is the key in chash mode. err
+-- (with addr nil) is take's when no backend could be chosen; otherwise the last backend's.
 function _M.proxy(self, req, opts)
-    local tries, proxy_opts = DEFAULT_TRIES, nil
+    local tries, proxy_opts, key = DEFAULT_TRIES, nil, nil
     if opts then
         tries = opts.tries or DEFAULT_TRIES
         proxy_opts = opts.proxy
+        key = opts.key
         if type(tries) ~= "number" or tries < 1 then
             error("bal:proxy: opts.tries must be >= 1", 2)
         end
     end
     local health = self.health
-    local addr, err = self:take(req)
+    local addr, err = self:take(req, key and { key = key })
     if not addr then return nil, err end
     local exclude
     local tried = 1
@@ -194,7 +234,7 @@ function _M.proxy(self, req, opts)
         end
         exclude = exclude or {}
         exclude[addr] = true
-        local next_addr = self:take(req, { exclude = exclude })
+        local next_addr = self:take(req, { exclude = exclude, key = key })
         if not next_addr then return nil, perr, addr end
         luaproxy.log(luaproxy.WARN, "upstream ", addr, " failed (", perr, "), trying ", next_addr)
         addr = next_addr
