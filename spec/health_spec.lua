@@ -54,20 +54,10 @@ local function backend(name, st)
 end
 
 local function open(name, st, port)
-    local srv, err
-    -- the port was ours a moment ago; give the kernel a few tries to hand it back
-    for _ = 1, 50 do
-        srv, err = luaproxy.serve{ listen = "127.0.0.1:" .. (port or 0), handler = backend(name, st) }
-        if srv then return srv end
-        luaproxy.sleep(0.05)
-    end
-    error("cannot reopen backend " .. name .. ": " .. tostring(err))
+    return util.serve_handler(backend(name, st), port)
 end
 
-local function shut(srv)
-    srv:close(0)
-    srv:wait()
-end
+local shut = util.shut
 
 local n = 0
 

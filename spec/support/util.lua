@@ -213,6 +213,25 @@ function _M.same_bytes(expected, got, what)
     end
 end
 
+--- srv = util.serve_handler(handler, port?): a handler server on 127.0.0.1:port (0: any);
+-- a port that was ours a moment ago (a backend closed and reopened) gets a few tries while the
+-- kernel hands it back, then the error is raised. Async: call it inside the loop.
+function _M.serve_handler(handler, port)
+    local srv, err
+    for _ = 1, 50 do
+        srv, err = luaproxy.serve{ listen = "127.0.0.1:" .. (port or 0), handler = handler }
+        if srv then return srv end
+        luaproxy.sleep(0.05)
+    end
+    error("cannot listen on 127.0.0.1:" .. tostring(port) .. ": " .. tostring(err), 2)
+end
+
+--- util.shut(srv): stop a server now (requests in flight dropped) and wait until it has.
+function _M.shut(srv)
+    srv:close(0)
+    srv:wait()
+end
+
 --- port = util.free_port(): bind port 0, note the port, close it
 function _M.free_port()
     local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function() return 200 end })
