@@ -225,6 +225,18 @@ impl Format {
             .any(|s| matches!(s, Seg::Var(Var::Http(_) | Var::RemoteUser | Var::Host)))
     }
 
+    /// True when the format uses the built-in variable `name` (without `$`, as
+    /// `"request_id"`): for values that cost something to gather, such as a request id made
+    /// on first use.
+    pub fn uses(&self, name: &str) -> bool {
+        let Some((_, var)) = BUILTIN.iter().find(|(n, _)| *n == name) else {
+            return false;
+        };
+        self.segs
+            .iter()
+            .any(|s| matches!(s, Seg::Var(v) if v == var))
+    }
+
     /// True when a variable reads the response's fields (`$sent_http_*`).
     pub fn uses_response_headers(&self) -> bool {
         self.segs

@@ -320,6 +320,10 @@ fn presets_and_defaults() {
     let c = Format::default();
     assert!(c.uses_request_headers() && !c.uses_response_headers());
     assert!(c.ctx_names().is_empty());
+    assert!(c.uses("status") && c.uses("time_local") && !c.uses("request_id"));
+    assert!(!c.uses("http_referer"), "only built-in names");
+    let r = Format::parse(ROUTER).unwrap();
+    assert!(r.uses("upstream_response_time") && !r.uses("remote_user"));
     let s = Format::parse("$status $sent_http_etag").unwrap();
     assert!(!s.uses_request_headers() && s.uses_response_headers());
 }
