@@ -3,6 +3,7 @@
 //!
 //! This file only wires the bindings together; each binding lives in its own file.
 
+pub mod accesslog;
 pub mod alloc;
 pub mod budget;
 pub mod capi;

@@ -2,6 +2,7 @@
 //! `--config`). Plain Rust: the listener turns the Lua table into `Value`s, so `cargo test`
 //! covers every name, default and error message here.
 
+use crate::accesslog::{Format, Target};
 use crate::h1::rules::{Cidr, Limits, MAX_HEADERS_CAP};
 use crate::units::{parse_duration, parse_size};
 use std::time::Duration;
@@ -37,6 +38,10 @@ pub struct Settings {
     /// How long a stopping server waits for requests in flight (nginx's
     /// worker_shutdown_timeout).
     pub shutdown_timeout: Duration,
+    /// Where access log lines go: off (the default), stdout, or a file.
+    pub access_log: Target,
+    /// The access log's line, parsed (nginx's `combined` by default).
+    pub log_format: Format,
 }
 
 impl Default for Settings {
@@ -51,6 +56,8 @@ impl Default for Settings {
             lua_budget: Duration::from_secs(1),
             lua_memory_limit: 512 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            access_log: Target::Off,
+            log_format: Format::default(),
         }
     }
 }
@@ -78,6 +85,8 @@ pub const NAMES: &[&str] = &[
     "lua_budget",
     "lua_memory_limit",
     "shutdown_timeout",
+    "access_log",
+    "log_format",
     // Aliases kept from before the nginx names.
     "max_body_size",
     "header_timeout",
@@ -218,6 +227,23 @@ impl Settings {
                 self.lua_memory_limit = n
             }
             "shutdown_timeout" => self.shutdown_timeout = duration(key, v, true)?,
+            "access_log" | "log_format" => {
+                let Value::Str(s) = v else {
+                    let what = match key {
+                        "access_log" => "a path, \"stdout\" or \"off\"",
+                        _ => "nginx's log_format text, \"combined\" or \"router\"",
+                    };
+                    return Err(format!(
+                        "setting '{key}': bad value {} (expected {what})",
+                        show(v)
+                    ));
+                };
+                let bad = |e: String| format!("setting '{key}': {e}");
+                match key {
+                    "access_log" => self.access_log = Target::parse(s).map_err(bad)?,
+                    _ => self.log_format = Format::parse(s).map_err(bad)?,
+                }
+            }
             _ => return Err(format!("unknown setting '{key}'")),
         }
         Ok(())
@@ -257,6 +283,47 @@ mod tests {
         assert_eq!(s.lua_budget, Duration::from_secs(1));
         assert_eq!(s.lua_memory_limit, 512 * 1024 * 1024);
         assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(s.access_log, Target::Off);
+        assert_eq!(s.log_format.source(), crate::accesslog::COMBINED);
+    }
+
+    #[test]
+    fn access_log_settings() {
+        let s = with(&[
+            (
+                "access_log",
+                Value::Str("/var/log/luaproxy/access.log".into()),
+            ),
+            (
+                "log_format",
+                Value::Str("$remote_addr $ctx_api_key $status".into()),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.access_log,
+            Target::File("/var/log/luaproxy/access.log".into())
+        );
+        assert_eq!(s.log_format.ctx_names(), ["api_key"]);
+        let s = with(&[
+            ("access_log", Value::Str("stdout".into())),
+            ("log_format", Value::Str("router".into())),
+        ])
+        .unwrap();
+        assert_eq!(s.access_log, Target::Stdout);
+        assert_eq!(s.log_format.source(), crate::accesslog::ROUTER);
+        let e = |k: &str, v: Value| with(&[(k, v)]).unwrap_err();
+        assert_eq!(
+            e("log_format", Value::Str("$remote_addr $foo".into())),
+            "setting 'log_format': unknown variable '$foo'"
+        );
+        assert_eq!(
+            e("access_log", Value::Str("".into())),
+            "setting 'access_log': expected a path, \"stdout\" or \"off\""
+        );
+        assert!(e("access_log", Value::Bool(false))
+            .starts_with("setting 'access_log': bad value false"));
+        assert!(e("log_format", Value::Num(1.0)).starts_with("setting 'log_format': bad value 1"));
     }
 
     #[test]
