@@ -75,7 +75,7 @@ local function reload(srv, first, backends)
         policy, err = resolve_policy(settings.policy)
     end
     if policy then
-        for _, k in ipairs({ "listen", "workers" }) do
+        for _, k in ipairs({ "listen", "workers", "metrics_listen" }) do
             if settings[k] ~= first[k] then
                 luaproxy.log(luaproxy.WARN, "reload: '", k, "' changes only with a restart; keeping ",
                     tostring(first[k]))
@@ -100,17 +100,39 @@ local function reload(srv, first, backends)
     return false
 end
 
--- HUP reloads; TERM, QUIT and INT stop gracefully (no new connections, requests in flight
+-- metrics_listen: Prometheus's scrape endpoint, GET /metrics, on a listener of its own (so the
+-- proxy's port never exposes it), served by this thread.
+local function metrics_server(addr)
+    return luaproxy.serve{ listen = addr, handler = function(req)
+        if req:get_path() ~= "/metrics" then
+            return 404, "not found\n", { ["content-type"] = "text/plain" }
+        end
+        local method = req:get_method()
+        if method ~= "GET" and method ~= "HEAD" then
+            return 405, "method not allowed\n", { ["content-type"] = "text/plain", allow = "GET, HEAD" }
+        end
+        return 200, luaproxy.metrics.render(), { ["content-type"] = luaproxy.metrics.content_type }
+    end }
+end
+
+-- HUP reloads; USR1 reopens the access log (after logrotate moved it); TERM, QUIT and INT stop gracefully (no new connections, requests in flight
 -- finish within shutdown_timeout, then exit 0); a second TERM, QUIT or INT stops at once
 -- (exit 0), and if a worker cannot stop (stuck in code the budget cannot reach), exit 1 after
 -- STUCK_EXIT_AFTER seconds.
 local function handle_signals(srv, settings, backends, state)
-    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT")
+    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT", "USR1")
     local stopping = false
     while true do
         local name = sig:wait()
         if name == "HUP" then
             if not stopping then reload(srv, settings, backends) end
+        elseif name == "USR1" then
+            local ok, err = srv:reopen_logs()
+            if ok then
+                luaproxy.log(luaproxy.NOTICE, "SIGUSR1: access log reopened")
+            else
+                luaproxy.log(luaproxy.ERR, "SIGUSR1: cannot reopen the access log, still writing to the old file: ", err)
+            end
         elseif not stopping then
             stopping = true
             luaproxy.log(luaproxy.NOTICE, "SIG", name, ": stopping; requests in flight may finish")
@@ -164,9 +186,25 @@ local function main(settings)
         return nil, err
     end
 
+    local metrics_addr
+    if settings.metrics_listen then
+        local msrv, merr = metrics_server(settings.metrics_listen)
+        if not msrv then
+            srv:close(0)
+            srv:wait()
+            for _, s in ipairs(demos) do s:close() end
+            return nil, "metrics_listen: " .. merr
+        end
+        demos[#demos + 1] = msrv
+        metrics_addr = msrv.addr
+    end
+
     io.stdout:write("luaproxy listening on http://", srv.addr, "/ (policy ", policy, ", ",
         settings.workers or luaproxy.worker.cpus(), " workers) -> ", table.concat(backends, ", "), "\n")
-    if #demos > 0 then
+    if metrics_addr then
+        io.stdout:write("metrics at http://", metrics_addr, "/metrics\n")
+    end
+    if not settings.backends then
         io.stdout:write("try:  curl http://", srv.addr, "/    (run it twice: both demo backends answer)\n")
     end
     io.stdout:flush()

@@ -8,4 +8,7 @@ return {
     max_fails = 1, fail_timeout = 10,         -- passive checks (nginx's defaults)
     rate_limit = { rate = 5, burst = 10 },    -- per API key, per second
     dicts = { api_usage = "10m" },            -- the per-key counters
+    access_log = "stdout",                    -- or a file (SIGUSR1 reopens it), or "off"
+    log_format = "router",                    -- client, API key, request, status, backend, times
+    metrics_listen = "127.0.0.1:9145",        -- Prometheus: GET /metrics there
 }

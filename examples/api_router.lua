@@ -18,6 +18,12 @@
 -- connection is retried on another backend when the request can be sent again (no body, or a
 -- form body); every backend down gives 503 at once, a timeout 504, other failures 502.
 --
+-- Logs: the key goes into req:ctx().api_key, so the access log's `log_format = "router"`
+-- (client, API key, time, request line, request length, status, bytes sent, backend, request
+-- time, upstream response time) names it; `log_level = "info"` adds the original's
+-- per-request line, "processing request from <key>". Metrics (`metrics_listen`) count
+-- requests by status and backend and time each backend.
+--
 -- Admin endpoints, from 127.0.0.1 only (others get 403), no API key needed:
 --   POST /admin/set_backends/   JSON list of "host:port": replaces the list in every worker
 --   GET  /admin/backends/       the list, requests in flight and each backend's health
@@ -43,7 +49,7 @@ local ratelimit = require "luaproxy.ratelimit"
 local admin = require "luaproxy.admin"
 
 local type, find, lower, sub, ceil, tostring = type, string.find, string.lower, string.sub, math.ceil, tostring
-local log, ERR = luaproxy.log, luaproxy.ERR
+local log, ERR, INFO = luaproxy.log, luaproxy.ERR, luaproxy.INFO
 
 local _M = {}
 
@@ -144,6 +150,9 @@ function _M.handler(req)
         end
     end
     usage:incr(key, 1, 0)
+    -- for the access log's $ctx_api_key (log_format "router"), and the original's info line
+    req:ctx().api_key = key
+    log(INFO, "processing request from ", key)
 
     local res
     res, err = bal:proxy(req)

@@ -26,13 +26,7 @@ local function raises(text, fn)
     assert.matches(text, tostring(err), 1, true)
 end
 
--- The first Python that has prometheus_client (a pyenv `python3` first on PATH may not see
--- Debian's python3-prometheus-client).
-local PYTHON
-for _, py in ipairs{ "python3", "/usr/bin/python3" } do
-    local _, code = util.sh(py .. " -c 'import prometheus_client.parser'")
-    if code == 0 then PYTHON = py break end
-end
+local PYTHON = util.python_with("prometheus_client.parser")
 
 local function parse(text)
     assert(PYTHON, "no python3 with prometheus_client (apt-get install python3-prometheus-client)")

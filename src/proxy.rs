@@ -5,7 +5,7 @@
 use crate::h1::rules;
 use crate::h1::upstream as wire;
 use crate::request::{Outcome, ReqInner};
-use crate::upstream::{authority, make_response, send, Options};
+use crate::upstream::{authority, make_timed_response, send, Attempt, Options};
 use mlua::prelude::*;
 use std::rc::Rc;
 
@@ -37,10 +37,14 @@ pub async fn proxy_exchange(inner: Rc<ReqInner>, addr: String, opts: Options) ->
     if key.is_empty() {
         return Err(LuaError::runtime("req:proxy: address must be 'host:port'"));
     }
-    *inner.upstream.borrow_mut() = Some(key.to_string());
+    let at = Rc::new(Attempt::new(key.clone()));
+    inner.attempts.borrow_mut().push(at.clone());
     let body = match inner.take_body() {
         Ok(b) => b,
-        Err(e) => return Ok(Err(e.to_string())),
+        Err(e) => {
+            at.ended();
+            return Ok(Err(e.to_string()));
+        }
     };
     let method = inner.method.borrow().clone();
     let out = {
@@ -90,9 +94,10 @@ pub async fn proxy_exchange(inner: Rc<ReqInner>, addr: String, opts: Options) ->
             body.length(),
         )
     };
-    match send(&key, &method, &out, body, &opts).await {
-        Ok((head, body)) => Ok(Ok(make_response(head, body, opts.max_body_size))),
+    match send(&key, &method, &out, body, &opts, Some(&at)).await {
+        Ok((head, body)) => Ok(Ok(make_timed_response(head, body, opts.max_body_size, at))),
         Err(e) => {
+            at.ended();
             // A failure of the client's own body (too large, too slow) is the client's fault;
             // the listener answers with the recorded status, and the log names the cause.
             let e = match inner.failure.get() {

@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, StatusCode};
 use mlua::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -90,6 +90,80 @@ impl Options {
             LuaError::runtime("max_body_size must be a number of bytes or a size such as \"16m\"")
         })?;
         Ok(o)
+    }
+}
+
+/// One upstream attempt of a request, for the log phase (nginx's `$upstream_addr`,
+/// `$upstream_status`, `$upstream_connect_time`, `$upstream_header_time`,
+/// `$upstream_response_time`): stamped as the exchange goes, and at the end of the response
+/// body (or when it is dropped unread, or when the exchange failed).
+#[derive(Debug)]
+pub struct Attempt {
+    pub addr: Rc<str>,
+    pub start: Instant,
+    /// A connection was in hand: opened, or taken from the pool (nginx: 0 then).
+    pub connected: Cell<Option<Instant>>,
+    pub header: Cell<Option<Instant>>,
+    pub end: Cell<Option<Instant>>,
+    pub status: Cell<Option<u16>>,
+}
+
+impl Attempt {
+    pub fn new(addr: Rc<str>) -> Attempt {
+        Attempt {
+            addr,
+            start: Instant::now(),
+            connected: Cell::new(None),
+            header: Cell::new(None),
+            end: Cell::new(None),
+            status: Cell::new(None),
+        }
+    }
+
+    /// Stamps the end, unless it was stamped already.
+    pub fn ended(&self) {
+        if self.end.get().is_none() {
+            self.end.set(Some(Instant::now()));
+        }
+    }
+
+    /// Seconds from the attempt's start to a stamp.
+    pub fn since_start(&self, at: &Cell<Option<Instant>>) -> Option<Duration> {
+        at.get().map(|t| t.saturating_duration_since(self.start))
+    }
+}
+
+/// A proxied response's body that stamps its attempt's end when it ends, fails, or is
+/// dropped unfinished.
+struct Timed {
+    inner: ResponseBody,
+    at: Rc<Attempt>,
+}
+
+impl http_body::Body for Timed {
+    type Data = Bytes;
+    type Error = crate::h1::body::BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.at.ended();
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        self.at.ended();
     }
 }
 
@@ -197,7 +271,11 @@ async fn exchange(
     head: &OutHead,
     body: &mut ReqBody,
     opts: &Options,
+    at: Option<&Attempt>,
 ) -> Result<(Head, ResponseBody), Error> {
+    if let Some(at) = at {
+        at.connected.set(Some(Instant::now()));
+    }
     conn.set_deadline(Some(opts.send_timeout));
     let io = async {
         match body {
@@ -214,6 +292,10 @@ async fn exchange(
         wire::read_head(&mut conn, method).await
     };
     let head = io.await?;
+    if let Some(at) = at {
+        at.header.set(Some(Instant::now()));
+        at.status.set(Some(head.status.as_u16()));
+    }
     // The body has its own idle timeout.
     conn.set_deadline(None);
     let key = key.clone();
@@ -230,13 +312,14 @@ async fn exchange(
 /// Sends one request to `addr`, on a clean idle pooled connection when there is one. A
 /// pooled connection the upstream closed while the request was on its way is retried on
 /// another when that is safe: the body can be sent again, and the request was not sent or
-/// is idempotent.
+/// is idempotent. `at` (a proxied request's attempt) gets the connect and header times.
 pub(crate) async fn send(
     key: &Rc<str>,
     method: &Method,
     head: &OutHead,
     mut body: ReqBody,
     opts: &Options,
+    at: Option<&Attempt>,
 ) -> Result<(Head, ResponseBody), String> {
     let replayable = matches!(body, ReqBody::Bytes(_));
     // RFC 9110 §9.2.2; like nginx, a request that may have reached the upstream is sent again
@@ -246,7 +329,7 @@ pub(crate) async fn send(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
     while let Some(conn) = pool_take(key) {
-        match exchange(conn, key, method, head, &mut body, opts).await {
+        match exchange(conn, key, method, head, &mut body, opts, at).await {
             Ok(x) => return Ok(x),
             Err(Error::WriteFailed(_)) if replayable => continue,
             Err(Error::ClosedBeforeResponse) if replayable && idempotent => continue,
@@ -254,7 +337,7 @@ pub(crate) async fn send(
         }
     }
     let conn = connect(key, opts).await?;
-    exchange(conn, key, method, head, &mut body, opts)
+    exchange(conn, key, method, head, &mut body, opts, at)
         .await
         .map_err(|e| e.reason())
 }
@@ -402,10 +485,24 @@ impl LuaUserData for Response {
 
 /// The head's hop-by-hop headers were left out when it was parsed (`wire::parse_head`).
 pub(crate) fn make_response(head: Head, body: ResponseBody, read_limit: u64) -> Response {
+    make_response_boxed(head, Box::pin(body), read_limit)
+}
+
+/// `make_response` for a proxied request: the body stamps `at`'s end.
+pub(crate) fn make_timed_response(
+    head: Head,
+    body: ResponseBody,
+    read_limit: u64,
+    at: Rc<Attempt>,
+) -> Response {
+    make_response_boxed(head, Box::pin(Timed { inner: body, at }), read_limit)
+}
+
+fn make_response_boxed(head: Head, body: BoxBody, read_limit: u64) -> Response {
     Response {
         status: RefCell::new(head.status),
         headers: RefCell::new(head.headers),
-        body: RefCell::new(ResBody::Stream(Box::pin(body))),
+        body: RefCell::new(ResBody::Stream(body)),
         headers_table: RefCell::new(None),
         read_limit,
     }
@@ -487,7 +584,7 @@ async fn client_request(
         &[],
         body.length(),
     );
-    match send(&key, &method, &out, body, &opts).await {
+    match send(&key, &method, &out, body, &opts, None).await {
         Ok((head, body)) => {
             let r = make_response(head, body, opts.max_body_size);
             let mut held = 2;

@@ -147,6 +147,27 @@ local function list_of(self)
     return b or {}
 end
 
+-- luaproxy_upstream_up{upstream}: 1 up, 0 down or ejected, for every backend listed; set at
+-- each interval and on every change (a process-wide gauge: every worker writes the same
+-- values, read from the shared state).
+local up_gauge
+local function publish(self)
+    up_gauge = up_gauge or luaproxy.metrics.gauge("luaproxy_upstream_up",
+        "1 when health checks let traffic go to the backend, else 0", { "upstream" })
+    local listed = {}
+    for _, addr in ipairs(list_of(self)) do
+        listed[addr] = true
+        local v = self.dict:get(ST[addr])
+        local up = not v or v == UP or (v > 0 and now() >= v)
+        up_gauge:set(up and 1 or 0, { addr })
+    end
+    local was = self.published or {}
+    for addr in pairs(was) do
+        if not listed[addr] then up_gauge:del({ addr }) end
+    end
+    self.published = listed
+end
+
 --- up = hc:is_up(addr): false while probes say it is down or passive checks took it out
 function _M.is_up(self, addr)
     local v = self.dict:get(ST[addr])
@@ -157,6 +178,7 @@ function _M.is_up(self, addr)
     if self.dict:cas(ST[addr], v, UP) then
         self.dict:delete(PF[addr])
         log(NOTICE, "health: backend ", addr, " is up again: fail_timeout (", self.fail_timeout, " s) passed")
+        publish(self)
     end
     return true
 end
@@ -199,6 +221,7 @@ function _M.report(self, addr, outcome)
         end
     end
     dict:delete(EJECT_KEY)
+    if ejected then publish(self) end
     return ejected
 end
 
@@ -263,6 +286,7 @@ function _M.probe_all(self)
             record(self, list[i], false, ok)
         end
     end
+    publish(self)
     return #list
 end
 
@@ -273,7 +297,10 @@ local function tick(premature, self)
     local slot = floor(now() / interval)
     local dict = self.dict
     local last = dict:get(SLOT_KEY)
-    if last and last >= slot then return end
+    if last and last >= slot then
+        publish(self) -- what another worker's probes found (and passive ejections that ran out)
+        return
+    end
     if not dict:cas(SLOT_KEY, last, slot) then return end -- another worker took it
     self:probe_all()
 end
@@ -324,6 +351,7 @@ function _M.reset(self)
     for _, addr in ipairs(list_of(self)) do
         for _, keys in pairs({ ST, OK, NG, PF }) do self.dict:delete(keys[addr]) end
     end
+    publish(self)
     return true
 end
 

@@ -232,6 +232,17 @@ function _M.shut(srv)
     srv:wait()
 end
 
+--- py = util.python_with(module): the first Python that imports `module` ("python3", then
+-- /usr/bin/python3: a pyenv `python3` first on PATH may not see Debian's python3-* packages),
+-- or nil
+function _M.python_with(module)
+    for _, py in ipairs{ "python3", "/usr/bin/python3" } do
+        local _, code = _M.sh(py .. " -c 'import " .. module .. "'")
+        if code == 0 then return py end
+    end
+    return nil
+end
+
 --- port = util.free_port(): bind port 0, note the port, close it
 function _M.free_port()
     local srv = assert(luaproxy.serve{ listen = "127.0.0.1:0", handler = function() return 200 end })

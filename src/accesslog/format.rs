@@ -522,6 +522,8 @@ fn put_var(v: &Var, f: &Facts, cached: &mut Option<Clock>, out: &mut Vec<u8>) {
             out.push(b'.');
             put_fixed(out, c.millis.into(), 3);
         }
+        // A head rejected before its request line was parsed has none.
+        Var::Request if f.method.is_empty() => out.push(b'-'),
         Var::Request => {
             put_escaped(out, f.method.as_bytes());
             out.push(b' ');

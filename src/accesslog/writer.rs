@@ -109,6 +109,11 @@ impl Writer {
         }
     }
 
+    /// Where this writer's lines go.
+    pub fn target(&self) -> &Target {
+        &self.sink.target
+    }
+
     /// True for `access_log = "off"`: the caller need not gather anything.
     pub fn is_off(&self) -> bool {
         self.sink.target == Target::Off

@@ -55,6 +55,14 @@ pub struct DownstreamConn {
     /// Framing bytes of the current request's chunked body consumed so far (size lines,
     /// extensions, trailers): a body limit counts them with the data.
     framing_bytes: u64,
+    /// Bytes of the current request taken from the stream: head, body and its framing,
+    /// what a drain discarded (nginx's `$request_length`).
+    consumed: u64,
+    /// Bytes written to the client over the connection's life (`$bytes_sent` is the
+    /// difference across one response).
+    wrote: u64,
+    /// Body bytes of the last response written (`$body_bytes_sent`).
+    body_sent: u64,
 }
 
 pub type Shared = Rc<RefCell<DownstreamConn>>;
@@ -70,7 +78,30 @@ impl DownstreamConn {
             continue_pending: false,
             continue_out: &[],
             framing_bytes: 0,
+            consumed: 0,
+            wrote: 0,
+            body_sent: 0,
         }))
+    }
+
+    /// Bytes of the current request read so far: head, body, chunk framing.
+    pub fn request_length(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Bytes read but not taken by any request (a rejected head's).
+    pub fn unparsed(&self) -> u64 {
+        self.buf.len() as u64
+    }
+
+    /// Bytes written to the client since the connection opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.wrote
+    }
+
+    /// Body bytes of the last response written (so far, if it failed midway).
+    pub fn body_bytes_sent(&self) -> u64 {
+        self.body_sent
     }
 
     /// Reads what the socket has into `buf`; `Ok(0)` is end of stream.
@@ -377,6 +408,8 @@ pub async fn read_head(
                 if ready {
                     if let Some((n, head)) = parse_request(&c.buf, limits)? {
                         c.buf.advance(n);
+                        c.consumed = n as u64;
+                        c.body_sent = 0;
                         c.body = head.framing;
                         c.framing_bytes = 0;
                         c.continue_pending = head.expect_continue;
@@ -515,6 +548,7 @@ impl Body for IncomingBody {
                     buf,
                     body,
                     framing_bytes,
+                    consumed,
                     ..
                 } = &mut *c;
                 match body {
@@ -522,6 +556,7 @@ impl Body for IncomingBody {
                     BodyLeft::Length(left) => {
                         let take = (*left).min(buf.len() as u64) as usize;
                         let data = buf.split_to(take).freeze();
+                        *consumed += take as u64;
                         *left -= take as u64;
                         if *left == 0 {
                             *body = BodyLeft::Done;
@@ -529,7 +564,9 @@ impl Body for IncomingBody {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     BodyLeft::Chunked(state) => {
+                        let before = buf.len();
                         let r = state.decode(buf);
+                        *consumed += (before - buf.len()) as u64;
                         *framing_bytes = state.overhead;
                         match r {
                             Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
@@ -741,6 +778,9 @@ async fn write_parts(conn: &Shared, parts: &mut [&[u8]], timer: &mut IdleTimer) 
         match Pin::new(&mut c.stream).poll_write_vectored(cx, slices) {
             Poll::Ready(r) => {
                 timer.progress();
+                if let Ok(n) = r {
+                    c.wrote += n as u64;
+                }
                 Poll::Ready(r)
             }
             Poll::Pending if timer.expired(cx) => {
@@ -795,6 +835,7 @@ where
     let (mode, keep) = encode_head(&mut head, resp, method, version, keep_alive);
     let mut timer = IdleTimer::new(send_timeout);
     let body = &mut resp.body;
+    conn.borrow_mut().body_sent = 0;
     if mode == Out::None {
         done();
         write_parts(conn, &mut [&head], &mut timer)
@@ -860,6 +901,7 @@ where
                     write_parts(conn, &mut [&h, &data, end], &mut timer).await
                 };
                 r.map_err(client)?;
+                conn.borrow_mut().body_sent = sent;
                 if last {
                     break;
                 }

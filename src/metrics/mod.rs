@@ -3,6 +3,7 @@
 //! `text.rs`) and its Lua surface, `luaproxy.metrics` (`lua.rs`).
 //! Imports point down: lua -> registry -> series, text.
 
+pub mod builtin;
 pub mod lua;
 pub mod registry;
 pub mod series;

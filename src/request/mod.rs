@@ -64,8 +64,8 @@ pub struct ReqInner {
     pub failure: Failure,
     pub limits: Rc<Limits>,
     pub start: Instant,
-    /// The upstream the request was proxied to, for the log.
-    pub upstream: RefCell<Option<String>>,
+    /// Each `req:proxy` exchange, in order, for the log phase and `req:get_upstream()`.
+    pub attempts: RefCell<Vec<Rc<crate::upstream::Attempt>>>,
     /// `req:proxy`'s exchange on the fast path (see `fastproxy`). It holds this request, so
     /// the request's end drops it.
     pub proxy: RefCell<ProxyCall>,
@@ -123,7 +123,7 @@ impl ReqInner {
             failure: Default::default(),
             limits: limits.clone(),
             start: Instant::now(),
-            upstream: RefCell::new(None),
+            attempts: RefCell::new(Vec::new()),
             proxy: Default::default(),
             id: Cell::new(None),
             ctx: RefCell::new(None),
@@ -142,6 +142,11 @@ impl ReqInner {
             }
         };
         format!("{id:032x}")
+    }
+
+    /// This request's id if something asked for it already (the log does not make one).
+    pub fn request_id_if_made(&self) -> Option<String> {
+        self.id.get().map(|id| format!("{id:032x}"))
     }
 
     /// Takes the body for forwarding: a stream if nobody read it, else the buffered bytes.

@@ -433,7 +433,7 @@ fn add_methods(m: &mut Methods) {
         });
         // req:get_upstream() -> "host:port" the request was proxied to, or nil
         m.add_method("get_upstream", |_, this, ()| {
-            Ok(this.0.upstream.borrow().clone())
+            Ok(this.0.attempts.borrow().last().map(|a| a.addr.to_string()))
         });
         // body, err = req:read_body(): the whole body as a string ("" when there is none)
         m.add_async_method("read_body", |lua, this, ()| async move {

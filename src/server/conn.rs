@@ -3,9 +3,7 @@
 //! request object, an abandoned upstream exchange).
 
 use crate::h1::body::{BoxBody, BoxError};
-use crate::h1::downstream::{
-    self, DownstreamConn, DownstreamResponse, HeadError, IncomingBody, RequestHead,
-};
+use crate::h1::downstream::{self, DownstreamConn, DownstreamResponse, HeadError, IncomingBody};
 use crate::h1::rules::Limits;
 use crate::request::ReqInner;
 use crate::runtime;
@@ -23,9 +21,10 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
+use super::logphase::{self, LogPhase};
 use super::respond::{simple, to_response};
 
 /// What every connection of one worker needs.
@@ -44,6 +43,8 @@ pub(super) struct Worker {
     pub(super) balance: Option<(Arc<Balance>, usize)>,
     /// This generation's life (`runtime::VmLife`): its timers and tasks watch it.
     pub(super) life: watch::Sender<u8>,
+    /// The policy's log phase and the access log.
+    pub(super) log: LogPhase,
 }
 
 /// The generation a worker thread serves new requests with; a reload replaces it.
@@ -139,6 +140,7 @@ impl OpenConn {
             b.open[i].fetch_add(1, Relaxed);
         }
         cap.open.fetch_add(1, Relaxed);
+        crate::metrics::builtin::CONNECTION_COUNT.add(1);
         OpenConn(b.map(|(b, i)| (b.clone(), i)), cap.clone())
     }
 }
@@ -149,6 +151,7 @@ impl Drop for OpenConn {
         if let Some((b, i)) = &self.0 {
             b.open[*i].fetch_sub(1, Relaxed);
         }
+        crate::metrics::builtin::CONNECTION_COUNT.add(-1);
         if self.1.open.fetch_sub(1, Relaxed) >= self.1.max.load(Relaxed) {
             self.1.closed.notify_waiters();
         }
@@ -191,7 +194,8 @@ pub(super) const GC_STEP_EVERY: u64 = 4;
 
 /// Ends a request when handling ends, even when the handling future is dropped first (client
 /// abort): its guards (leases) and body go, and its id (the second field, once its Lua object
-/// exists) leaves the live list, so later method calls get "request has ended".
+/// exists) leaves the live list, so later method calls get "request has ended". Its `ctx`
+/// stays for the log phase, and goes with the request.
 pub(super) struct DrainOnDrop(Rc<ReqInner>, Cell<i64>);
 
 impl Drop for DrainOnDrop {
@@ -203,8 +207,6 @@ impl Drop for DrainOnDrop {
         // A `req:proxy` exchange cut short (client gone) holds the request and an upstream
         // connection: both go now.
         drop(std::mem::take(&mut *self.0.proxy.borrow_mut()));
-        // The policy's table goes with the request (a VM a reload retired can then go too).
-        drop(self.0.ctx.borrow_mut().take());
         *self.0.body.borrow_mut() = crate::request::BodyState::Ended;
     }
 }
@@ -216,14 +218,8 @@ pub(super) struct Handled {
     close: bool,
 }
 
-pub(super) async fn handle(
-    w: &Worker,
-    head: RequestHead,
-    body: IncomingBody,
-    peer: SocketAddr,
-    peer_ip: &Rc<str>,
-) -> Handled {
-    let inner = Rc::new(ReqInner::new(head, body, peer, peer_ip, &w.limits));
+pub(super) async fn handle(w: &Worker, inner: Rc<ReqInner>) -> Handled {
+    let peer = inner.peer;
     let drain = DrainOnDrop(inner.clone(), Cell::new(0));
     let panics = crate::log::panics();
     let ready = w.req_meta.get() || {
@@ -277,6 +273,7 @@ pub(super) async fn handle(
             } else {
                 "error in".to_string()
             };
+            crate::metrics::builtin::lua_error("handler");
             crate::log!(
                 ERR,
                 "{what} policy: {msg}, client: {}, request: \"{} {}\", request_id: {id}",
@@ -362,6 +359,8 @@ async fn serve_conn_inner(
     mut shutdown: watch::Receiver<bool>,
     _open: OpenConn,
 ) -> Result<(), ()> {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let _ = stream.set_nodelay(true);
     let conn = DownstreamConn::new(stream);
     let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
@@ -373,6 +372,7 @@ async fn serve_conn_inner(
         // The first head is due within client_header_timeout of the accept; a kept-alive
         // connection may then idle for keepalive_timeout before its next head begins.
         let idle = (served > 0).then_some(w.settings.keepalive_timeout);
+        let head_start = Instant::now();
         let head = match downstream::read_head(
             &conn,
             &w.limits,
@@ -400,7 +400,11 @@ async fn serve_conn_inner(
                 // The rest of the stream cannot be trusted to be framed correctly.
                 let mut resp = simple(r.status, r.reason);
                 let (m, v) = (Method::GET, Version::HTTP_11);
-                if downstream::write_response(
+                let (wrote, got) = {
+                    let c = conn.borrow();
+                    (c.bytes_written(), c.unparsed())
+                };
+                let ok = downstream::write_response(
                     &conn,
                     &mut resp,
                     &m,
@@ -410,19 +414,77 @@ async fn serve_conn_inner(
                     &mut || {},
                 )
                 .await
-                .is_ok()
-                {
+                .is_ok();
+                let (body_sent, sent) = {
+                    let c = conn.borrow();
+                    (c.body_bytes_sent(), c.bytes_written() - wrote)
+                };
+                let pending = logphase::ended(
+                    &w.lua,
+                    &w.log,
+                    &logphase::Ended {
+                        req: None,
+                        method: "",
+                        target: "",
+                        version: v,
+                        start: head_start,
+                        status: r.status.as_u16(),
+                        body_bytes_sent: body_sent,
+                        bytes_sent: sent,
+                        request_length: got,
+                        peer,
+                        peer_ip: &peer_ip,
+                        response_headers: Some(&resp.headers),
+                        connection: serial,
+                        connection_requests: served as u64 + 1,
+                    },
+                );
+                logphase::finish(pending).await;
+                if ok {
                     downstream::linger_close(&conn, LINGER).await;
                 }
                 return Ok(());
             }
         };
         served += 1;
+        let flight = InFlight::new();
         let (method, version) = (head.method.clone(), head.version);
         let at_limit = w.settings.keepalive_requests > 0 && served >= w.settings.keepalive_requests;
         let wants_keep = head.keep_alive && !at_limit && !w.settings.keepalive_timeout.is_zero();
         let request_line = (method.clone(), head.uri.clone());
-        let handled = handle(&w, head, IncomingBody::new(conn.clone()), peer, &peer_ip);
+        let inner = Rc::new(ReqInner::new(
+            head,
+            IncomingBody::new(conn.clone()),
+            peer,
+            &peer_ip,
+            &w.limits,
+        ));
+        // What the log phase needs of a request however it ends.
+        let ended = |status: u16, resp_headers: Option<&crate::h1::headers::Headers>, wrote| {
+            let c = conn.borrow();
+            let target = request_line.1.path_and_query().map_or("", |p| p.as_str());
+            logphase::ended(
+                &w.lua,
+                &w.log,
+                &logphase::Ended {
+                    req: Some(&inner),
+                    method: request_line.0.as_str(),
+                    target,
+                    version,
+                    start: inner.start,
+                    status,
+                    body_bytes_sent: c.body_bytes_sent(),
+                    bytes_sent: c.bytes_written() - wrote,
+                    request_length: c.request_length(),
+                    peer,
+                    peer_ip: &peer_ip,
+                    response_headers: resp_headers,
+                    connection: serial,
+                    connection_requests: served as u64,
+                },
+            )
+        };
+        let handled = handle(&w, inner.clone());
         let Some(Handled { mut resp, close }) =
             downstream::unless_client_gone(&conn, handled).await
         else {
@@ -436,6 +498,9 @@ async fn serve_conn_inner(
                 request_line.0,
                 request_line.1
             );
+            let wrote = conn.borrow().bytes_written();
+            drop(flight);
+            logphase::finish(ended(499, None, wrote)).await;
             return Ok(());
         };
         if runtime::panic_requested() {
@@ -446,6 +511,7 @@ async fn serve_conn_inner(
         let stopping = w.cap.stopping.load(std::sync::atomic::Ordering::Relaxed);
         let mut keep = wants_keep && !close && !stopping;
         let mut guards = std::mem::take(&mut resp.body._guards);
+        let wrote = conn.borrow().bytes_written();
         let written = downstream::write_response(
             &conn,
             &mut resp,
@@ -457,10 +523,17 @@ async fn serve_conn_inner(
         )
         .await;
         drop(guards);
+        let status = resp.status.as_u16();
+        let resp_headers = std::mem::take(&mut resp.headers);
         // The request's leases end with its last byte written (or with the failed write).
         drop(resp);
-        match written {
-            Ok(k) => keep = k,
+        let failed = written.is_err();
+        let clean = match written {
+            Ok(k) => {
+                keep = k;
+                conn.borrow().body_done()
+                    || (keep && downstream::drain_body(&conn, w.limits.body_timeout).await)
+            }
             Err(e @ downstream::WriteError::Body { .. }) => {
                 // nginx: "upstream prematurely closed connection while reading upstream".
                 crate::log!(
@@ -470,15 +543,21 @@ async fn serve_conn_inner(
                     request_line.0,
                     request_line.1
                 );
-                return Ok(());
+                keep = false;
+                true
             }
             Err(e) => {
                 crate::log!(DEBUG, "connection from {peer}: {e}");
-                return Ok(());
+                keep = false;
+                true
             }
+        };
+        drop(flight);
+        logphase::finish(ended(status, Some(&resp_headers), wrote)).await;
+        drop(inner);
+        if failed {
+            return Ok(());
         }
-        let clean = conn.borrow().body_done()
-            || (keep && downstream::drain_body(&conn, w.limits.body_timeout).await);
         if !keep || !clean {
             if !clean || !conn.borrow().idle() {
                 // The client may still be sending: closing with unread bytes would send a
@@ -494,5 +573,21 @@ async fn serve_conn_inner(
         // the others waited (wrk -c100: p99 12-15 ms, against 5-8 ms with the yield and the
         // same req/s).
         tokio::task::yield_now().await;
+    }
+}
+
+/// A request being handled, in `luaproxy_http_requests_in_flight`.
+struct InFlight;
+
+impl InFlight {
+    fn new() -> InFlight {
+        crate::metrics::builtin::IN_FLIGHT_COUNT.add(1);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        crate::metrics::builtin::IN_FLIGHT_COUNT.add(-1);
     }
 }

@@ -7,6 +7,7 @@
 //! turns what a handler returns into a response.
 
 mod conn;
+mod logphase;
 mod respond;
 mod workers;
 
@@ -40,6 +41,25 @@ pub struct Server {
     pub(super) local_done: Rc<Notify>,
     pub(super) local_running: Rc<std::cell::Cell<bool>>,
     pub(super) exited: Arc<Notify>,
+    /// The access log's shared destination (each worker writes through its own buffer);
+    /// `None` when off.
+    access: RefCell<Option<Arc<crate::accesslog::Writer>>>,
+}
+
+/// The access log of `settings`: the one already open when its destination is the same
+/// (a reload keeps the file), else a new one; `None` when off.
+fn open_access_log(
+    settings: &settings::Settings,
+    current: Option<&Arc<crate::accesslog::Writer>>,
+) -> Result<Option<Arc<crate::accesslog::Writer>>, String> {
+    use crate::accesslog::{Target, Writer};
+    if settings.access_log == Target::Off {
+        return Ok(None);
+    }
+    if let Some(w) = current.filter(|w| *w.target() == settings.access_log) {
+        return Ok(Some(w.clone()));
+    }
+    Writer::open(&settings.access_log).map(|w| Some(Arc::new(w)))
 }
 
 impl LuaUserData for Server {
@@ -75,6 +95,15 @@ impl LuaUserData for Server {
         m.add_async_method("reload", |lua, this, opts: LuaTable| async move {
             runtime::check_loop("srv:reload")?;
             reload(&lua, &this, opts).await
+        });
+        // ok, err = srv:reopen_logs(): the access log file is opened again (after logrotate
+        // moved it; SIGUSR1 in main.lua), for every worker at once. true, or nil and why
+        // (the old file stays in use).
+        m.add_method("reopen_logs", |_, this, ()| {
+            Ok(match this.access.borrow().as_ref().map(|w| w.reopen()) {
+                None | Some(Ok(())) => (Some(true), None),
+                Some(Err(e)) => (None, Some(e)),
+            })
         });
         // srv:wait() -> true once every worker has stopped (after close, or never).
         m.add_async_method("wait", |_, this, ()| async move {
@@ -135,7 +164,7 @@ pub(super) fn bind(addr: SocketAddr, reuse_port: bool) -> Result<StdListener, St
 }
 
 /// The keys of `luaproxy.serve{...}` that are not settings.
-pub(super) const SERVE_KEYS: &[&str] = &["listen", "handler", "policy", "workers", "config"];
+pub(super) const SERVE_KEYS: &[&str] = &["listen", "handler", "log", "policy", "workers", "config"];
 
 /// Reads the settings in `opts` (every key but `SERVE_KEYS`), in nginx's names and forms.
 pub(super) fn settings_from(opts: &LuaTable) -> LuaResult<Settings> {
@@ -215,6 +244,11 @@ pub(super) async fn lua_serve(
         Ok(a) => a,
         Err(e) => return Ok((None, Some(e))),
     };
+    let access = match open_access_log(&settings, None) {
+        Ok(a) => a,
+        Err(e) => return Ok((None, Some(e))),
+    };
+    logphase::register_metrics();
     let std_listener = match bind(addr, policy.is_some()) {
         Ok(l) => l,
         Err(e) => return Ok((None, Some(e))),
@@ -236,6 +270,7 @@ pub(super) async fn lua_serve(
         local_done: Rc::new(Notify::new()),
         local_running: Rc::new(std::cell::Cell::new(false)),
         exited: exited.clone(),
+        access: RefCell::new(access.clone()),
     };
 
     if let Some(handler) = handler {
@@ -243,6 +278,10 @@ pub(super) async fn lua_serve(
             .map_err(|e| LuaError::runtime(format!("luaproxy.serve: {e}")))?;
         // The calling thread's VM serves: the budget bounds each handler call (not the
         // program's own code); the memory cap needs a VM of our own (policy workers).
+        let (life, life_rx) = watch::channel(runtime::RUNNING);
+        let budget = settings.lua_budget;
+        let access =
+            access.map(|a| logphase::AccessLog::new(settings.log_format.clone(), &a, life_rx));
         let w = Rc::new(Worker {
             lua: lua.clone(),
             handler,
@@ -252,7 +291,12 @@ pub(super) async fn lua_serve(
             requests: Cell::new(0),
             req_meta: Cell::new(false),
             balance: None,
-            life: watch::channel(runtime::RUNNING).0,
+            life,
+            log: logphase::LogPhase {
+                log_fn: opts.get::<Option<LuaFunction>>("log")?,
+                access,
+                budget,
+            },
         });
         let (done, running) = (server.local_done.clone(), server.local_running.clone());
         running.set(true);
@@ -271,6 +315,7 @@ pub(super) async fn lua_serve(
         package_path: package.get("path")?,
         package_cpath: package.get("cpath")?,
         settings,
+        access,
     };
     server.base = Some(spec.clone());
     let mut readies = Vec::new();
@@ -367,6 +412,10 @@ async fn reload(
     }
     let _done = Done(&srv.reloading);
     let settings = settings_from(&opts)?;
+    let access = match open_access_log(&settings, srv.access.borrow().as_ref()) {
+        Ok(a) => a,
+        Err(e) => return Ok((None, Some(e))),
+    };
     let config_value: LuaValue = opts.get("config")?;
     let config = if config_value.is_nil() {
         base.config.clone()
@@ -382,6 +431,7 @@ async fn reload(
         package_path: base.package_path.clone(),
         package_cpath: base.package_cpath.clone(),
         settings,
+        access: access.clone(),
     };
     let mut replies = Vec::new();
     for c in &srv.commands {
@@ -409,6 +459,9 @@ async fn reload(
     };
     for c in &srv.commands {
         let _ = c.send(verdict());
+    }
+    if failed.is_none() {
+        *srv.access.borrow_mut() = access;
     }
     Ok(match failed {
         Some(e) => (None, Some(e)),

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::conn::{serve_conn, Balance, ConnCap, Current, Handoff, OpenConn, Worker};
+use super::logphase::{AccessLog, LogPhase};
 
 pub(super) async fn accept_loop(
     cur: Current,
@@ -80,6 +81,8 @@ pub(super) struct WorkerSpec {
     pub(super) package_path: Option<String>,
     pub(super) package_cpath: Option<String>,
     pub(super) settings: Settings,
+    /// The access log's destination, shared by every worker (`None`: off).
+    pub(super) access: Option<Arc<crate::accesslog::Writer>>,
 }
 
 /// What the server tells a running worker.
@@ -92,9 +95,15 @@ pub(super) enum Command {
     Abort,
 }
 
+/// A policy as loaded: its handler and its log phase.
+pub(super) struct Policy {
+    pub(super) handler: LuaFunction,
+    pub(super) log: Option<LuaFunction>,
+}
+
 /// Loads the policy into a fresh VM: the file must return a handler function or a table
-/// with `handler` (and optionally `init_worker(config)`).
-pub(super) async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunction, String> {
+/// with `handler` (and optionally `init_worker(config)` and `log(info, ctx)`).
+pub(super) async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<Policy, String> {
     let package: LuaTable = lua.globals().get("package").map_err(|e| e.to_string())?;
     if let Some(p) = &spec.package_path {
         package.set("path", p.as_str()).map_err(|e| e.to_string())?;
@@ -123,13 +132,24 @@ pub(super) async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunct
     let mut args = LuaMultiValue::new();
     args.push_back(config.clone());
     let mut ret = call_protected(lua, chunk, args).await?;
-    let (handler, init) = match ret.pop_front() {
-        Some(LuaValue::Function(f)) => (f, None),
+    let (handler, init, log) = match ret.pop_front() {
+        Some(LuaValue::Function(f)) => (f, None, None),
         Some(LuaValue::Table(t)) => {
             let h: Option<LuaFunction> = t.get("handler").ok().flatten();
             let i: Option<LuaFunction> = t.get("init_worker").ok().flatten();
+            let log = match t.get::<LuaValue>("log").map_err(|e| e.to_string())? {
+                LuaValue::Nil => None,
+                LuaValue::Function(f) => Some(f),
+                other => {
+                    return Err(format!(
+                        "policy '{}': 'log' must be a function (got a {})",
+                        spec.policy,
+                        other.type_name()
+                    ))
+                }
+            };
             match h {
-                Some(h) => (h, i),
+                Some(h) => (h, i, log),
                 None => {
                     return Err(format!(
                         "policy '{}' returned a table without a handler function",
@@ -152,7 +172,7 @@ pub(super) async fn load_policy(lua: &Lua, spec: &WorkerSpec) -> Result<LuaFunct
             .await
             .map_err(|e| format!("policy init_worker failed: {e}"))?;
     }
-    Ok(handler)
+    Ok(Policy { handler, log })
 }
 
 #[cfg(feature = "luajit")]
@@ -195,16 +215,25 @@ async fn generation(spec: &WorkerSpec, site: &Site) -> Result<Worker, String> {
     let t = crate::exports(&lua).map_err(|e| e.to_string())?;
     lua.register_module("luaproxy", t)
         .map_err(|e| e.to_string())?;
-    let handler = match load_policy(&lua, spec).await {
-        Ok(h) => h,
+    let policy = match load_policy(&lua, spec).await {
+        Ok(p) => p,
         Err(e) => {
             let _ = life.send_replace(KILLED);
             return Err(e);
         }
     };
+    let access = spec
+        .access
+        .as_ref()
+        .map(|a| AccessLog::new(spec.settings.log_format.clone(), a, life.subscribe()));
     Ok(Worker {
         lua,
-        handler,
+        handler: policy.handler,
+        log: LogPhase {
+            log_fn: policy.log,
+            access,
+            budget: spec.settings.lua_budget,
+        },
         limits: Rc::new(spec.settings.limits.clone()),
         settings: spec.settings.clone(),
         cap: site.cap.clone(),

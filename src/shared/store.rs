@@ -1059,6 +1059,13 @@ impl<T> Registry<T> {
         self.map().get(name).cloned()
     }
 
+    /// `f(name, object)` for each object (under the registry's lock: keep `f` short).
+    pub fn each(&self, mut f: impl FnMut(&str, &T)) {
+        for (name, o) in self.map().iter() {
+            f(name, o);
+        }
+    }
+
     /// The object called `name`, made by `make(number of objects so far)` if there is none; an
     /// existing one must have the same capacity.
     pub fn get_or_create(
@@ -1086,6 +1093,11 @@ static DICTS: Registry<Store> = Registry::new("dict");
 
 pub fn find(name: &str) -> Option<Arc<Store>> {
     DICTS.find(name)
+}
+
+/// `f(name, capacity, bytes used)` for every dict, for the metrics.
+pub fn each_dict(mut f: impl FnMut(&str, usize, usize)) {
+    DICTS.each(|name, d| f(name, d.capacity, d.capacity - d.free_space()));
 }
 
 /// Dicts by number, so a Lua dict object can name its store with a plain integer that is
