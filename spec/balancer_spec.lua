@@ -98,6 +98,47 @@ describe("luaproxy.balancer, chash mode", function()
         end
     end)
 
+    it("finds a node for every key whenever one is usable, however few, the same in every balancer", function()
+        local THREE = { "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80" }
+        local down = {}
+        local hc = { is_up = function(_, addr) return not down[addr] end }
+        local bal = fresh(THREE, { health = hc })
+        local other = assert(balancer.new{ dict = "bal_chash_spec_" .. m, mode = "chash", health = hc })
+        local ring = require("luaproxy.chash").new(THREE)
+        -- one of three up: the key's node and its rehashes all miss for about 6% of keys
+        for up = 1, 3 do
+            down = {}
+            for i, addr in ipairs(THREE) do down[addr] = i ~= up end
+            local missed = 0
+            for i = 1, 2000 do
+                local key = "k" .. i
+                local hit = false
+                for r = 0, 6 do
+                    if ring:find(r == 0 and key or key .. "#" .. r) == THREE[up] then hit = true; break end
+                end
+                if not hit then missed = missed + 1 end
+                assert.are.equal(THREE[up], bal:pick{ key = key }, key)
+                assert.are.equal(THREE[up], other:pick{ key = key }, key)
+            end
+            assert.is_true(missed > 40, "only " .. missed .. " keys missed by every rehash: the test proves nothing")
+        end
+        -- two up: keys whose rehashes all meet the down node spread over both others
+        down = { [THREE[1]] = true }
+        local got = {}
+        for i = 1, 2000 do
+            local addr = bal:pick{ key = "k" .. i }
+            assert.are_not.equal(THREE[1], addr)
+            assert.are.equal(addr, other:pick{ key = "k" .. i })
+            got[addr] = (got[addr] or 0) + 1
+        end
+        assert.is_true(got[THREE[2]] > 600 and got[THREE[3]] > 600)
+        -- the one usable node excluded: "no other backend"; none up: "no backend up"
+        down = { [THREE[1]] = true, [THREE[2]] = true }
+        assert.are.same({ nil, "no other backend" }, { bal:pick{ key = "x", exclude = { [THREE[3]] = true } } })
+        down[THREE[3]] = true
+        assert.are.same({ nil, "no backend up" }, { bal:pick{ key = "x" } })
+    end)
+
     it("skips excluded and down nodes the same way everywhere; needs a key", function()
         local down = { [NODES[3]] = true }
         local hc = { is_up = function(_, addr) return not down[addr] end }
