@@ -56,6 +56,30 @@ describe("luaproxy.balancer", function()
         assert.are.equal("no backends", perr)
     end)
 
+    it("error_status: 503 when there was nothing to choose, 504 for a timeout, 502 otherwise", function()
+        for err, want in pairs({
+            ["no backends"] = { 503, "503 Service Unavailable\n" },
+            ["no backend up"] = { 503, "503 Service Unavailable\n" },
+            ["no other backend"] = { 503, "503 Service Unavailable\n" },
+            ["timeout"] = { 504, "504 Gateway Timeout\n" },
+            ["connection refused"] = { 502, "502 Bad Gateway\n" },
+            ["connection reset by peer"] = { 502, "502 Bad Gateway\n" },
+            ["upstream closed connection"] = { 502, "502 Bad Gateway\n" },
+            ["could not resolve host 'x'"] = { 502, "502 Bad Gateway\n" },
+            [""] = { 502, "502 Bad Gateway\n" },
+        }) do
+            assert.are.same(want, { balancer.error_status(err) }, err)
+        end
+        -- what take and pick return when they fail maps to 503
+        local bal = fresh({ "a:1" })
+        assert.is_true(bal:set_backends({}))
+        assert.are.equal(503, (balancer.error_status(select(2, bal:pick()))))
+        for _, bad in ipairs({ 42, true, {} }) do
+            assert.has_error(function() balancer.error_status(bad) end, "balancer.error_status: err must be a string")
+        end
+        assert.has_error(function() balancer.error_status() end)
+    end)
+
     it("keeps its counters in a shared dict every VM can see", function()
         local bal = fresh({ "a:1" })
         assert.are.equal(0, luaproxy.shared["bal_spec_" .. n]:get("conn:a:1"))

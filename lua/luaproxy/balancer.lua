@@ -55,6 +55,26 @@ function _M.is_connect_error(err)
     return false
 end
 
+-- What a policy answers when a balancer or req:proxy gave up: nothing to choose from is 503,
+-- a timeout 504, anything else the backend's fault as far as the client can tell: 502.
+local UNAVAILABLE = { ["no backends"] = true, ["no backend up"] = true,
+    ["no other backend"] = true }
+local BODY_503 = "503 Service Unavailable\n"
+local BODY_504 = "504 Gateway Timeout\n"
+local BODY_502 = "502 Bad Gateway\n"
+
+--- status, body = balancer.error_status(err): the answer to a failed bal:take/bal:proxy or
+-- req:proxy: 503 for "no backends" / "no backend up" / "no other backend", 504 for
+-- "timeout", 502 for anything else; the body is the status line's text
+function _M.error_status(err)
+    if type(err) ~= "string" then
+        error("balancer.error_status: err must be a string", 2)
+    end
+    if UNAVAILABLE[err] then return 503, BODY_503 end
+    if err == "timeout" then return 504, BODY_504 end
+    return 502, BODY_502
+end
+
 --- bal, err = balancer.new{ dict = name?, backends = {...}?, health = hc?, mode = "least_conn"|"chash" }
 -- Backends given here seed the list only if no worker has set one yet. With mode = "chash",
 -- pick/take choose by opts.key on a consistent-hash ring (luaproxy.chash) over the list.
