@@ -119,8 +119,7 @@ end
 -- finish within shutdown_timeout, then exit 0); a second TERM, QUIT or INT stops at once
 -- (exit 0), and if a worker cannot stop (stuck in code the budget cannot reach), exit 1 after
 -- STUCK_EXIT_AFTER seconds.
-local function handle_signals(srv, settings, backends, state)
-    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT", "USR1")
+local function handle_signals(sig, srv, settings, backends, state)
     local stopping = false
     while true do
         local name = sig:wait()
@@ -180,6 +179,9 @@ local function main(settings)
 
     local opts = server_opts(settings, policy, backends)
     opts.listen, opts.workers = settings.listen, settings.workers
+    -- Listening before serving: once a worker answers, a TERM must stop gracefully (exit 0),
+    -- not kill the process before the task below has run.
+    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT", "USR1")
     local srv, err = luaproxy.serve(opts)
     if not srv then
         for _, s in ipairs(demos) do s:close() end
@@ -209,7 +211,7 @@ local function main(settings)
     end
     io.stdout:flush()
     local state = {}
-    local signals = luaproxy.spawn(handle_signals, srv, settings, backends, state)
+    local signals = luaproxy.spawn(handle_signals, sig, srv, settings, backends, state)
     srv:wait()
     signals:kill()
     if state.exit_timer then state.exit_timer:cancel() end

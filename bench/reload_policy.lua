@@ -20,11 +20,12 @@ function _M.handler(req)
     end
     local backend, err = bal:take(req)
     if not backend then
-        return 503, "no backend: " .. tostring(err) .. "\n"
+        return balancer.error_status(err)
     end
-    local res, perr = req:proxy(backend)
+    local res
+    res, err = req:proxy(backend)
     if not res then
-        return perr == "timeout" and 504 or 502, "upstream: " .. perr .. "\n"
+        return balancer.error_status(err)
     end
     return res
 end

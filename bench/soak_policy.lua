@@ -34,13 +34,6 @@ function _M.init_worker(config)
     end
 end
 
-local function upstream_failed(err)
-    if err == "timeout" then
-        return 504, "504 Gateway Timeout\n"
-    end
-    return 502, "502 Bad Gateway\n"
-end
-
 local function spin()
     while true do end
 end
@@ -61,7 +54,7 @@ function _M.handler(req)
         end
         local res, err = req:proxy(HOSTILE, HOSTILE_OPTS)
         if not res then
-            return upstream_failed(err)
+            return balancer.error_status(err)
         end
         return res
     elseif path == "/spin" then
@@ -82,12 +75,12 @@ function _M.handler(req)
     local backend, err = bal:take(req)
     if not backend then
         luaproxy.log(luaproxy.ERR, "soak: no backend: ", err)
-        return 503, "503 Service Unavailable\n"
+        return balancer.error_status(err)
     end
     local res
     res, err = req:proxy(backend)
     if not res then
-        return upstream_failed(err)
+        return balancer.error_status(err)
     end
     return res
 end

@@ -1,8 +1,8 @@
 -- api_router.lua: an API gateway in front of a dynamic backend list, after TextRazor's 2013
 -- nginx + Lua router (issue #13).
 --
--- Every request outside /admin/ must carry an API key: the `apiKey` field of an
--- application/x-www-form-urlencoded body, else the `apiKey` query argument, else the
+-- Every request outside /admin/ must carry an API key (luaproxy.apikey): the `apiKey` field
+-- of an application/x-www-form-urlencoded body, else the `apiKey` query argument, else the
 -- `X-Api-Key` header (the first source that gives a non-empty value wins; names and values
 -- are %-decoded, as nginx decodes arguments, among the first 100 fields; a repeated field
 -- counts with its first value). Without one: 400 `Request is missing apiKey param.` and
@@ -47,20 +47,14 @@ local balancer = require "luaproxy.balancer"
 local health = require "luaproxy.health"
 local ratelimit = require "luaproxy.ratelimit"
 local admin = require "luaproxy.admin"
+local apikey = require "luaproxy.apikey"
 
-local type, find, lower, sub, ceil, tostring = type, string.find, string.lower, string.sub, math.ceil, tostring
+local ceil, tostring = math.ceil, tostring
 local log, ERR, INFO = luaproxy.log, luaproxy.ERR, luaproxy.INFO
 
 local _M = {}
 
 local USAGE_DICT, USAGE_SIZE = "api_usage", "10m"
-local FORM = "application/x-www-form-urlencoded"
-local KEY_FIELD = "apiKey"
-local MAX_KEY_LEN = 256
-
-local MISSING = "Request is missing apiKey param.\n"
-local TOO_LONG = "apiKey param is too long.\n"
-
 local bal, hc, rl, usage, key_header
 local admin_opts
 
@@ -95,53 +89,14 @@ function _M.init_worker(config)
     if not ok then error("api_router: health checks: " .. serr) end
 end
 
--- A value from get_post_args/get_uri_args: a string, true (a bare name), or a list of them.
-local function first_string(v)
-    if type(v) == "table" then v = v[1] end
-    if type(v) == "string" and v ~= "" then return v end
-    return nil
-end
-
-local function is_form(ct)
-    if find(ct, FORM, 1, true) == 1 then return true end -- the usual spelling: no copy
-    return lower(sub(ct, 1, #FORM)) == FORM
-end
-
--- The request's API key, or nil (missing), or nil, err (the body could not be read).
-local function api_key(req)
-    local ct = req:get_header("content-type")
-    if ct and is_form(ct) then
-        -- reads the whole body into memory; req:proxy then sends those same bytes
-        local args, err = req:get_post_args()
-        if not args then return nil, err end
-        local v = first_string(args[KEY_FIELD])
-        if v then return v end
-    end
-    local q = req:get_query()
-    -- a name that decodes to apiKey holds it literally or a %-escape: skip parsing otherwise
-    if q and (find(q, KEY_FIELD, 1, true) or find(q, "%", 1, true)) then
-        local v = first_string(req:get_uri_args()[KEY_FIELD])
-        if v then return v end
-    end
-    local h = req:get_header(key_header)
-    if h and h ~= "" then return h end
-    return nil
-end
-
 function _M.handler(req)
     if admin.is_admin(req) then
         return admin.handle(req, bal, admin_opts)
     end
-    local key, err = api_key(req)
+    local key, err = apikey.get(req, key_header)
     if not key then
-        if err then
-            -- the server answers 413/408/400 for a body that failed, whatever we return
-            return 400, "cannot read request body: " .. err .. "\n"
-        end
-        return 400, MISSING
-    end
-    if #key > MAX_KEY_LEN then
-        return 400, TOO_LONG
+        -- (for a body that could not be read the server answers 413/408/400 itself)
+        return apikey.error_status(err)
     end
     if rl then
         local ok, _, retry_after = rl:incoming(key)
@@ -157,14 +112,9 @@ function _M.handler(req)
     local res
     res, err = bal:proxy(req)
     if not res then
-        if err == "no backend up" or err == "no backends" then
-            log(ERR, "no backend for ", req:get_uri(), ": ", err)
-            return 503, "503 Service Unavailable\n"
-        end
-        if err == "timeout" then
-            return 504, "504 Gateway Timeout\n"
-        end
-        return 502, "502 Bad Gateway\n"
+        local status, body = balancer.error_status(err)
+        if status == 503 then log(ERR, "no backend for ", req:get_uri(), ": ", err) end
+        return status, body
     end
     return res
 end

@@ -37,15 +37,12 @@ function _M.handler(req)
     local backend, err = bal:take(req)
     if not backend then
         luaproxy.log(luaproxy.ERR, "no backend for ", req:get_uri(), ": ", err)
-        return 503, "503 Service Unavailable\n"
+        return balancer.error_status(err)
     end
     local res
     res, err = req:proxy(backend)
     if not res then
-        if err == "timeout" then
-            return 504, "504 Gateway Timeout\n"
-        end
-        return 502, "502 Bad Gateway\n"
+        return balancer.error_status(err)
     end
     return res
 end

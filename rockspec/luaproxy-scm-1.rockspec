@@ -32,6 +32,7 @@ build = {
       lib = { ["luaproxy"] = "luaproxy.so" },
       lua = {
          ["luaproxy.admin"] = "lua/luaproxy/admin.lua",
+         ["luaproxy.apikey"] = "lua/luaproxy/apikey.lua",
          ["luaproxy.balancer"] = "lua/luaproxy/balancer.lua",
          ["luaproxy.chash"] = "lua/luaproxy/chash.lua",
          ["luaproxy.cli"] = "lua/luaproxy/cli.lua",

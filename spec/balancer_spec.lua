@@ -56,6 +56,30 @@ describe("luaproxy.balancer", function()
         assert.are.equal("no backends", perr)
     end)
 
+    it("error_status: 503 when there was nothing to choose, 504 for a timeout, 502 otherwise", function()
+        for err, want in pairs({
+            ["no backends"] = { 503, "503 Service Unavailable\n" },
+            ["no backend up"] = { 503, "503 Service Unavailable\n" },
+            ["no other backend"] = { 503, "503 Service Unavailable\n" },
+            ["timeout"] = { 504, "504 Gateway Timeout\n" },
+            ["connection refused"] = { 502, "502 Bad Gateway\n" },
+            ["connection reset by peer"] = { 502, "502 Bad Gateway\n" },
+            ["upstream closed connection"] = { 502, "502 Bad Gateway\n" },
+            ["could not resolve host 'x'"] = { 502, "502 Bad Gateway\n" },
+            [""] = { 502, "502 Bad Gateway\n" },
+        }) do
+            assert.are.same(want, { balancer.error_status(err) }, err)
+        end
+        -- what take and pick return when they fail maps to 503
+        local bal = fresh({ "a:1" })
+        assert.is_true(bal:set_backends({}))
+        assert.are.equal(503, (balancer.error_status(select(2, bal:pick()))))
+        for _, bad in ipairs({ 42, true, {} }) do
+            assert.has_error(function() balancer.error_status(bad) end, "balancer.error_status: err must be a string")
+        end
+        assert.has_error(function() balancer.error_status() end)
+    end)
+
     it("keeps its counters in a shared dict every VM can see", function()
         local bal = fresh({ "a:1" })
         assert.are.equal(0, luaproxy.shared["bal_spec_" .. n]:get("conn:a:1"))
@@ -96,6 +120,47 @@ describe("luaproxy.balancer, chash mode", function()
             if before[i] ~= NODES[10] then assert.are.equal(before[i], now) end
             assert.are_not.equal(NODES[10], now)
         end
+    end)
+
+    it("finds a node for every key whenever one is usable, however few, the same in every balancer", function()
+        local THREE = { "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80" }
+        local down = {}
+        local hc = { is_up = function(_, addr) return not down[addr] end }
+        local bal = fresh(THREE, { health = hc })
+        local other = assert(balancer.new{ dict = "bal_chash_spec_" .. m, mode = "chash", health = hc })
+        local ring = require("luaproxy.chash").new(THREE)
+        -- one of three up: the key's node and its rehashes all miss for about 6% of keys
+        for up = 1, 3 do
+            down = {}
+            for i, addr in ipairs(THREE) do down[addr] = i ~= up end
+            local missed = 0
+            for i = 1, 2000 do
+                local key = "k" .. i
+                local hit = false
+                for r = 0, 6 do
+                    if ring:find(r == 0 and key or key .. "#" .. r) == THREE[up] then hit = true; break end
+                end
+                if not hit then missed = missed + 1 end
+                assert.are.equal(THREE[up], bal:pick{ key = key }, key)
+                assert.are.equal(THREE[up], other:pick{ key = key }, key)
+            end
+            assert.is_true(missed > 40, "only " .. missed .. " keys missed by every rehash: the test proves nothing")
+        end
+        -- two up: keys whose rehashes all meet the down node spread over both others
+        down = { [THREE[1]] = true }
+        local got = {}
+        for i = 1, 2000 do
+            local addr = bal:pick{ key = "k" .. i }
+            assert.are_not.equal(THREE[1], addr)
+            assert.are.equal(addr, other:pick{ key = "k" .. i })
+            got[addr] = (got[addr] or 0) + 1
+        end
+        assert.is_true(got[THREE[2]] > 600 and got[THREE[3]] > 600)
+        -- the one usable node excluded: "no other backend"; none up: "no backend up"
+        down = { [THREE[1]] = true, [THREE[2]] = true }
+        assert.are.same({ nil, "no other backend" }, { bal:pick{ key = "x", exclude = { [THREE[3]] = true } } })
+        down[THREE[3]] = true
+        assert.are.same({ nil, "no backend up" }, { bal:pick{ key = "x" } })
     end)
 
     it("skips excluded and down nodes the same way everywhere; needs a key", function()

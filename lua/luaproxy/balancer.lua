@@ -13,6 +13,7 @@ local luaproxy = require "luaproxy"
 local json = luaproxy.json
 local chash = require "luaproxy.chash"
 local type, ipairs, tostring, find = type, ipairs, tostring, string.find
+local hash32 = luaproxy.hash32
 
 local _M = { _VERSION = "0.1.0" }
 local mt = { __index = _M }
@@ -52,6 +53,26 @@ function _M.is_connect_error(err)
         if find(err, prefix, 1, true) == 1 then return true end
     end
     return false
+end
+
+-- What a policy answers when a balancer or req:proxy gave up: nothing to choose from is 503,
+-- a timeout 504, anything else the backend's fault as far as the client can tell: 502.
+local UNAVAILABLE = { ["no backends"] = true, ["no backend up"] = true,
+    ["no other backend"] = true }
+local BODY_503 = "503 Service Unavailable\n"
+local BODY_504 = "504 Gateway Timeout\n"
+local BODY_502 = "502 Bad Gateway\n"
+
+--- status, body = balancer.error_status(err): the answer to a failed bal:take/bal:proxy or
+-- req:proxy: 503 for "no backends" / "no backend up" / "no other backend", 504 for
+-- "timeout", 502 for anything else; the body is the status line's text
+function _M.error_status(err)
+    if type(err) ~= "string" then
+        error("balancer.error_status: err must be a string", 2)
+    end
+    if UNAVAILABLE[err] then return 503, BODY_503 end
+    if err == "timeout" then return 504, BODY_504 end
+    return 502, BODY_502
 end
 
 --- bal, err = balancer.new{ dict = name?, backends = {...}?, health = hc?, mode = "least_conn"|"chash" }
@@ -127,8 +148,17 @@ local function ring_of(self)
     return self.ring, #list
 end
 
+-- Whether pick may return addr: not excluded, and up. Sets the second result when excluded.
+local function usable(health, exclude, addr)
+    if exclude and exclude[addr] then return false, true end
+    return not health or health:is_up(addr), false
+end
+
 -- chash mode: the key's node, or when it is down or excluded, the first usable node of the
--- key's rehashes (key#1, key#2, ...): the same choice in every worker and process.
+-- key's rehashes (key#1 .. key#2n): the same choice in every worker and process. Rehashes can
+-- all miss when few nodes are usable (with 1 of 3 up, (2/3)^7, 6% of the keys would), so after
+-- them the nodes in sorted order, from a place the key's hash picks, are tried too: a key
+-- finds a node whenever one is usable.
 local function pick_chash(self, opts)
     local key = opts and opts.key
     if type(key) ~= "string" then
@@ -140,11 +170,17 @@ local function pick_chash(self, opts)
     local excluded = false
     for i = 0, n * 2 do
         local addr = ring:find(i == 0 and key or key .. "#" .. i)
-        if exclude and exclude[addr] then
-            excluded = true
-        elseif not health or health:is_up(addr) then
-            return addr
-        end
+        local ok, ex = usable(health, exclude, addr)
+        if ok then return addr end
+        excluded = excluded or ex
+    end
+    local nodes = ring:nodes()
+    local start = hash32(key) % #nodes
+    for i = 0, #nodes - 1 do
+        local addr = nodes[(start + i) % #nodes + 1]
+        local ok, ex = usable(health, exclude, addr)
+        if ok then return addr end
+        excluded = excluded or ex
     end
     return nil, excluded and "no other backend" or "no backend up"
 end

@@ -37,8 +37,8 @@ local SETTING_TYPES = {
     listen = "string", backends = "table", workers = "number", policy = "string",
     api_key_header = "string", log_level = "string", demo_ports = "table", dicts = "table",
     metrics_listen = "string",
-    -- examples/api_router.lua's (their contents are checked by luaproxy.health and
-    -- luaproxy.ratelimit when the policy starts)
+    -- examples/api_router.lua's and examples/router_tier.lua's (their contents are checked
+    -- by luaproxy.health and luaproxy.ratelimit when the policy starts)
     health_check = "table", rate_limit = "table", max_fails = "number", fail_timeout = "number",
 }
 
