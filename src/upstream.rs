@@ -273,9 +273,6 @@ async fn exchange(
     opts: &Options,
     at: Option<&Attempt>,
 ) -> Result<(Head, ResponseBody), Error> {
-    if let Some(at) = at {
-        at.connected.set(Some(Instant::now()));
-    }
     conn.set_deadline(Some(opts.send_timeout));
     let io = async {
         match body {
@@ -329,6 +326,10 @@ pub(crate) async fn send(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
     while let Some(conn) = pool_take(key) {
+        // A pooled connection is in hand at once (nginx logs 0 for it too): no clock read.
+        if let Some(at) = at {
+            at.connected.set(Some(at.start));
+        }
         match exchange(conn, key, method, head, &mut body, opts, at).await {
             Ok(x) => return Ok(x),
             Err(Error::WriteFailed(_)) if replayable => continue,
@@ -337,6 +338,9 @@ pub(crate) async fn send(
         }
     }
     let conn = connect(key, opts).await?;
+    if let Some(at) = at {
+        at.connected.set(Some(Instant::now()));
+    }
     exchange(conn, key, method, head, &mut body, opts, at)
         .await
         .map_err(|e| e.reason())

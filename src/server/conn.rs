@@ -372,7 +372,6 @@ async fn serve_conn_inner(
         // The first head is due within client_header_timeout of the accept; a kept-alive
         // connection may then idle for keepalive_timeout before its next head begins.
         let idle = (served > 0).then_some(w.settings.keepalive_timeout);
-        let head_start = Instant::now();
         let head = match downstream::read_head(
             &conn,
             &w.limits,
@@ -427,7 +426,8 @@ async fn serve_conn_inner(
                         method: "",
                         target: "",
                         version: v,
-                        start: head_start,
+                        // the head's first byte is not timed: a rejection costs ~0 anyway
+                        start: Instant::now(),
                         status: r.status.as_u16(),
                         body_bytes_sent: body_sent,
                         bytes_sent: sent,
