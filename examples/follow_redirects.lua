@@ -67,7 +67,7 @@ function _M.init_worker(config)
         },
     })
     if not ok then
-        error("follow_redirects: bad max_redirects or redirect_hosts: " .. tostring(f):gsub("^[^:]*:%d+: ", ""), 0)
+        error("follow_redirects: " .. tostring(f):gsub("^[^:]*:%d+: ", ""), 0)
     end
     follower = f
 end
