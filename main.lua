@@ -152,6 +152,10 @@ end
 
 local function main(settings)
     if settings.log_level then luaproxy.set_log_level(settings.log_level) end
+    -- Listening before anything serves: the workers answer requests before serve() returns
+    -- here, and a TERM in that moment must stop the server gracefully, not kill the process.
+    -- (A signal that comes before handle_signals waits is kept for it.)
+    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT")
 
     local policy, perr = resolve_policy(settings.policy)
     if not policy then

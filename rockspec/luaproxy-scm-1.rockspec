@@ -39,6 +39,7 @@ build = {
          ["luaproxy.health"] = "lua/luaproxy/health.lua",
          ["luaproxy.lock"] = "lua/luaproxy/lock.lua",
          ["luaproxy.ratelimit"] = "lua/luaproxy/ratelimit.lua",
+         ["luaproxy.redirect"] = "lua/luaproxy/redirect.lua",
       },
    },
 }

@@ -69,6 +69,22 @@ describe("luaproxy.cli.parse", function()
         end
     end)
 
+    it("accepts examples/follow_redirects.lua's settings, and checks their types", function()
+        local conf = util.write_temp("c.lua", "return { max_redirects = 3, redirect_hosts = { '127.0.0.1:9003' } }")
+        local s = assert(cli.parse({ "--config", conf }))
+        assert.are.equal(3, s.max_redirects)
+        assert.are.same({ "127.0.0.1:9003" }, s.redirect_hosts)
+        for text, want in pairs({
+            ["max_redirects = '3'"] = "setting 'max_redirects' must be a number",
+            ["redirect_hosts = '127.0.0.1:9003'"] = "setting 'redirect_hosts' must be a table",
+        }) do
+            local bad = util.write_temp("c.lua", "return { " .. text .. " }")
+            local none, err = cli.parse({ "--config", bad })
+            assert.is_nil(none)
+            assert.matches(want, err, 1, true)
+        end
+    end)
+
     it("--help wins", function()
         assert.is_true(cli.parse({ "--backend", "a:1", "--help" }).help)
     end)

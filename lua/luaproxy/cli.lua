@@ -40,6 +40,8 @@ local SETTING_TYPES = {
     -- examples/api_router.lua's and examples/router_tier.lua's (their contents are checked
     -- by luaproxy.health and luaproxy.ratelimit when the policy starts)
     health_check = "table", rate_limit = "table", max_fails = "number", fail_timeout = "number",
+    -- examples/follow_redirects.lua's (checked by luaproxy.redirect when the policy starts)
+    max_redirects = "number", redirect_hosts = "table",
 }
 
 local function load_config(path)
