@@ -359,6 +359,9 @@ describe("examples/follow_redirects.lua", function()
                 .. "/loop/a, client: 127.0.0.1, request: \"GET /loop/a\"", log, 1, true)
             assert.matches("redirect loop (508): " .. H .. "/self?code=307&to= -> " .. H .. "/self?code=307&to=",
                 log, 1, true)
+            -- the log phase (log_level info) names the chain of a request that got its answer
+            assert.matches("redirects: " .. H .. "/chain/5 -> " .. H .. "/chain/4 -> " .. H .. "/chain/3 -> "
+                .. H .. "/chain/2 -> " .. H .. "/chain/1 -> " .. H .. "/chain/0", log, 1, true)
         end)
     end)
 
