@@ -9,6 +9,8 @@
 #   PEERS="nginx-lua" ROUNDS=4 bench/peers.sh
 #   PIN=1 bench/peers.sh                 proxy alone on CPU 1, wrk + backend on CPU 0
 #   LUAPROXY_LUA=luajit bench/peers.sh   luaproxy's LuaJIT build (make luajit) instead of Lua 5.4
+#   ROUTER=1 bench/peers.sh              examples/api_router.lua with its access log and metrics
+#                                        on (bench/router.conf.lua) instead of least_conn
 # Results: the markdown table on stdout; raw rows under $BENCH_VAR (see ../shared/bench/README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,14 +26,17 @@ fi
 # Debian starts an nginx on port 80 after installing it; the harness uses its own instances.
 
 workers=${PROXY_WORKERS:-2}
+conf=bench/luaproxy.conf.lua
+[[ ${ROUTER:-0} == 1 ]] && conf=bench/router.conf.lua
 [[ ${PIN:-0} == 1 ]] && workers=1
 if [[ ${LUAPROXY_LUA:-lua5.4} == luajit ]]; then
     # The LuaJIT build of the same crate (what OpenResty runs its Lua on): `make luajit`.
     [[ -f target/luajit/lib/luaproxy.so ]] || make luajit >&2
-    cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='target/luajit/lib/?.so;;' luajit main.lua --config bench/luaproxy.conf.lua --workers $workers"
+    cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='target/luajit/lib/?.so;;' luajit main.lua --config $conf --workers $workers"
     label=luaproxy-luajit
 else
-    cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' lua5.4 main.lua --config bench/luaproxy.conf.lua --workers $workers"
+    cmd="exec env LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' lua5.4 main.lua --config $conf --workers $workers"
     label=luaproxy
 fi
+[[ ${ROUTER:-0} == 1 ]] && label=$label-router
 EXTRA_LABEL=$label EXTRA_PORT=8090 exec "$SHARED/peers.sh" "$cmd"
