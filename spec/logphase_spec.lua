@@ -12,6 +12,11 @@ local config = ...
 local UP, CLOSED = config.up, config.closed
 local seen = luaproxy.shared.logphase
 local _M = {}
+function _M.init_worker()
+    if config.timer_error then
+        luaproxy.timer.at(0, function() error("timer boom") end)
+    end
+end
 function _M.handler(req)
     local path = req:get_path()
     local ctx = req:ctx()
@@ -41,10 +46,14 @@ end
 return _M
 ]]
 
-local function policy_server(up, closed)
+local function policy_server(up, closed, timer_error)
     local path = util.write_temp("logphase_policy.lua", POLICY)
     return assert(luaproxy.serve{ listen = "127.0.0.1:0", policy = path, workers = 2,
-        config = { up = up, closed = closed } })
+        config = { up = up, closed = closed, timer_error = timer_error } })
+end
+
+local function errors(phase)
+    return tonumber(luaproxy.metrics.render():match('luaproxy_lua_errors_total{phase="' .. phase .. '"} (%d+)') or 0)
 end
 
 describe("the log phase", function()
@@ -117,14 +126,15 @@ describe("the log phase", function()
 
     it("counts request bytes exactly, runs for rejected heads, may wait, and survives its own errors", function()
         util.run(function()
-            local srv = policy_server("127.0.0.1:9", "127.0.0.1:9")
+            local timer_errors = errors("timer")
+            local srv = policy_server("127.0.0.1:9", "127.0.0.1:9", true)
             local port = srv.port
             local head = "POST /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nConnection: close\r\n\r\n"
             local out = util.raw(port, head:gsub("\r\n", "\\r\\n") .. "abcdef")
             assert.matches("^HTTP/1.1 200", out)
             assert.matches("^HTTP/1.1 400", util.raw(port, "GARBAGE\\r\\n\\r\\n"))
             assert.matches("^HTTP/1.1 200", util.raw(port, "GET /async HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n"))
-            local before = luaproxy.metrics.render():match('luaproxy_lua_errors_total{phase="log"} (%d+)')
+            local before = errors("log")
             assert.matches("^HTTP/1.1 200", util.raw(port, "GET /logerr HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n"))
             assert.is_true(util.wait_for(function() return seen:get("calls") == 3 end, 5))
 
@@ -143,10 +153,9 @@ describe("the log phase", function()
             -- the log phase slept before it wrote: it went on after the response
             assert.are.equal(200, seen:get("/async").status)
 
-            assert.is_true(util.wait_for(function()
-                local n = luaproxy.metrics.render():match('luaproxy_lua_errors_total{phase="log"} (%d+)')
-                return tonumber(n or 0) == tonumber(before or 0) + 1
-            end, 5))
+            assert.is_true(util.wait_for(function() return errors("log") == before + 1 end, 5))
+            -- each worker's init_worker timer failed once
+            assert.are.equal(timer_errors + 2, errors("timer"))
             util.shut(srv)
         end, 20)
     end)

@@ -421,6 +421,9 @@ fn lua_spawn(lua: &Lua, (f, args): (LuaFunction, LuaMultiValue)) -> LuaResult<Ta
             _ = reaches(&mut life, KILLED) => Err("killed: the worker stopped".into()),
         };
         if let Err(msg) = &r {
+            if !msg.starts_with("killed") {
+                crate::metrics::builtin::lua_error("task");
+            }
             if !st2.borrow().waiting {
                 crate::log!(ERR, "spawned task failed: {msg}");
             }
@@ -496,6 +499,7 @@ fn start_timer(
             call_args.extend(args.iter().cloned());
             tokio::select! {
                 r = call_protected(&lua2, f.clone(), call_args) => if let Err(msg) = r {
+                    crate::metrics::builtin::lua_error("timer");
                     crate::log!(ERR, "timer callback failed: {msg}");
                 },
                 _ = reaches(&mut life, KILLED) => return,
