@@ -86,6 +86,65 @@ describe("luaproxy.balancer", function()
     end)
 end)
 
+describe("bal:proxy", function()
+    -- the upstream is a real server, and the request objects need one too
+    it("sends an idempotent request a backend closed without answering to another; never a POST", function()
+        local luaproxy = require "luaproxy"
+        local util = require "support.util"
+        util.run(function()
+            local mute = util.python_upstream("mute", 20)
+            local good_got = {}
+            local good = util.serve_handler(function(req)
+                good_got[#good_got + 1] = req:get_method()
+                return 200, "good"
+            end)
+            local dict = luaproxy.shared.bal_retry or assert(luaproxy.shared.new("bal_retry", "1m"))
+            dict:flush_all()
+            local bal = assert(balancer.new{ dict = "bal_retry", backends = { mute.addr, good.addr } })
+            local front = util.serve_handler(function(req)
+                if req:get_method() == "POST" then req:read_body() end
+                local res, err = bal:proxy(req)
+                if not res then return 502, err end
+                return res
+            end)
+            local base = "http://" .. front.addr .. "/x"
+            for _ = 1, 4 do
+                local status, body = util.get(base)
+                assert.are.same({ 200, "good" }, { status, body })
+            end
+            local muted = #mute.log()
+            assert.is_true(muted >= 1, "no GET reached the mute backend")
+            assert.are.equal(4, #good_got)
+            local refused = 0
+            for _ = 1, 4 do
+                local status, body = util.get(base, { method = "POST", body = "once" })
+                if status == 502 then
+                    assert.are.equal("upstream closed connection", body)
+                    refused = refused + 1
+                else
+                    assert.are.equal(200, status)
+                end
+            end
+            assert.is_true(refused >= 1, "no POST reached the mute backend")
+            assert.are.equal(muted + refused, #mute.log())
+            assert.are.equal(4 + 4 - refused, #good_got)
+            util.shut(front)
+            util.shut(good)
+            mute.stop()
+        end, 20)
+    end)
+
+    it("is_retryable: connect errors always; a closed or reset connection for idempotent methods", function()
+        assert.is_true(balancer.is_retryable("connection refused", "POST"))
+        assert.is_true(balancer.is_retryable("upstream closed connection", "GET"))
+        assert.is_true(balancer.is_retryable("connection reset by peer", "PUT"))
+        assert.is_false(balancer.is_retryable("upstream closed connection", "POST"))
+        assert.is_false(balancer.is_retryable("connection reset by peer", "PATCH"))
+        assert.is_false(balancer.is_retryable("timeout", "GET"))
+        assert.is_false(balancer.is_retryable(nil, "GET"))
+    end)
+end)
+
 describe("luaproxy.balancer, chash mode", function()
     local m = 0
     local function fresh(backends, extra)

@@ -55,6 +55,20 @@ function _M.is_connect_error(err)
     return false
 end
 
+-- Errors after the request may have reached the backend but before any answer came: sent
+-- again elsewhere only for an idempotent method (nginx's proxy_next_upstream error, without
+-- non_idempotent), where doing it twice is harmless (RFC 9110 section 9.2.2).
+local BROKEN_ERRORS = { ["upstream closed connection"] = true, ["connection reset by peer"] = true }
+local IDEMPOTENT = { GET = true, HEAD = true, OPTIONS = true, PUT = true, DELETE = true }
+
+--- ok = balancer.is_retryable(err, method): whether bal:proxy sends a request that failed
+-- with `err` to another backend: a connect error always, a connection the backend closed or
+-- reset before answering when `method` is idempotent
+function _M.is_retryable(err, method)
+    if _M.is_connect_error(err) then return true end
+    return BROKEN_ERRORS[err] == true and IDEMPOTENT[method] == true
+end
+
 -- What a policy answers when a balancer or req:proxy gave up: nothing to choose from is 503,
 -- a timeout 504, anything else the backend's fault as far as the client can tell: 502.
 local UNAVAILABLE = { ["no backends"] = true, ["no backend up"] = true,
@@ -240,8 +254,9 @@ function _M.take(self, req, opts)
 end
 
 --- res, err, addr = bal:proxy(req, opts?): take a backend and req:proxy to it. When the
--- connection failed before the backend got anything (balancer.is_connect_error) and the
--- request can be sent again (no body, or a body read with req:read_body() first), another
+-- connection failed before the backend got anything (balancer.is_connect_error), or the
+-- backend closed or reset it before answering an idempotent request (balancer.is_retryable),
+-- and the request can be sent again (no body, or a body read with req:read_body() first), another
 -- backend is tried, up to opts.tries backends in all (3). Every outcome is reported to the
 -- health checker. opts.proxy is passed to req:proxy; opts.key is the key in chash mode. err
 -- (with addr nil) is take's when no backend could be chosen; otherwise the last backend's.
@@ -265,7 +280,7 @@ function _M.proxy(self, req, opts)
         if health then health:report(addr, res or perr) end
         if res then return res, nil, addr end
         -- get_body_data() is nil once an unread body was streamed: it cannot be sent again
-        if tried >= tries or not _M.is_connect_error(perr) or req:get_body_data() == nil then
+        if tried >= tries or not _M.is_retryable(perr, req:get_method()) or req:get_body_data() == nil then
             return nil, perr, addr
         end
         exclude = exclude or {}

@@ -17,6 +17,8 @@ LOG_FILE (flushed at once). Every connection is served by its own thread. Modes:
   close     answers DATA_FILE's bytes with no length, delimited by closing the connection
             (path /http10: an HTTP/1.0 status line).
   hostile   answers with a broken head chosen by the path (see HOSTILE) and closes.
+  mute      reads each request whole, logs it, and closes without answering (a backend that
+            dies while it handles the request).
 """
 import os
 import socket
@@ -149,6 +151,8 @@ def serve(sock, cid):
             elif MODE == "close":
                 line = b"HTTP/1.0 200 OK\r\n" if path == "/http10" else b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
                 sock.sendall(line + b"Content-Type: application/octet-stream\r\n\r\n" + DATA)
+                return
+            elif MODE == "mute":
                 return
             elif MODE == "hostile":
                 sock.sendall(HOSTILE.get(path, HOSTILE["/ok"]))
