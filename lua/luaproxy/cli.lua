@@ -39,6 +39,10 @@ local SETTING_TYPES = {
     -- examples/api_router.lua's (their contents are checked by luaproxy.health and
     -- luaproxy.ratelimit when the policy starts)
     health_check = "table", rate_limit = "table", max_fails = "number", fail_timeout = "number",
+    -- examples/timeline_cache.lua's (their values are checked when the policy starts)
+    timeline_fields = "table", timeline_path = "string", timeline_ttl = "number",
+    timeline_timeout = "number", timeline_stale = "number", timeline_neg_ttl = "number",
+    timeline_cache_size = "string", timeline_lru_size = "number",
 }
 
 local function load_config(path)
