@@ -28,7 +28,8 @@
 --        the upstream again
 --   502/503/504 with `{"error": ...}`: the same failures without a stale copy (504 for a
 --        timeout, 503 when no backend is configured); nothing is cached
---   404  `{"error": ...}` for other paths, and when the upstream answers 404 (never stale)
+--   404  `{"error": ...}` for other paths (and users over 256 bytes), and when the upstream
+--        answers 404 (never stale)
 --   405  with `Allow: GET, HEAD` for other methods on /timeline/<user>
 --
 -- Run:  lua main.lua --policy examples/timeline_cache.lua --backend 127.0.0.1:3000 [--config examples/timeline_cache.conf.lua]
@@ -77,7 +78,6 @@ local VALUE_PREFIX, RETRY_PREFIX = "t:", "r:"
 local JSON_TYPE = "application/json"
 local ALLOW = "GET, HEAD"
 local STALE_WARNING = '110 - "Response is Stale"'
-local NOT_FOUND = { error = "not found" }
 
 local bal, cache, path_template, ttl, timeout, stale_limit, neg_ttl, fetch_opts
 local filter -- the compiled timeline_fields (compile below)
@@ -177,7 +177,6 @@ local function filter_timeline(text)
     buf[#buf + 1] = "]"
     return concat(buf)
 end
-_M.filter_timeline = filter_timeline
 
 local function escape_char(c)
     return format("%%%02X", byte(c))
@@ -197,24 +196,26 @@ end
 -- user at a time across every worker (cache:get_or_fetch); `req` holds the backend's lease.
 local function fetch(req, user)
     local path = upstream_path(user)
-    local exclude
-    local res, err, addr
-    for _ = 1, MAX_TRIES do
-        local aerr
-        addr, aerr = bal:take(req, exclude and { exclude = exclude })
-        if not addr then
-            if exclude then break end -- err is the last backend's
-            log(ERR, "timeline ", user, ": no backend: ", aerr)
-            return nil, failure(503, "no backend")
-        end
+    local addr, err = bal:take(req)
+    if not addr then
+        log(ERR, "timeline ", user, ": no backend: ", err)
+        return nil, failure(503, "no backend")
+    end
+    local res, exclude
+    local tries = 1
+    while true do
         res, err = http.request_uri("http://" .. addr .. path, {
             headers = { accept = JSON_TYPE },
             connect_timeout = timeout, send_timeout = timeout, read_timeout = timeout,
         })
-        if res or not balancer.is_connect_error(err) then break end
-        log(WARN, "timeline ", user, ": upstream ", addr, " failed (", err, ")")
+        -- only a connection that never opened is sure not to have reached the backend
+        if res or tries >= MAX_TRIES or not balancer.is_connect_error(err) then break end
         exclude = exclude or {}
         exclude[addr] = true
+        local next_addr = bal:take(req, { exclude = exclude })
+        if not next_addr then break end
+        log(WARN, "timeline ", user, ": upstream ", addr, " failed (", err, "), trying ", next_addr)
+        addr, tries = next_addr, tries + 1
     end
     if not res then
         log(ERR, "timeline ", user, ": upstream ", addr, " failed: ", err)
@@ -266,7 +267,7 @@ end
 _M.none_match = none_match
 
 local function error_response(status, message)
-    return status, { error = message }, nil
+    return status, { error = message }
 end
 
 --- Called once per worker before it serves, with the settings table.

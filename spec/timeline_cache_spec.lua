@@ -52,7 +52,7 @@ end }
 
 -- fn(t) with main.lua (2 workers) running the policy (default: the example) in front of one
 -- backend; `conf` is Lua source for more fields of the --config table.
-local function with_timeline(conf, fn, seconds, policy)
+local function with_timeline(conf, fn, seconds, policy, extra_backend)
     seconds = seconds or 30
     policy = policy or "examples/timeline_cache.lua"
     return util.run(function()
@@ -60,8 +60,10 @@ local function with_timeline(conf, fn, seconds, policy)
         t.srv = util.serve_handler(backend_handler(t.st))
         local port = util.free_port()
         local conf_file = util.write_temp("timeline.conf.lua", "return { " .. (conf or "") .. " }")
-        t.p = util.main(("--listen 127.0.0.1:%d --workers 2 --policy %s --backend %s --config %s")
-            :format(port, policy, t.srv.addr, conf_file), seconds + 5)
+        local backends = "--backend " .. t.srv.addr
+        if extra_backend then backends = "--backend " .. extra_backend .. " " .. backends end
+        t.p = util.main(("--listen 127.0.0.1:%d --workers 2 --policy %s %s --config %s")
+            :format(port, policy, backends, conf_file), seconds + 20)
         t.url = "http://127.0.0.1:" .. port
         function t.get(path, opts) return request(t.url .. path, opts) end
         function t.close_backend() util.shut(t.srv) end
@@ -75,11 +77,12 @@ local function with_timeline(conf, fn, seconds, policy)
             fn(t)
         end)
         t.p:signal("TERM")
-        local code = t.p:wait_exit(5)
+        -- generous: on a loaded machine a graceful stop can take a while
+        local code = t.p:wait_exit(15)
         if not code then t.p:kill() end
         pcall(util.shut, t.srv)
         if not ok then error(tostring(err) .. "\n--- main.lua's log:\n" .. t.p:log(), 0) end
-        assert.are.equal(0, code, t.p:log())
+        assert.are.equal(0, code, "exit status " .. tostring(code) .. "; main.lua's log:\n" .. t.p:log())
         -- whatever the upstream sent, the policy never raised
         assert.is_nil(t.p:log():find("error in policy", 1, true), t.p:log())
     end, seconds)
@@ -282,6 +285,19 @@ describe("examples/timeline_cache.lua", function()
             end
             assert.are.equal(n + 1, t.st.fetches)
         end)
+    end)
+
+    it("retries a refused connection on another backend", function()
+        local dead = "127.0.0.1:" .. util.run(util.free_port)
+        with_timeline(nil, function(t)
+            for u = 1, 6 do
+                local status, body = t.get("/timeline/u" .. u)
+                assert.are.same({ 200, FILTERED }, { status, body })
+            end
+            assert.are.equal(6, t.st.fetches)
+            assert.matches("upstream " .. dead .. " failed (connection refused), trying " .. t.srv.addr,
+                t.p:log(), 1, true)
+        end, nil, nil, dead)
     end)
 
     it("gives the same answers and fetches with a tiny per-worker table or none", function()
