@@ -10,6 +10,8 @@
 #   PIN=1 bench/peers.sh                 proxy alone on CPU 1, wrk + backend on CPU 0
 #   LUAPROXY_LUA=luajit bench/peers.sh   luaproxy's LuaJIT build (make luajit) instead of Lua 5.4
 # Results: the markdown table on stdout; raw rows under $BENCH_VAR (see ../shared/bench/README.md).
+# The timeline cache (issue #14, examples/timeline_cache.lua beside nginx + ngx_lua) has a
+# workload of its own on the same machinery: bench/timeline.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED_BENCH:-../shared/bench}
