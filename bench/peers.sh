@@ -12,6 +12,8 @@
 #   ROUTER=1 bench/peers.sh              examples/api_router.lua with its access log and metrics
 #                                        on (bench/router.conf.lua) instead of least_conn
 # Results: the markdown table on stdout; raw rows under $BENCH_VAR (see ../shared/bench/README.md).
+# The timeline cache (issue #14, examples/timeline_cache.lua beside nginx + ngx_lua) has a
+# workload of its own on the same machinery: bench/timeline.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED_BENCH:-../shared/bench}

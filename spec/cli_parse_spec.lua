@@ -85,6 +85,29 @@ describe("luaproxy.cli.parse", function()
         end
     end)
 
+    it("accepts examples/timeline_cache.lua's settings, and checks their types", function()
+        local conf = util.write_temp("c.lua", [[return {
+            timeline_fields = { "id", "user.screen_name" }, timeline_path = "/tl/{user}.json",
+            timeline_ttl = 60, timeline_timeout = 2, timeline_stale = 600, timeline_neg_ttl = 1,
+            timeline_cache_size = "16m", timeline_lru_size = 0,
+        }]])
+        local s = assert(cli.parse({ "--config", conf }))
+        assert.are.same({ "id", "user.screen_name" }, s.timeline_fields)
+        assert.are.same({ "/tl/{user}.json", 60, 2, 600, 1, "16m", 0 }, { s.timeline_path, s.timeline_ttl,
+            s.timeline_timeout, s.timeline_stale, s.timeline_neg_ttl, s.timeline_cache_size, s.timeline_lru_size })
+        for text, want in pairs({
+            ["timeline_fields = 'id'"] = "setting 'timeline_fields' must be a table",
+            ["timeline_ttl = '300s'"] = "setting 'timeline_ttl' must be a number",
+            ["timeline_path = 1"] = "setting 'timeline_path' must be a string",
+        }) do
+            local bad = util.write_temp("c.lua", "return { " .. text .. " }")
+            local none, err, code = cli.parse({ "--config", bad })
+            assert.is_nil(none)
+            assert.matches(want, err, 1, true)
+            assert.are.equal(1, code)
+        end
+    end)
+
     it("--help wins", function()
         assert.is_true(cli.parse({ "--backend", "a:1", "--help" }).help)
     end)

@@ -42,6 +42,10 @@ local SETTING_TYPES = {
     health_check = "table", rate_limit = "table", max_fails = "number", fail_timeout = "number",
     -- examples/follow_redirects.lua's (checked by luaproxy.redirect when the policy starts)
     max_redirects = "number", redirect_hosts = "table",
+    -- examples/timeline_cache.lua's (their values are checked when the policy starts)
+    timeline_fields = "table", timeline_path = "string", timeline_ttl = "number",
+    timeline_timeout = "number", timeline_stale = "number", timeline_neg_ttl = "number",
+    timeline_cache_size = "string", timeline_lru_size = "number",
 }
 
 local function load_config(path)
