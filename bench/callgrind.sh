@@ -4,6 +4,7 @@
 # valgrind --tool=callgrind in front of the peer harness's backends (started and stopped here
 # if not running); 2 s of `wrk -t1 -c4` to warm up, counters zeroed, 8 s measured, dumped.
 # Instruction counts do not depend on the machine's speed or load: the steady measure.
+# CONF=bench/router.conf.lua: the API router with its access log and metrics instead.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 dir=$(cd "${1:-$here}" && pwd); label=${2:-$(basename "$dir")}
@@ -13,7 +14,7 @@ started=0
 if ! "$SHARED/backend.sh" status >/dev/null 2>&1; then "$SHARED/backend.sh" start >/dev/null; started=1; fi
 cd "$dir"
 LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' valgrind --tool=callgrind --callgrind-out-file="$out" \
-    lua5.4 main.lua --config bench/luaproxy.conf.lua --workers 1 >"$out.log" 2>&1 &
+    lua5.4 main.lua --config "${CONF:-bench/luaproxy.conf.lua}" --workers 1 >"$out.log" 2>&1 &
 vpid=$!
 trap 'kill $vpid 2>/dev/null || true' EXIT
 for _ in $(seq 1 60); do curl -s -o /dev/null http://127.0.0.1:8090/ && break; sleep 1; done

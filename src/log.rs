@@ -177,6 +177,29 @@ fn lua_log(lua: &Lua, (level, rest): (LuaValue, LuaMultiValue)) -> LuaResult<boo
     Ok(true)
 }
 
+/// `luaproxy.log(level, ...)` for a level the log leaves out: `true` at once, before any
+/// argument is converted (a policy's per-request `log(INFO, ...)` costs a call and a compare
+/// at the default level); anything else goes to `lua_log` (upvalue 1).
+unsafe extern "C-unwind" fn raw_log(l: *mut mlua::ffi::lua_State) -> std::os::raw::c_int {
+    // SAFETY: this function's contract (the raw-code rules of capi.rs for C functions Lua
+    // calls) is what every operation below relies on.
+    unsafe {
+        use mlua::ffi;
+        if ffi::lua_type(l, 1) == ffi::LUA_TNUMBER {
+            let mut isint = 0;
+            let level = ffi::lua_tointegerx(l, 1, &mut isint);
+            if isint != 0
+                && (1..=DEBUG as ffi::lua_Integer).contains(&level)
+                && !enabled(level as u8)
+            {
+                ffi::lua_pushboolean(l, 1);
+                return 1;
+            }
+        }
+        crate::capi::fallback(l)
+    }
+}
+
 /// `luaproxy.set_log_level(level)` -> `true`. `level` is a name ("debug") or `luaproxy.DEBUG`.
 fn lua_set_log_level(_: &Lua, level: LuaValue) -> LuaResult<bool> {
     LEVEL.store(parse_level(&level)?, Ordering::Relaxed);
@@ -192,7 +215,12 @@ pub fn register(lua: &Lua, t: &LuaTable) -> LuaResult<()> {
     t.set("NOTICE", NOTICE)?;
     t.set("INFO", INFO)?;
     t.set("DEBUG", DEBUG)?;
-    t.set("log", lua.create_function(lua_log)?)?;
+    let slow = lua.create_function(lua_log)?;
+    // SAFETY: exec_raw hands over its own stack with the mlua function on it; the closure
+    // made from it is what the function leaves.
+    let log: LuaFunction =
+        unsafe { lua.exec_raw(slow, |l| mlua::ffi::lua_pushcclosure(l, raw_log, 1))? };
+    t.set("log", log)?;
     t.set("set_log_level", lua.create_function(lua_set_log_level)?)?;
     Ok(())
 }

@@ -37,9 +37,12 @@ local function first_string(v)
     return nil
 end
 
+local FORM_LEN = #FORM
+
 local function is_form(ct)
+    if #ct < FORM_LEN then return false end -- most other types: no search, no copy
     if find(ct, FORM, 1, true) == 1 then return true end -- the usual spelling: no copy
-    return lower(sub(ct, 1, #FORM)) == FORM
+    return lower(sub(ct, 1, FORM_LEN)) == FORM
 end
 
 local function find_key(req, header)

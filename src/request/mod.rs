@@ -71,8 +71,10 @@ pub struct ReqInner {
     pub proxy: RefCell<ProxyCall>,
     /// Made the first time something asks (`request_id`).
     id: Cell<Option<u128>>,
-    /// `req:ctx()`'s table, made on first use (ngx.ctx): the policy's per-request data.
-    pub ctx: RefCell<Option<LuaTable>>,
+    /// `req:ctx()`'s table (ngx.ctx: the policy's per-request data), made on first use: its
+    /// reference in the VM's registry (0: none yet). A registry slot rather than an mlua
+    /// handle so the raw `req:ctx()` (object.rs) can push it; `release_ctx` frees it.
+    pub ctx_ref: Cell<std::os::raw::c_int>,
 }
 
 thread_local! {
@@ -126,7 +128,7 @@ impl ReqInner {
             attempts: RefCell::new(Vec::new()),
             proxy: Default::default(),
             id: Cell::new(None),
-            ctx: RefCell::new(None),
+            ctx_ref: Cell::new(0),
         }
     }
 
@@ -142,6 +144,54 @@ impl ReqInner {
             }
         };
         format!("{id:032x}")
+    }
+
+    /// `req:ctx()`'s table if the policy made it.
+    pub fn ctx_table(&self, lua: &Lua) -> LuaResult<Option<LuaTable>> {
+        let r = self.ctx_ref.get();
+        if r == 0 {
+            return Ok(None);
+        }
+        // SAFETY: exec_raw runs this protected on the VM's own stack; `r` is a live registry
+        // reference of this VM (made by `ctx_or_new` or the raw `req:ctx()`).
+        unsafe {
+            lua.exec_raw::<LuaTable>((), |l| {
+                mlua::ffi::lua_rawgeti(l, mlua::ffi::LUA_REGISTRYINDEX, r as _);
+            })
+        }
+        .map(Some)
+    }
+
+    /// `req:ctx()`: the table, made (and referenced from the registry) on first use.
+    pub fn ctx_or_new(&self, lua: &Lua) -> LuaResult<LuaTable> {
+        if let Some(t) = self.ctx_table(lua)? {
+            return Ok(t);
+        }
+        let t = lua.create_table()?;
+        // SAFETY: protected raw stack work on the VM's own stack (the table pushed as the
+        // argument is referenced, and its reference pushed back as an integer).
+        let r = unsafe {
+            lua.exec_raw::<i64>(&t, |l| {
+                let r = mlua::ffi::luaL_ref(l, mlua::ffi::LUA_REGISTRYINDEX);
+                mlua::ffi::lua_pushinteger(l, r as _);
+            })
+        }?;
+        self.ctx_ref.set(r as std::os::raw::c_int);
+        Ok(t)
+    }
+
+    /// Frees `req:ctx()`'s registry slot (its table goes with the next collection): called
+    /// once the request is over, log phase included.
+    pub fn release_ctx(&self, lua: &Lua) {
+        let r = self.ctx_ref.replace(0);
+        if r != 0 {
+            // SAFETY: on the VM's stack between Lua calls, unprotected: luaL_unref only writes
+            // two registry slots that exist (the reference's and the free list's), which
+            // allocates nothing and so cannot raise; it leaves the stack as it found it.
+            lua.exec_raw_lua(|raw| unsafe {
+                mlua::ffi::luaL_unref(raw.state(), mlua::ffi::LUA_REGISTRYINDEX, r);
+            });
+        }
     }
 
     /// This request's id if something asked for it already (the log does not make one).

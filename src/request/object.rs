@@ -182,10 +182,12 @@ pub fn install_metatable(
     let mt = lua.create_table()?;
     mt.raw_set("__index", &methods)?;
     mt.raw_set("__name", "luaproxy.request")?;
-    let fns: [(&std::ffi::CStr, ffi::lua_CFunction); 3] = [
+    let fns: [(&std::ffi::CStr, ffi::lua_CFunction); 5] = [
         (c"get_header", raw_get_header),
         (c"get_path", raw_get_path),
         (c"get_method", raw_get_method),
+        (c"get_query", raw_get_query),
+        (c"ctx", raw_ctx),
     ];
     // SAFETY: plain stack work on tables made above; only memory errors can raise, and
     // exec_raw turns those into a Rust error.
@@ -268,6 +270,61 @@ unsafe extern "C-unwind" fn raw_get_path(l: *mut ffi::lua_State) -> c_int {
         push_bytes(l, path.as_deref().unwrap_or(uri.path().as_bytes()));
         drop((uri, path));
         drop(inner);
+        1
+    }
+}
+
+/// `req:get_query()`
+unsafe extern "C-unwind" fn raw_get_query(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on.
+    unsafe {
+        if ffi::lua_gettop(l) != 1 {
+            return fallback(l);
+        }
+        let Some(inner) = live_at(l, 1) else {
+            return fallback(l);
+        };
+        let Ok(uri) = inner.uri.try_borrow() else {
+            drop(inner);
+            return fallback(l);
+        };
+        match uri.query() {
+            Some(q) => push_bytes(l, q.as_bytes()),
+            None => ffi::lua_pushnil(l),
+        }
+        drop(uri);
+        drop(inner);
+        1
+    }
+}
+
+/// `req:ctx()`: the table's registry reference pushed, or a new table referenced first.
+unsafe extern "C-unwind" fn raw_ctx(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
+    // of capi.rs for C functions Lua calls) is what every operation below relies on. The
+    // request stays on the live list for this whole call (only its end takes it off), so
+    // looking it up again after the raising calls finds the same one.
+    unsafe {
+        if ffi::lua_gettop(l) != 1 {
+            return fallback(l);
+        }
+        let Some(inner) = live_at(l, 1) else {
+            return fallback(l);
+        };
+        let r = inner.ctx_ref.get();
+        drop(inner);
+        if r != 0 {
+            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, r as _);
+            return 1;
+        }
+        ffi::lua_createtable(l, 0, 4);
+        ffi::lua_pushvalue(l, -1);
+        let r = ffi::luaL_ref(l, ffi::LUA_REGISTRYINDEX);
+        match live_at(l, 1) {
+            Some(inner) => inner.ctx_ref.set(r),
+            None => ffi::luaL_unref(l, ffi::LUA_REGISTRYINDEX, r),
+        }
         1
     }
 }
@@ -419,14 +476,7 @@ fn add_methods(m: &mut Methods) {
         m.add_method("get_request_id", |_, this, ()| Ok(this.0.request_id()));
         // req:ctx() -> a table for this request only, the same one on every call (ngx.ctx):
         // what one part of a policy leaves for another (a checked API key, timings)
-        m.add_method("ctx", |lua, this, ()| {
-            if let Some(t) = &*this.0.ctx.borrow() {
-                return Ok(t.clone());
-            }
-            let t = lua.create_table()?;
-            *this.0.ctx.borrow_mut() = Some(t.clone());
-            Ok(t)
-        });
+        m.add_method("ctx", |lua, this, ()| this.0.ctx_or_new(lua));
         // req:elapsed() -> seconds since the request head arrived
         m.add_method("elapsed", |_, this, ()| {
             Ok(this.0.start.elapsed().as_secs_f64())

@@ -195,7 +195,7 @@ pub(super) const GC_STEP_EVERY: u64 = 4;
 /// Ends a request when handling ends, even when the handling future is dropped first (client
 /// abort): its guards (leases) and body go, and its id (the second field, once its Lua object
 /// exists) leaves the live list, so later method calls get "request has ended". Its `ctx`
-/// stays for the log phase, and goes with the request.
+/// stays for the log phase (the connection releases it after that).
 pub(super) struct DrainOnDrop(Rc<ReqInner>, Cell<i64>);
 
 impl Drop for DrainOnDrop {
@@ -501,6 +501,7 @@ async fn serve_conn_inner(
             let wrote = conn.borrow().bytes_written();
             drop(flight);
             logphase::finish(ended(499, None, wrote)).await;
+            inner.release_ctx(&w.lua);
             return Ok(());
         };
         if runtime::panic_requested() {
@@ -554,6 +555,7 @@ async fn serve_conn_inner(
         };
         drop(flight);
         logphase::finish(ended(status, Some(&resp_headers), wrote)).await;
+        inner.release_ctx(&w.lua);
         drop(inner);
         if failed {
             return Ok(());

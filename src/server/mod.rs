@@ -280,8 +280,15 @@ pub(super) async fn lua_serve(
         // program's own code); the memory cap needs a VM of our own (policy workers).
         let (life, life_rx) = watch::channel(runtime::RUNNING);
         let budget = settings.lua_budget;
-        let access =
-            access.map(|a| logphase::AccessLog::new(settings.log_format.clone(), &a, life_rx));
+        let access = match access {
+            Some(a) => Some(logphase::AccessLog::new(
+                &lua,
+                settings.log_format.clone(),
+                &a,
+                life_rx,
+            )?),
+            None => None,
+        };
         let w = Rc::new(Worker {
             lua: lua.clone(),
             handler,

@@ -222,10 +222,18 @@ async fn generation(spec: &WorkerSpec, site: &Site) -> Result<Worker, String> {
             return Err(e);
         }
     };
-    let access = spec
-        .access
-        .as_ref()
-        .map(|a| AccessLog::new(spec.settings.log_format.clone(), a, life.subscribe()));
+    let access = match &spec.access {
+        Some(a) => {
+            match AccessLog::new(&lua, spec.settings.log_format.clone(), a, life.subscribe()) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    let _ = life.send_replace(KILLED);
+                    return Err(e.to_string());
+                }
+            }
+        }
+        None => None,
+    };
     Ok(Worker {
         lua,
         handler: policy.handler,
