@@ -1,5 +1,5 @@
 -- luaproxy.json against Debian's lua-cjson (cjson.safe) on the same inputs: equal results,
--- except for the differences chosen and documented in src/json.rs and docs/api.md.
+-- except for the differences chosen and documented in src/json/mod.rs and docs/api.md.
 local luaproxy = require "luaproxy"
 local json = luaproxy.json
 -- Debian's lua-cjson is the reference (`make deps` installs it): the comparison never skips.
