@@ -104,8 +104,7 @@ end
 -- finish within shutdown_timeout, then exit 0); a second TERM, QUIT or INT stops at once
 -- (exit 0), and if a worker cannot stop (stuck in code the budget cannot reach), exit 1 after
 -- STUCK_EXIT_AFTER seconds.
-local function handle_signals(srv, settings, backends, state)
-    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT")
+local function handle_signals(sig, srv, settings, backends, state)
     local stopping = false
     while true do
         local name = sig:wait()
@@ -131,6 +130,10 @@ end
 
 local function main(settings)
     if settings.log_level then luaproxy.set_log_level(settings.log_level) end
+    -- Before any server starts: workers accept as soon as each is ready, before
+    -- luaproxy.serve returns, and a TERM then must be kept for handle_signals, not end the
+    -- process with the signal's default action.
+    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT")
 
     local policy, perr = resolve_policy(settings.policy)
     if not policy then
@@ -171,7 +174,7 @@ local function main(settings)
     end
     io.stdout:flush()
     local state = {}
-    local signals = luaproxy.spawn(handle_signals, srv, settings, backends, state)
+    local signals = luaproxy.spawn(handle_signals, sig, srv, settings, backends, state)
     srv:wait()
     signals:kill()
     if state.exit_timer then state.exit_timer:cancel() end
