@@ -1,13 +1,18 @@
 # luaproxy set-up and checks. On a fresh Debian 12 machine:
 #   make run    install what is missing, build and install the rock, run `lua main.lua`
-#   make test   the same set-up, then every test (cargo test, clippy, fmt, busted)
+#   make test   the same set-up, then every test: cargo test, clippy, fmt, and the rock packed,
+#               installed and tested (`luarocks test`: the busted suite) on Lua 5.4 and LuaJIT
+#   make rock   luaproxy-scm-1.src.rock, installable offline (crates vendored)
 SHELL := /bin/bash
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := lua5.4 liblua5.4-dev luarocks lua-busted lua-cjson luajit2 curl build-essential pkg-config nginx python3 python3-prometheus-client
+DEB_PACKAGES := lua5.4 liblua5.4-dev luarocks lua-busted lua-cjson luajit2 libluajit2-5.1-dev curl build-essential pkg-config nginx python3 python3-prometheus-client git zip unzip
 RUST_FEATURES := --no-default-features --features lua54,vendored
 ARGS ?=
+ROCK := luaproxy-scm-1.src.rock
+# LuaRocks for LuaJIT: its Lua 5.1, pointed at luajit and its headers (rockspec/luajit.lua)
+LUAROCKS_JIT := LUAROCKS_CONFIG_5_1=$(CURDIR)/rockspec/luajit.lua luarocks --lua-version 5.1
 
-.PHONY: deps install run test cargo-test lint busted luajit busted-luajit bench clean
+.PHONY: deps install run test cargo-test lint busted luajit busted-luajit rock rock-test bench clean
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -44,21 +49,33 @@ busted:
 	ok=$$(echo "$$line" | awk '{print $$1}'); bad=$$(echo "$$line" | awk '{print $$4 + $$7}'); \
 	rm -f $$out; echo "busted: $${ok:-0} passed, $${bad:-0} failed"; exit $$rc
 
-# The LuaJIT build (the rockspec makes it for a LuaJIT LuaRocks; here it sits beside the 5.4
-# one), and its specs: the FFI fast path of the dict methods.
+# The LuaJIT build of this checkout, through LuaRocks (rockspec/luajit.lua points its 5.1 at
+# LuaJIT): the rockspec leaves it in target/luajit/lib beside the 5.4 ./luaproxy.so and
+# installs it in the tree target/luajit/tree. `busted --run=luajit` tests it: every spec, and
+# spec_luajit/ (the FFI fast path of the dict methods).
 luajit:
-	cargo build --release --locked --no-default-features --features luajit,module --target-dir target/luajit
-	mkdir -p target/luajit/lib
-	cp target/luajit/release/libluaproxy.so target/luajit/lib/luaproxy.so
+	cargo fetch --locked
+	$(LUAROCKS_JIT) --tree target/luajit/tree make rockspec/luaproxy-scm-1.rockspec
 
 busted-luajit: luajit
-	timeout 300 busted --run=luajit -o utfTerminal
+	timeout 900 busted --run=luajit -o utfTerminal
 
-test: install cargo-test lint busted busted-luajit
+# The source rock, crates vendored: rockspec/pack.sh says what goes in it.
+rock:
+	rockspec/pack.sh
+
+# The rock installed as a user does, offline, into trees of its own, and tested there
+# (`luarocks test`: the whole busted suite) on Lua 5.4 and LuaJIT: rockspec/test.sh.
+rock-test: rock
+	rockspec/test.sh
+
+# The busted suite runs on the rock as `make rock-test` installs it, for Lua 5.4 and LuaJIT;
+# `make busted` / `make busted-luajit` run it on this checkout's builds.
+test: install cargo-test lint rock-test
 
 bench: install
 	bench/peers.sh
 
 clean:
 	cargo clean
-	rm -f luaproxy.so
+	rm -f luaproxy.so $(ROCK)

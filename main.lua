@@ -152,10 +152,10 @@ end
 
 local function main(settings)
     if settings.log_level then luaproxy.set_log_level(settings.log_level) end
-    -- Listening before anything serves: the workers answer requests before serve() returns
-    -- here, and a TERM in that moment must stop the server gracefully, not kill the process.
-    -- (A signal that comes before handle_signals waits is kept for it.)
-    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT")
+    -- Before any server starts: workers accept as soon as each is ready, before
+    -- luaproxy.serve returns, and a TERM then must be kept for handle_signals, not end the
+    -- process with the signal's default action.
+    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT", "USR1")
 
     local policy, perr = resolve_policy(settings.policy)
     if not policy then
@@ -183,9 +183,6 @@ local function main(settings)
 
     local opts = server_opts(settings, policy, backends)
     opts.listen, opts.workers = settings.listen, settings.workers
-    -- Listening before serving: once a worker answers, a TERM must stop gracefully (exit 0),
-    -- not kill the process before the task below has run.
-    local sig = luaproxy.signal.listen("HUP", "TERM", "QUIT", "INT", "USR1")
     local srv, err = luaproxy.serve(opts)
     if not srv then
         for _, s in ipairs(demos) do s:close() end

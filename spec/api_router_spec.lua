@@ -539,8 +539,8 @@ describe("examples/api_router.lua", function()
     end)
 
     it("a bad rate_limit or health_check in --config stops main.lua with one line", function()
-        local ENV = "LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout 10 lua5.4 main.lua --listen 127.0.0.1:0 "
-            .. "--policy examples/api_router.lua --backend 127.0.0.1:9 --config "
+        local ENV = util.lua_cmd("main.lua --listen 127.0.0.1:0 "
+            .. "--policy examples/api_router.lua --backend 127.0.0.1:9 --config ", 10)
         for conf, want in pairs({
             ["rate_limit = { rate = 0 }"] = "bad rate_limit: ratelimit.new: rate must be a positive number",
             ["health_check = { interval = -1 }"] = "check.interval must be a positive number",

@@ -39,7 +39,7 @@ describe("luaproxy.cache", function()
         assert.are.same(t, got)
         got.a = 2
         assert.are.equal(1, c:get("t").a)
-        assert.are.equal("integer", math.type(c:get("i")))
+        util.assert_number_type("integer", c:get("i"))
         assert.are.equal(0.5, c:get("f"))
         assert.is_false(c:get("b"))
         assert.is_true(c:delete("i"))

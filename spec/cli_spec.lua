@@ -2,8 +2,7 @@
 local luaproxy = require "luaproxy"
 local util = require "support.util"
 
-local ENV = "LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' "
-local MAIN = ENV .. "timeout 10 lua5.4 main.lua "
+local MAIN = util.lua_cmd("main.lua ", 10)
 
 local function one_clear_line(out)
     assert.is_nil(out:find("stack traceback", 1, true), out)

@@ -2,6 +2,7 @@
 -- except for the differences chosen and documented in src/json/mod.rs and docs/api.md.
 local luaproxy = require "luaproxy"
 local json = luaproxy.json
+local util = require "support.util"
 -- Debian's lua-cjson is the reference (`make deps` installs it): the comparison never skips.
 local cjson = require "cjson.safe"
 
@@ -44,6 +45,7 @@ describe("luaproxy.json.decode", function()
     end)
 
     it("keeps integers as integers (a chosen difference: cjson gives floats)", function()
+        if util.JIT then return pending("LuaJIT has no integer subtype: every number is a double") end
         assert.are.equal("integer", math.type(json.decode("1")))
         assert.are.equal("integer", math.type(json.decode("-9223372036854775808")))
         assert.are.equal("float", math.type(json.decode("1.0")))
@@ -80,7 +82,7 @@ describe("luaproxy.json.encode", function()
                 local theirs = cjson.encode(v)
                 if type(v) == "table" then
                     assert.are.same(cjson.decode(theirs), cjson.decode(ours), ours)
-                elseif math.type(v) == "float" and v ~= 0.1 and v ~= 1.5 and v ~= -2.25 then
+                elseif v == 1e300 or v == 1e-300 then -- cjson's 14 digits, ours 17: the same number
                     assert.are.equal(tonumber(theirs), tonumber(ours), ours)
                 else
                     assert.are.equal(theirs, ours)
@@ -97,9 +99,13 @@ describe("luaproxy.json.encode", function()
         assert.are.equal('{"a":[]}', json.encode(json.decode('{"a":[]}')))
     end)
 
-    it("keeps numbers exact (a chosen difference: cjson rounds to 14 digits)", function()
+    it("keeps 64-bit integers exact", function()
+        if util.JIT then return pending("LuaJIT has no 64-bit integers: every number is a double") end
         assert.are.equal("9007199254740993", json.encode(9007199254740993))
         assert.are.equal("-9223372036854775808", json.encode(math.mininteger))
+    end)
+
+    it("keeps numbers exact (a chosen difference: cjson rounds to 14 digits)", function()
         for _, f in ipairs({ 0.1, 1 / 3, 2 ^ 60 + 0.0, 1e-7, 123456.789, -0.0, 5e-324, 1.7976931348623157e308 }) do
             assert.are.equal(f, json.decode(json.encode(f)), tostring(f))
         end

@@ -5,7 +5,7 @@ local luaproxy = require "luaproxy"
 local util = require "support.util"
 
 -- Runs fn(srv, seen) with a server in a forked shell-friendly way: the raw clients are
--- blocking subprocesses, so the server runs in its own process (lua5.4 -e ...).
+-- blocking subprocesses, so the server runs in its own process (util.lua_cmd).
 local function serve_in_process(handler_src, opts_src, fn)
     local port = util.run(util.free_port)
     local script = util.write_temp("srv.lua", ([[
@@ -17,7 +17,7 @@ local function serve_in_process(handler_src, opts_src, fn)
             srv:close()
         end)
     ]]):format(port, handler_src, opts_src or ""))
-    os.execute("LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout 10 lua5.4 " .. script .. " & echo $! > " .. script .. ".pid")
+    os.execute(util.lua_cmd(script, 10) .. " & echo $! > " .. script .. ".pid")
     local pid = io.open(script .. ".pid"):read("l")
     local ok, err = pcall(function()
         assert(util.run(function()
@@ -328,8 +328,7 @@ describe("out of file descriptors", function()
             end)
         ]]):format(port))
         local log = script .. ".log"
-        local pid = util.start("bash -c \"ulimit -n 40; LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' exec lua5.4 "
-            .. script .. "\"", 10, log)
+        local pid = util.start("bash -c \"ulimit -n 40; exec env " .. util.lua_cmd(script) .. "\"", 10, log)
         local ok, err = pcall(function()
             util.run(function()
                 assert(util.wait_for(function() return util.get("http://127.0.0.1:" .. port .. "/") == 200 end, 5))

@@ -6,7 +6,8 @@ local luaproxy = require "luaproxy"
 local util = require "support.util"
 
 local NGINX = "/usr/sbin/nginx"
-local have_nginx = os.execute("test -x " .. NGINX) == true
+-- os.execute gives true on Lua 5.4, the exit status 0 on LuaJIT
+local have_nginx = ({ [true] = true, [0] = true })[os.execute("test -x " .. NGINX)] or false
 
 local PROXY = util.write_temp("peers_proxy.lua", [[
     local upstream

@@ -115,6 +115,36 @@ describe("signals", function()
         assert.are.equal(2, count(log, "premature timer of v1"), log)
     end)
 
+    it("a SIGTERM while the workers start (init_worker still running) stops it cleanly, exit 0", function()
+        -- Workers may accept before luaproxy.serve returns (one ready, another still in
+        -- init_worker): a TERM then must not find the signal's default action (exit 143).
+        local port = util.run(util.free_port)
+        local mark = util.write_temp("init.started", "")
+        os.remove(mark)
+        local policy = util.write_temp("slow_init_policy.lua", ([[
+            local luaproxy = require "luaproxy"
+            return {
+                init_worker = function()
+                    local f = assert(io.open(%q, "w"))
+                    f:close()
+                    luaproxy.sleep(1.5)
+                end,
+                handler = function() return 200, "up\n" end,
+            }
+        ]]):format(mark))
+        local conf = policy:gsub("[^/]+$", "slow_init.conf.lua")
+        write(conf, config_text(port, policy))
+        local proc = util.main("--config " .. conf, 30)
+        local ok, err = pcall(util.run, function()
+            assert(util.wait_for(function() return util.read_file(mark) ~= nil end, 10), proc.log())
+            proc:signal("TERM")
+            assert.are.equal(0, proc:wait_exit(10), proc.log())
+        end, 20)
+        if proc:status() == nil then proc:kill() end
+        assert(ok, err)
+        assert.matches("SIGTERM: stopping", proc.log(), 1, true)
+    end)
+
     it("a second SIGTERM stops at once, without waiting for requests in flight", function()
         local proc, base
         local ok, err = pcall(util.run, function()

@@ -3,6 +3,7 @@
 -- Run: busted --run=luajit (after `make luajit`; the Lua 5.4 ./luaproxy.so for the comparison).
 local luaproxy = require "luaproxy"
 local chash = require "luaproxy.chash"
+local paths = require "support.paths"
 
 local function digest(ring)
     local out = {}
@@ -36,7 +37,17 @@ local text = table.concat(out, "\n")
 io.write(("%08x %08x %d"):format(luaproxy.hash32(text), luaproxy.crc32(text), #text))
 ]])
         f:close()
-        local p = assert(io.popen("LUA_CPATH='./?.so;;' LUA_PATH='lua/?.lua;;' timeout 20 lua5.4 " .. script .. " 2>&1"))
+        -- the checkout's Lua 5.4 build, whichever LuaJIT build is under test
+        local root = paths.ROOT
+        local so = io.open(root .. "/luaproxy.so")
+        if so then so:close() else
+            os.remove(script)
+            pending("no Lua 5.4 build at " .. root .. "/luaproxy.so to compare with (make install)")
+            return
+        end
+        local env = ("LUA_CPATH='%s/?.so;;' LUA_PATH='%s/lua/?.lua;;'"):format(root, root)
+        local p = assert(io.popen(env .. " " .. env:gsub("LUA_(%a+)PATH", "LUA_%1PATH_5_4") .. " timeout 20 lua5.4 "
+            .. script .. " 2>&1"))
         local out = p:read("*a")
         p:close()
         os.remove(script)

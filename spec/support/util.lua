@@ -1,8 +1,35 @@
 -- Helpers shared by the specs: temp files, curl, subprocesses. Everything talks to 127.0.0.1
 -- and every subprocess runs under `timeout`, so no spec can hang.
+local paths = require "support.paths"
 local luaproxy = require "luaproxy"
 
 local _M = {}
+
+local unpack = table.unpack or unpack -- LuaJIT: no table.unpack
+local function pack(...) return { n = select("#", ...), ... } end
+
+--- the interpreter the specs run under (lua5.4 or luajit), and whether it is LuaJIT
+_M.LUA = paths.LUA
+_M.JIT = paths.JIT
+
+--- util.assert_number_type(kind, v, what?): `v` is a number of math.type `kind` ("integer" or
+-- "float"). LuaJIT has no integer subtype (every number is a double): there `v` must be a
+-- number, and for "integer" one with an integral value.
+function _M.assert_number_type(kind, v, what)
+    if math.type then
+        assert(math.type(v) == kind, (what or "value") .. ": " .. kind .. " expected, got " .. tostring(math.type(v)))
+    else
+        assert(type(v) == "number", (what or "value") .. ": number expected, got " .. type(v))
+        assert(kind ~= "integer" or v % 1 == 0, (what or "value") .. ": integral value expected, got " .. tostring(v))
+    end
+end
+
+--- cmd = util.lua_cmd(args, seconds?): the shell command that runs `lua ARGS` with what the
+-- specs' own process has: its interpreter, and the build under test first on the paths
+-- (support/paths.lua); under `timeout seconds` if given
+function _M.lua_cmd(args, seconds)
+    return paths.ENV .. (seconds and (" timeout " .. seconds) or "") .. " " .. paths.LUA .. " " .. args
+end
 
 local TMP = os.getenv("TMPDIR") or "/tmp"
 
@@ -45,21 +72,21 @@ end
 function _M.run(fn, seconds, ...)
     seconds = seconds or 20
     local expired = false
-    local results = table.pack(luaproxy.run(function(...)
+    local results = pack(luaproxy.run(function(...)
         local dog = luaproxy.spawn(function()
             luaproxy.sleep(seconds)
             expired = true
             luaproxy.stop()
         end)
-        local r = table.pack(fn(...))
+        local r = pack(fn(...))
         dog:kill()
         luaproxy.stop()
-        return table.unpack(r, 1, r.n)
+        return unpack(r, 1, r.n)
     end, ...))
     if expired then
         error(("spec deadline passed: the loop was still running after %g s"):format(seconds), 2)
     end
-    return table.unpack(results, 1, results.n)
+    return unpack(results, 1, results.n)
 end
 
 --- pid = util.start(cmd, seconds, out?): runs the shell command `cmd` in the background under
@@ -73,15 +100,16 @@ function _M.start(cmd, seconds, out)
     return assert(pid, "could not start " .. cmd)
 end
 
---- p = util.main(args, seconds): `lua main.lua ARGS` of this checkout as a user runs it, in
+--- p = util.main(args, seconds): `lua main.lua ARGS` of this checkout as a user runs it (under
+-- the specs' interpreter, with the build under test: util.lua_cmd), in
 -- the background under `timeout` (killed after `seconds` whatever happens). `p.pid` is lua's
 -- own pid (signals go straight to it: p:signal("HUP")), `p:log()` what it printed so far,
 -- `p:status()` its exit status once it has exited (nil while it runs; 124: timed out).
 function _M.main(args, seconds)
     local dir = _M.write_temp("main.pid", ""):match("^(.*)/")
     local pidfile, log, status = dir .. "/main.pid", dir .. "/main.log", dir .. "/main.status"
-    os.execute(("(LUA_PATH='lua/?.lua;;' LUA_CPATH='./?.so;;' timeout -k 2 %d sh -c 'echo $$ >%s; exec lua5.4 main.lua %s' >%s 2>&1 </dev/null; echo $? >%s) &")
-        :format(math.ceil(seconds), pidfile, args, log, status))
+    os.execute(("(%s timeout -k 2 %d sh -c 'echo $$ >%s; exec %s main.lua %s' >%s 2>&1 </dev/null; echo $? >%s) &")
+        :format(paths.ENV, math.ceil(seconds), pidfile, paths.LUA, args, log, status))
     local pid
     for _ = 1, 250 do
         pid = tonumber(_M.read_file(pidfile) or "")
@@ -138,7 +166,7 @@ function _M.random_bytes(n)
     for i = 1, n do
         chunk[#chunk + 1] = math.random(0, 255)
         if #chunk == 4096 or i == n then
-            parts[#parts + 1] = string.char(table.unpack(chunk))
+            parts[#parts + 1] = string.char(unpack(chunk))
             chunk = {}
         end
     end
