@@ -192,10 +192,12 @@ describe("luaproxy.json settings against Debian's cjson", function()
             end
             assert.are.equal(c.encode({ [1.5] = 1 }), j.encode({ [1.5] = 1 }), "a number key at " .. p)
         end
-        -- integers stay exact at any precision (as OpenResty's cjson on Lua 5.3+)
+        -- integers stay exact at any precision (as OpenResty's cjson on Lua 5.3+); LuaJIT has
+        -- no integers (123456 is 123456.0), so there every number follows the precision, as
+        -- its cjson does
         local j = json.new()
         j.encode_number_precision(3)
-        assert.are.equal("123456", j.encode(123456))
+        assert.are.equal(util.JIT and "1.23e+05" or "123456", j.encode(123456))
         assert.are.equal("1.23e+05", j.encode(123456.0))
     end)
 

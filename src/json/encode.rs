@@ -44,7 +44,12 @@ impl RawEncoder {
         // SAFETY: this function's contract (its `# Safety` section, or the raw-code rules
         // of capi.rs for C functions Lua calls) is what every operation below relies on.
         unsafe {
-            if ffi::lua_isinteger(l, idx) != 0 {
+            // LuaJIT has no integer subtype: an integral double prints as an integer only at
+            // the default precision (shortest exact form); at a precision set lower it prints
+            // as cjson on LuaJIT prints every number (`%.Ng`).
+            let as_int = ffi::lua_isinteger(l, idx) != 0
+                && (!cfg!(feature = "luajit") || self.cfg.precision >= 17);
+            if as_int {
                 int_into(
                     &mut self.out,
                     ffi::lua_tointegerx(l, idx, std::ptr::null_mut()),

@@ -150,6 +150,10 @@ unsafe extern "C-unwind" fn raw_setter<const K: usize>(l: *mut ffi::lua_State) -
                         capi::raise(l, msg)
                     }
                 },
+                // LuaJIT: Lua 5.1's luaL_checkint, as its cjson takes them: truncated.
+                _ if cfg!(feature = "luajit") && ffi::lua_isnumber(l, idx) != 0 => {
+                    Arg::Int(ffi::lua_tonumberx(l, idx, std::ptr::null_mut()) as i64)
+                }
                 _ => {
                     let mut isnum = 0;
                     let v = ffi::lua_tointegerx(l, idx, &mut isnum);
