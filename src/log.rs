@@ -4,8 +4,8 @@
 
 use mlua::prelude::*;
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::UNIX_EPOCH;
 
 pub const EMERG: u8 = 1;
 pub const ALERT: u8 = 2;
@@ -62,6 +62,75 @@ pub fn set_worker_id(id: usize) {
     WORKER.with(|w| w.set(Some(id)));
 }
 
+/// Sets or clears (`None`: the main program's thread) which worker this thread is.
+pub fn set_worker(id: Option<usize>) {
+    WORKER.with(|w| w.set(id));
+}
+
+/// A line `luaproxy.test` kept instead of writing it: `kind` is "error" (the error log, with
+/// its level name) or "access" (an access log line).
+pub struct Captured {
+    pub kind: &'static str,
+    pub level: &'static str,
+    pub message: String,
+    pub line: String,
+}
+
+/// Set once any thread captures (a load per line written, for every other thread).
+static CAPTURING: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Vec<Captured>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps this thread's log lines (and its access log lines) for [`take_captured`] instead of
+/// writing them (`luaproxy.test`), or stops keeping them.
+pub fn set_capture(on: bool) {
+    if on {
+        CAPTURING.store(true, Ordering::Relaxed);
+    }
+    CAPTURE.with(|c| {
+        let mut c = c.borrow_mut();
+        if on {
+            c.get_or_insert_with(Vec::new);
+        } else {
+            *c = None;
+        }
+    });
+}
+
+/// The lines kept since the last call.
+pub fn take_captured() -> Vec<Captured> {
+    CAPTURE.with(|c| {
+        c.borrow_mut()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    })
+}
+
+fn capture(entry: Captured) -> Option<Captured> {
+    CAPTURE.with(|c| match c.borrow_mut().as_mut() {
+        Some(list) => {
+            list.push(entry);
+            None
+        }
+        None => Some(entry),
+    })
+}
+
+/// Keeps an access log line if this thread captures; false if it does not.
+pub fn capture_access(line: &str) -> bool {
+    CAPTURING.load(Ordering::Relaxed)
+        && capture(Captured {
+            kind: "access",
+            level: "",
+            message: line.to_string(),
+            line: line.to_string(),
+        })
+        .is_none()
+}
+
 fn level_name(level: u8) -> &'static str {
     match level {
         0 | 1 => "emerg",
@@ -73,6 +142,16 @@ fn level_name(level: u8) -> &'static str {
         7 => "info",
         _ => "debug",
     }
+}
+
+/// The level threshold in force.
+pub fn level() -> u8 {
+    LEVEL.load(Ordering::Relaxed)
+}
+
+/// Sets the level threshold (`luaproxy.set_log_level`).
+pub fn set_level(level: u8) {
+    LEVEL.store(level, Ordering::Relaxed);
 }
 
 /// True when a message at `level` would be written.
@@ -123,7 +202,7 @@ pub fn log_as(level: u8, who: Option<usize>, msg: &str) {
     if !enabled(level) {
         return;
     }
-    let secs = SystemTime::now()
+    let secs = crate::clock::system_now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
@@ -138,6 +217,20 @@ pub fn log_as(level: u8, who: Option<usize>, msg: &str) {
         who,
         msg
     );
+    let line = if CAPTURING.load(Ordering::Relaxed) {
+        let kept = capture(Captured {
+            kind: "error",
+            level: level_name(level),
+            message: msg.trim_end_matches('\n').to_string(),
+            line: line.trim_end_matches('\n').to_string(),
+        });
+        match kept {
+            Some(c) => c.line + "\n",
+            None => return,
+        }
+    } else {
+        line
+    };
     // One write call per line so lines from different workers do not interleave.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }

@@ -6,7 +6,7 @@
 use mlua::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, LocalSet};
 
@@ -323,10 +323,7 @@ fn lua_stop(_: &Lua, (): ()) -> LuaResult<bool> {
 
 /// `luaproxy.now()` -> seconds since the epoch as a float (ms resolution and better).
 fn lua_now(_: &Lua, (): ()) -> LuaResult<f64> {
-    Ok(SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0))
+    Ok(crate::clock::unix_now())
 }
 
 /// `luaproxy.sleep(seconds)` -> `true`. Yields this coroutine; other requests keep running.

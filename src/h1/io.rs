@@ -8,7 +8,6 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -21,8 +20,8 @@ const READ_CHUNK: usize = 16 * 1024;
 /// how the pool proves a connection clean, `upstream::pool_take`); and every read draws on
 /// the task's cooperative budget, so a peer whose bytes never run out cannot keep the
 /// worker from its other connections.
-pub fn poll_fill(
-    stream: &mut TcpStream,
+pub fn poll_fill<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {

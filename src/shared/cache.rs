@@ -130,6 +130,11 @@ pub async fn wait(mut rx: watch::Receiver<FetchOutcome>) -> Option<Result<Val, S
 
 static CACHES: store::Registry<Cache> = store::Registry::new("cache");
 
+/// Empties every cache (`luaproxy.test`'s reset between specs).
+pub fn flush_all_caches() {
+    CACHES.each(|_, c| c.store.flush_all());
+}
+
 pub fn find(name: &str) -> Option<Arc<Cache>> {
     CACHES.find(name)
 }
