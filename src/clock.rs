@@ -115,7 +115,13 @@ pub fn stop_virtual() {
     KIT.with(|k| *k.borrow_mut() = None);
 }
 
-/// True while this thread runs a kit (its connections go to fake upstreams only).
-pub fn kit_thread() -> bool {
-    VIRTUAL.load(Relaxed) && KIT.with(|k| k.borrow().is_some())
+/// True when the caller runs on a test kit's runtime (its connections go to fake upstreams
+/// only). Another runtime on the same thread (`luaproxy.run` in a spec) is the real world.
+pub fn in_kit() -> bool {
+    VIRTUAL.load(Relaxed)
+        && KIT.with(|k| {
+            k.borrow().as_ref().is_some_and(|kit| {
+                tokio::runtime::Handle::try_current().is_ok_and(|h| h.id() == kit.handle.id())
+            })
+        })
 }

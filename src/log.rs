@@ -79,43 +79,40 @@ pub struct Captured {
 /// Set once any thread captures (a load per line written, for every other thread).
 static CAPTURING: AtomicBool = AtomicBool::new(false);
 
+/// This thread's capture: whether it is on, and the lines kept and not yet taken.
+#[derive(Default)]
+struct Capture {
+    on: bool,
+    kept: Vec<Captured>,
+}
+
 thread_local! {
-    static CAPTURE: std::cell::RefCell<Option<Vec<Captured>>> = const { std::cell::RefCell::new(None) };
+    static CAPTURE: std::cell::RefCell<Capture> = std::cell::RefCell::new(Capture::default());
 }
 
 /// Keeps this thread's log lines (and its access log lines) for [`take_captured`] instead of
-/// writing them (`luaproxy.test`), or stops keeping them.
+/// writing them (`luaproxy.test`, while it runs a policy), or stops keeping them (what was
+/// kept stays until taken).
 pub fn set_capture(on: bool) {
     if on {
         CAPTURING.store(true, Ordering::Relaxed);
     }
-    CAPTURE.with(|c| {
-        let mut c = c.borrow_mut();
-        if on {
-            c.get_or_insert_with(Vec::new);
-        } else {
-            *c = None;
-        }
-    });
+    CAPTURE.with(|c| c.borrow_mut().on = on);
 }
 
 /// The lines kept since the last call.
 pub fn take_captured() -> Vec<Captured> {
-    CAPTURE.with(|c| {
-        c.borrow_mut()
-            .as_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
-    })
+    CAPTURE.with(|c| std::mem::take(&mut c.borrow_mut().kept))
 }
 
 fn capture(entry: Captured) -> Option<Captured> {
-    CAPTURE.with(|c| match c.borrow_mut().as_mut() {
-        Some(list) => {
-            list.push(entry);
-            None
+    CAPTURE.with(|c| {
+        let mut c = c.borrow_mut();
+        if !c.on {
+            return Some(entry);
         }
-        None => Some(entry),
+        c.kept.push(entry);
+        None
     })
 }
 

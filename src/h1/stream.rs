@@ -40,11 +40,11 @@ pub fn clear_listeners() {
     drop(gone);
 }
 
-/// On a test kit's thread, a connection to `addr`: the client end of a pipe to its in-memory
-/// listener, or "refused" when there is none (a kit never touches the network). `None` on
-/// every other thread: connect for real.
+/// On a test kit's runtime, a connection to `addr`: the client end of a pipe to its in-memory
+/// listener, or "refused" when there is none (a kit never touches the network). `None`
+/// everywhere else: connect for real.
 pub fn connect_in_memory(addr: &str) -> Option<Result<Pipe, io::ErrorKind>> {
-    if !crate::clock::kit_thread() {
+    if !crate::clock::in_kit() {
         return None;
     }
     let accept = LISTENERS.with(|l| l.borrow().get(addr).cloned());

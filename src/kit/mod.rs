@@ -79,7 +79,6 @@ fn kit(lua: &Lua) -> LuaResult<Rc<Kit>> {
         .build()
         .map_err(|e| LuaError::runtime(format!("luaproxy.test: {e}")))?;
     crate::clock::start_virtual(&rt);
-    crate::log::set_capture(true);
     let k = Rc::new(Kit {
         rt: Some(rt),
         local: Some(tokio::task::LocalSet::new()),
@@ -137,6 +136,7 @@ impl Kit {
         impl Drop for During<'_> {
             fn drop(&mut self) {
                 self.0.set(false);
+                crate::log::set_capture(false);
                 crate::log::set_worker(None);
                 crate::budget::set_thread_budget(self.1);
             }
@@ -144,6 +144,8 @@ impl Kit {
         self.driving.set(true);
         let _during = During(&self.driving, crate::budget::thread_budget());
         crate::log::set_worker(Some(0));
+        // What the policy and luaproxy log meanwhile is the app's (`app:logs()`).
+        crate::log::set_capture(true);
         crate::budget::set_thread_budget(self.budget.get());
         let guard = crate::runtime::LoopGuard::enter();
         let out: Rc<RefCell<Option<T>>> = Rc::new(RefCell::new(None));
