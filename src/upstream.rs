@@ -266,10 +266,10 @@ async fn connect(addr: &str, opts: &Options) -> Result<Conn, String> {
             .map(|p| Conn::new(crate::h1::stream::Stream::Mem(p)))
             .map_err(|kind| io_reason(&kind.into()));
     }
-    let sa = tokio::time::timeout(opts.connect_timeout, resolve(addr))
+    let sa = crate::clock::timeout(opts.connect_timeout, resolve(addr))
         .await
         .map_err(|_| "timeout".to_string())??;
-    let stream = tokio::time::timeout(opts.connect_timeout, tokio::net::TcpStream::connect(sa))
+    let stream = crate::clock::timeout(opts.connect_timeout, tokio::net::TcpStream::connect(sa))
         .await
         .map_err(|_| "timeout".to_string())?
         .map_err(|e| io_reason(&e))?;

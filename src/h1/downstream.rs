@@ -927,7 +927,7 @@ pub async fn linger_close(conn: &Shared, linger: Duration) {
     if shut.is_err() {
         return;
     }
-    let _ = tokio::time::timeout(linger, async {
+    let _ = crate::clock::timeout(linger, async {
         let mut scratch = [0u8; 4096];
         loop {
             let r = poll_fn(|cx| {

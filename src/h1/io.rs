@@ -20,6 +20,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// how the pool proves a connection clean, `upstream::pool_take`); and every read draws on
 /// the task's cooperative budget, so a peer whose bytes never run out cannot keep the
 /// worker from its other connections.
+#[inline]
 pub fn poll_fill<S: tokio::io::AsyncRead + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
@@ -131,16 +132,15 @@ pub async fn write_all_parts(
 /// each time.
 #[derive(Default)]
 pub struct LazyDeadline {
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<Pin<Box<crate::clock::Sleep>>>,
 }
 
 impl LazyDeadline {
     /// True once `at` has passed; otherwise the timer is registered with `cx`.
     pub fn passed(&mut self, at: std::time::Instant, cx: &mut Context<'_>) -> bool {
-        let at = tokio::time::Instant::from_std(at);
         let t = self
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            .get_or_insert_with(|| Box::pin(crate::clock::sleep_until(at)));
         if t.deadline() > at {
             t.as_mut().reset(at);
         }
@@ -148,7 +148,7 @@ impl LazyDeadline {
             if t.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            if tokio::time::Instant::now() >= at {
+            if crate::clock::now() >= at {
                 return true;
             }
             t.as_mut().reset(at);
@@ -160,7 +160,7 @@ impl LazyDeadline {
 /// The `Sleep` is only registered with the timer wheel if a read actually has to wait.
 pub struct IdleTimer {
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: Pin<Box<crate::clock::Sleep>>,
     waiting: bool,
 }
 
@@ -168,7 +168,7 @@ impl IdleTimer {
     pub fn new(idle: Duration) -> IdleTimer {
         IdleTimer {
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: Box::pin(crate::clock::sleep(idle)),
             waiting: false,
         }
     }
@@ -182,7 +182,7 @@ impl IdleTimer {
     pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.waiting {
             self.waiting = true;
-            let deadline = tokio::time::Instant::now() + self.idle;
+            let deadline = crate::clock::now() + self.idle;
             self.timer.as_mut().reset(deadline);
         }
         self.timer.as_mut().poll(cx).is_ready()

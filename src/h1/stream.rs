@@ -71,6 +71,7 @@ impl From<TcpStream> for Stream {
 
 impl Stream {
     /// Reads without waiting: `WouldBlock` when nothing is there (see `upstream::idle_state`).
+    #[inline]
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.try_read(buf),
@@ -79,6 +80,7 @@ impl Stream {
     }
 
     /// Looks at what is there without taking it (`Ok(0)`: the peer closed).
+    #[inline]
     pub fn poll_peek(
         &self,
         cx: &mut Context<'_>,
@@ -113,6 +115,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

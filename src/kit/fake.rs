@@ -343,7 +343,7 @@ impl Answer {
             }
             Some(Fail::Reset) => {
                 if !self.delay.is_zero() {
-                    tokio::time::sleep(self.delay).await;
+                    crate::clock::sleep(self.delay).await;
                 }
                 pipe.fail(std::io::ErrorKind::ConnectionReset);
                 return false;
@@ -359,7 +359,7 @@ impl Answer {
             _ => {}
         }
         if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
+            crate::clock::sleep(self.delay).await;
         }
         let bodiless = req.method == "HEAD" || matches!(self.status, 100..=199 | 204 | 304);
         let reason = hyper::StatusCode::from_u16(self.status)

@@ -1,9 +1,13 @@
 //! `luaproxy._kit`: the Rust half of `luaproxy.test` (`lua/luaproxy/test.lua` is the API specs
 //! use). A kit runs policies in the calling VM on a runtime of its own, a current-thread tokio
-//! runtime whose clock is paused (`clock.rs`): time moves when a spec advances it, or when
-//! every task waits on time (then straight to the next timer), so a spec never waits in real
-//! time. Requests reach the policy through in-memory pipes (`server::kit`), upstreams are fakes
+//! runtime whose time is virtual (`clock.rs`): it moves when a spec advances it, or when every
+//! task waits (then straight to the next timer due), so a spec never waits in real time.
+//! Requests reach the policy through in-memory pipes (`server::kit`), upstreams are fakes
 //! (`fake.rs`), and nothing listens on or connects to a socket.
+//!
+//! A drive polls the runtime with a waker that notes wake-ups: after a turn of the runtime in
+//! which nothing was woken, every task waits at this instant; then the call's work is done
+//! (it returns, with everything it set going settled), or the clock moves to the next timer.
 //!
 //! The kit lives in the VM's app data and goes with it; `reset` drops it early (apps, fakes,
 //! tasks and timers), flushes every shared dict and cache, and puts the clock back.
@@ -25,10 +29,9 @@ use std::time::Duration;
 /// that never comes meets it at once, since the clock jumps there.
 const DEFAULT_LIMIT: Duration = Duration::from_secs(3600);
 
-/// Polls allowed, once a call's own work is done, for what it set going (log phases, tasks,
-/// timers due now) to settle before the call returns anyway (a task that never stops waking
-/// itself would otherwise hold it forever).
-const SETTLE_POLLS: u32 = 100_000;
+/// Real time a kit call may take: only a task that never stops waking itself (a Lua loop
+/// around `luaproxy.sleep(0)`) keeps the clock from moving that long.
+const REAL_LIMIT: Duration = Duration::from_secs(60);
 
 struct Kit {
     rt: Option<tokio::runtime::Runtime>,
@@ -75,10 +78,9 @@ fn kit(lua: &Lua) -> LuaResult<Rc<Kit>> {
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .start_paused(true)
         .build()
         .map_err(|e| LuaError::runtime(format!("luaproxy.test: {e}")))?;
-    crate::clock::start_virtual(&rt);
+    crate::clock::start_virtual(rt.handle().id());
     let k = Rc::new(Kit {
         rt: Some(rt),
         local: Some(tokio::task::LocalSet::new()),
@@ -114,10 +116,10 @@ impl Wake for Noting {
 }
 
 impl Kit {
-    /// Runs `fut` on the kit's runtime (virtual time jumping while every task waits), then
-    /// lets whatever it set going that can run at this instant run (without moving the
-    /// clock) before returning its output. Errors raised by fake upstreams meanwhile are
-    /// raised here.
+    /// Runs `fut` on the kit's runtime (virtual time jumping to the next timer whenever every
+    /// task waits), then lets whatever it set going that can run at this instant run (without
+    /// moving the clock) before returning its output. Errors raised by fake upstreams
+    /// meanwhile are raised here.
     fn drive<T: 'static>(&self, what: &str, fut: impl Future<Output = T>) -> LuaResult<T> {
         if self.driving.get() {
             return Err(LuaError::runtime(format!(
@@ -159,34 +161,43 @@ impl Kit {
         let noting = Arc::new(Noting::default());
         let waker = Waker::from(noting.clone());
         let mut probing = false;
-        let mut settling = 0u32;
+        let mut stalled = None;
+        let began = std::time::Instant::now();
+        let mut polls = 0u64;
         rt.block_on(std::future::poll_fn(|cx| {
             *noting.inner.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
             let before = noting.woken.swap(false, SeqCst);
             let _ = run.as_mut().poll(&mut Context::from_waker(&waker));
             let during = noting.woken.swap(false, SeqCst);
-            if out.borrow().is_none() {
-                // Not done: when nothing was woken, the runtime parks, and a paused clock
-                // jumps to the next timer.
-                probing = false;
-                return Poll::Pending;
-            }
-            settling += 1;
-            if settling > SETTLE_POLLS {
+            polls += 1;
+            if polls.is_multiple_of(1024) && began.elapsed() > REAL_LIMIT {
+                stalled = Some("something kept running without waiting");
                 return Poll::Ready(());
             }
             if during {
+                // Something is about to run (the LocalSet's queue, a wake-up meanwhile).
                 probing = false;
                 return Poll::Pending;
             }
-            if probing && !before {
-                // A turn of the driver (timers due now, wake-ups) found nothing more to do.
+            if !probing || before {
+                // One more turn of the runtime (I/O and wake-ups) without moving the clock:
+                // wake ourselves directly, then see whether anything else was woken.
+                probing = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            // Everything waits at this instant.
+            probing = false;
+            if out.borrow().is_some() {
                 return Poll::Ready(());
             }
-            // One more turn without letting the clock move: wake ourselves directly.
-            probing = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
+            if crate::clock::advance_to_next() {
+                // The clock moved to the next timer and woke what waited on it.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            stalled = Some("every task waits and no timer is set");
+            Poll::Ready(())
         }));
         drop(guard);
         let errors = std::mem::take(&mut *self.fakes.errors.borrow_mut());
@@ -197,7 +208,12 @@ impl Kit {
             )));
         }
         let v = out.borrow_mut().take();
-        v.ok_or_else(|| LuaError::runtime(format!("{what}: did not finish")))
+        v.ok_or_else(|| {
+            LuaError::runtime(format!(
+                "{what}: did not finish: {}",
+                stalled.unwrap_or("stopped")
+            ))
+        })
     }
 }
 
@@ -232,7 +248,7 @@ fn lua_load(
     let k = kit(lua)?;
     let lua2 = lua.clone();
     let loaded = k.drive("t.load", async move {
-        match tokio::time::timeout(
+        match crate::clock::timeout(
             DEFAULT_LIMIT,
             server_kit::load(&lua2, source, config, &settings, record),
         )
@@ -307,9 +323,9 @@ fn lua_requests(lua: &Lua, (app, list): (LuaAnyUserData, LuaTable)) -> LuaResult
                 let app = app.clone();
                 tokio::task::spawn_local(async move {
                     if !at.is_zero() {
-                        tokio::time::sleep(at).await;
+                        crate::clock::sleep(at).await;
                     }
-                    match tokio::time::timeout(limit, app.request(raw, &method, peer)).await {
+                    match crate::clock::timeout(limit, app.request(raw, &method, peer)).await {
                         Ok(r) => r,
                         Err(_) => Err(format!(
                             "no response within {} s (virtual)",
@@ -369,7 +385,7 @@ fn lua_advance(lua: &Lua, secs: f64) -> LuaResult<bool> {
         if d.is_zero() {
             tokio::task::yield_now().await;
         } else {
-            tokio::time::sleep(d).await;
+            crate::clock::sleep(d).await;
         }
     })?;
     Ok(true)

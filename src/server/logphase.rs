@@ -85,7 +85,7 @@ impl AccessLog {
 async fn flusher(writer: Rc<RefCell<Writer>>, mut life: watch::Receiver<u8>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(FLUSH_EVERY) => writer.borrow_mut().flush(),
+            _ = crate::clock::sleep(FLUSH_EVERY) => writer.borrow_mut().flush(),
             changed = life.changed() => {
                 if changed.is_err() || *life.borrow() != runtime::RUNNING {
                     break;

@@ -320,7 +320,7 @@ async fn get_or_fetch(
                     Err(e) => Ok((LuaValue::Nil, Some(e), None)),
                 };
             }
-            Claim::Waiter(rx) => match tokio::time::timeout(opts.wait, wait(rx)).await {
+            Claim::Waiter(rx) => match crate::clock::timeout(opts.wait, wait(rx)).await {
                 Err(_) => return Ok((LuaValue::Nil, Some("timeout".into()), None)),
                 Ok(Some(Ok(v))) => return done(v, "shared"),
                 Ok(Some(Err(e))) => return Ok((LuaValue::Nil, Some(e), None)),
