@@ -184,7 +184,8 @@ impl Lane {
 }
 
 /// One end of an in-memory connection (single-threaded: both ends stay on the thread that
-/// made them). Writes never wait; reads wait for the other end's writes.
+/// made them). Writes never wait; reads wait for the other end's writes. Its methods are
+/// kept out of line (`#[cold]`): the socket path must not grow by them where it is inlined.
 pub struct Pipe {
     rx: Rc<RefCell<Lane>>,
     tx: Rc<RefCell<Lane>>,
@@ -223,6 +224,8 @@ impl Pipe {
         lane.eof.then_some(Ok(()))
     }
 
+    #[cold]
+    #[inline(never)]
     pub fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
@@ -244,6 +247,8 @@ impl Pipe {
         }
     }
 
+    #[cold]
+    #[inline(never)]
     fn poll_peek(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<usize>> {
         let mut lane = self.rx.borrow_mut();
         match Self::ready(&lane) {
@@ -263,6 +268,8 @@ impl Pipe {
         }
     }
 
+    #[cold]
+    #[inline(never)]
     fn try_read(&self, out: &mut [u8]) -> io::Result<usize> {
         let mut lane = self.rx.borrow_mut();
         match Self::ready(&lane) {
@@ -273,6 +280,8 @@ impl Pipe {
     }
 
     /// Appends `bufs` for the other end to read.
+    #[cold]
+    #[inline(never)]
     pub fn write(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let mut lane = self.tx.borrow_mut();
         if lane.reader_gone || lane.eof {
@@ -288,6 +297,8 @@ impl Pipe {
     }
 
     /// No more bytes from this end: the other end reads them to the end, then 0.
+    #[cold]
+    #[inline(never)]
     pub fn shutdown(&self) {
         let mut lane = self.tx.borrow_mut();
         lane.eof = true;
