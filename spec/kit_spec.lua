@@ -118,14 +118,14 @@ describe("luaproxy.test", function()
                 if req:get_path() == "/sleep" then
                     local t0 = luaproxy.now()
                     luaproxy.sleep(5)
-                    return 200, tostring(luaproxy.now() - t0)
+                    return 200, string.format("%.3f", luaproxy.now() - t0)
                 end
                 local res, err = req:proxy("127.0.0.1:9001", { read_timeout = 60 })
                 return 200, res and res.status or err
             end,
         }))
         local real0, t0 = uptime(), luaproxy.now()
-        assert.are.equal("5.0", app:request{ path = "/sleep" }.body)
+        assert.are.equal("5.000", app:request{ path = "/sleep" }.body)
         assert.are.equal(5, luaproxy.now() - t0)
         -- the fake's 3600 s meets the policy's 60 s read timeout at once
         assert.are.equal("timeout", app:request{ path = "/proxy" }.body)
