@@ -70,6 +70,7 @@ build = {
          ["luaproxy.lock"] = "lua/luaproxy/lock.lua",
          ["luaproxy.ratelimit"] = "lua/luaproxy/ratelimit.lua",
          ["luaproxy.redirect"] = "lua/luaproxy/redirect.lua",
+         ["luaproxy.test"] = "lua/luaproxy/test.lua",
       },
    },
 }

@@ -7,12 +7,14 @@ pub mod accesslog;
 pub mod alloc;
 pub mod budget;
 pub mod capi;
+pub mod clock;
 pub mod entry;
 pub mod fastproxy;
 pub mod h1;
 pub mod hash;
 pub mod headers_lua;
 pub mod json;
+pub mod kit;
 pub mod log;
 pub mod metrics;
 pub mod proxy;
@@ -45,6 +47,8 @@ pub fn exports(lua: &Lua) -> LuaResult<LuaTable> {
     t.set("signal", signal::register(lua)?)?;
     t.set("metrics", metrics::lua::register(lua)?)?;
     server::register(lua, &t)?;
+    // The Rust half of `luaproxy.test` (lua/luaproxy/test.lua): specs only.
+    t.set("_kit", kit::register(lua)?)?;
     // Parts written in Lua (lua/luaproxy/*.lua) are reachable as fields too, loaded on first
     // use: `luaproxy.lock` is `require "luaproxy.lock"`.
     let mt = lua.create_table()?;

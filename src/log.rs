@@ -4,8 +4,8 @@
 
 use mlua::prelude::*;
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::UNIX_EPOCH;
 
 pub const EMERG: u8 = 1;
 pub const ALERT: u8 = 2;
@@ -62,6 +62,72 @@ pub fn set_worker_id(id: usize) {
     WORKER.with(|w| w.set(Some(id)));
 }
 
+/// Sets or clears (`None`: the main program's thread) which worker this thread is.
+pub fn set_worker(id: Option<usize>) {
+    WORKER.with(|w| w.set(id));
+}
+
+/// A line `luaproxy.test` kept instead of writing it: `kind` is "error" (the error log, with
+/// its level name) or "access" (an access log line).
+pub struct Captured {
+    pub kind: &'static str,
+    pub level: &'static str,
+    pub message: String,
+    pub line: String,
+}
+
+/// Set once any thread captures (a load per line written, for every other thread).
+static CAPTURING: AtomicBool = AtomicBool::new(false);
+
+/// This thread's capture: whether it is on, and the lines kept and not yet taken.
+#[derive(Default)]
+struct Capture {
+    on: bool,
+    kept: Vec<Captured>,
+}
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Capture> = std::cell::RefCell::new(Capture::default());
+}
+
+/// Keeps this thread's log lines (and its access log lines) for [`take_captured`] instead of
+/// writing them (`luaproxy.test`, while it runs a policy), or stops keeping them (what was
+/// kept stays until taken).
+pub fn set_capture(on: bool) {
+    if on {
+        CAPTURING.store(true, Ordering::Relaxed);
+    }
+    CAPTURE.with(|c| c.borrow_mut().on = on);
+}
+
+/// The lines kept since the last call.
+pub fn take_captured() -> Vec<Captured> {
+    CAPTURE.with(|c| std::mem::take(&mut c.borrow_mut().kept))
+}
+
+fn capture(entry: Captured) -> Option<Captured> {
+    CAPTURE.with(|c| {
+        let mut c = c.borrow_mut();
+        if !c.on {
+            return Some(entry);
+        }
+        c.kept.push(entry);
+        None
+    })
+}
+
+/// Keeps an access log line if this thread captures; false if it does not.
+pub fn capture_access(line: &str) -> bool {
+    CAPTURING.load(Ordering::Relaxed)
+        && capture(Captured {
+            kind: "access",
+            level: "",
+            message: line.to_string(),
+            line: line.to_string(),
+        })
+        .is_none()
+}
+
 fn level_name(level: u8) -> &'static str {
     match level {
         0 | 1 => "emerg",
@@ -73,6 +139,16 @@ fn level_name(level: u8) -> &'static str {
         7 => "info",
         _ => "debug",
     }
+}
+
+/// The level threshold in force.
+pub fn level() -> u8 {
+    LEVEL.load(Ordering::Relaxed)
+}
+
+/// Sets the level threshold (`luaproxy.set_log_level`).
+pub fn set_level(level: u8) {
+    LEVEL.store(level, Ordering::Relaxed);
 }
 
 /// True when a message at `level` would be written.
@@ -123,7 +199,7 @@ pub fn log_as(level: u8, who: Option<usize>, msg: &str) {
     if !enabled(level) {
         return;
     }
-    let secs = SystemTime::now()
+    let secs = crate::clock::system_now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
@@ -138,6 +214,20 @@ pub fn log_as(level: u8, who: Option<usize>, msg: &str) {
         who,
         msg
     );
+    let line = if CAPTURING.load(Ordering::Relaxed) {
+        let kept = capture(Captured {
+            kind: "error",
+            level: level_name(level),
+            message: msg.trim_end_matches('\n').to_string(),
+            line: line.trim_end_matches('\n').to_string(),
+        });
+        match kept {
+            Some(c) => c.line + "\n",
+            None => return,
+        }
+    } else {
+        line
+    };
     // One write call per line so lines from different workers do not interleave.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }

@@ -6,7 +6,7 @@
 use mlua::prelude::*;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, LocalSet};
 
@@ -323,10 +323,7 @@ fn lua_stop(_: &Lua, (): ()) -> LuaResult<bool> {
 
 /// `luaproxy.now()` -> seconds since the epoch as a float (ms resolution and better).
 fn lua_now(_: &Lua, (): ()) -> LuaResult<f64> {
-    Ok(SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0))
+    Ok(crate::clock::unix_now())
 }
 
 /// `luaproxy.sleep(seconds)` -> `true`. Yields this coroutine; other requests keep running.
@@ -335,7 +332,7 @@ async fn lua_sleep(_: Lua, secs: f64) -> LuaResult<bool> {
     if d.is_zero() {
         tokio::task::yield_now().await;
     } else {
-        tokio::time::sleep(d).await;
+        crate::clock::sleep(d).await;
     }
     Ok(true)
 }
@@ -477,7 +474,7 @@ fn start_timer(
     let (c2, w2, lua2) = (cancelled.clone(), wake.clone(), lua.clone());
     let args: Vec<LuaValue> = args.into_iter().collect();
     tokio::task::spawn_local(async move {
-        let mut next = tokio::time::Instant::now() + d;
+        let mut next = crate::clock::now() + d;
         loop {
             // Cancelled before this task first ran: `notify_waiters` had no one to wake.
             if c2.get() {
@@ -487,7 +484,7 @@ fn start_timer(
             // at once with `premature = true`, as nginx does, so they can clean up.
             let mut premature = false;
             tokio::select! {
-                _ = tokio::time::sleep_until(next) => {}
+                _ = crate::clock::sleep_until(next) => {}
                 _ = w2.notified() => {}
                 _ = reaches(&mut life, STOPPING) => premature = true,
             }
@@ -509,7 +506,7 @@ fn start_timer(
             }
             // Fixed rate without catch-up bursts: a slow callback pushes the next tick back.
             next += d;
-            let now = tokio::time::Instant::now();
+            let now = crate::clock::now();
             if next < now {
                 next = now;
             }

@@ -112,7 +112,7 @@ impl Attempt {
     pub fn new(addr: Rc<str>) -> Attempt {
         Attempt {
             addr,
-            start: Instant::now(),
+            start: crate::clock::now(),
             connected: Cell::new(None),
             header: Cell::new(None),
             end: Cell::new(None),
@@ -123,7 +123,7 @@ impl Attempt {
     /// Stamps the end, unless it was stamped already.
     pub fn ended(&self) {
         if self.end.get().is_none() {
-            self.end.set(Some(Instant::now()));
+            self.end.set(Some(crate::clock::now()));
         }
     }
 
@@ -189,7 +189,7 @@ fn pool_take(key: &str) -> Option<Conn> {
         let mut p = p.borrow_mut();
         let list = p.get_mut(key)?;
         while let Some(idle) = list.pop() {
-            if Instant::now() >= idle.until {
+            if crate::clock::now() >= idle.until {
                 continue;
             }
             match idle_state(&idle.conn) {
@@ -205,6 +205,13 @@ fn pool_take(key: &str) -> Option<Conn> {
     })
 }
 
+/// Closes every idle connection of this thread's pools (`luaproxy.test`'s reset: its fake
+/// upstreams are gone).
+pub fn clear_pool() {
+    let idle = POOL.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    drop(idle);
+}
+
 fn pool_put(key: &Rc<str>, conn: Conn, keep: usize, idle: Duration) {
     if keep == 0 {
         return;
@@ -217,7 +224,7 @@ fn pool_put(key: &Rc<str>, conn: Conn, keep: usize, idle: Duration) {
         }
         list.push(Idle {
             conn,
-            until: Instant::now() + idle,
+            until: crate::clock::now() + idle,
         });
     });
 }
@@ -253,10 +260,16 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
 }
 
 async fn connect(addr: &str, opts: &Options) -> Result<Conn, String> {
-    let sa = tokio::time::timeout(opts.connect_timeout, resolve(addr))
+    // Under `luaproxy.test`: a pipe to a fake upstream, never the network.
+    if let Some(r) = crate::h1::stream::connect_in_memory(addr) {
+        return r
+            .map(|p| Conn::new(crate::h1::stream::Stream::Mem(p)))
+            .map_err(|kind| io_reason(&kind.into()));
+    }
+    let sa = crate::clock::timeout(opts.connect_timeout, resolve(addr))
         .await
         .map_err(|_| "timeout".to_string())??;
-    let stream = tokio::time::timeout(opts.connect_timeout, tokio::net::TcpStream::connect(sa))
+    let stream = crate::clock::timeout(opts.connect_timeout, tokio::net::TcpStream::connect(sa))
         .await
         .map_err(|_| "timeout".to_string())?
         .map_err(|e| io_reason(&e))?;
@@ -290,7 +303,7 @@ async fn exchange(
     };
     let head = io.await?;
     if let Some(at) = at {
-        at.header.set(Some(Instant::now()));
+        at.header.set(Some(crate::clock::now()));
         at.status.set(Some(head.status.as_u16()));
     }
     // The body has its own idle timeout.
@@ -339,7 +352,7 @@ pub(crate) async fn send(
     }
     let conn = connect(key, opts).await?;
     if let Some(at) = at {
-        at.connected.set(Some(Instant::now()));
+        at.connected.set(Some(crate::clock::now()));
     }
     exchange(conn, key, method, head, &mut body, opts, at)
         .await

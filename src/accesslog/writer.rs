@@ -68,6 +68,8 @@ fn open_append(path: &std::path::Path) -> std::io::Result<File> {
 pub struct Writer {
     sink: Arc<Sink>,
     buf: Vec<u8>,
+    /// `luaproxy.test`: each line goes to the kit's log capture instead of the sink.
+    capture: bool,
 }
 
 impl Writer {
@@ -98,7 +100,23 @@ impl Writer {
                 last_error: Mutex::new(None),
             }),
             buf: Vec::new(),
+            capture: false,
         })
+    }
+
+    /// For `luaproxy.test`: a writer for `target` that opens nothing and hands every line to
+    /// the log capture of the thread that writes it (`log::capture_access`).
+    pub fn capture(target: Target) -> Writer {
+        Writer {
+            sink: Arc::new(Sink {
+                target,
+                file: Mutex::new(None),
+                errors: AtomicU64::new(0),
+                last_error: Mutex::new(None),
+            }),
+            buf: Vec::new(),
+            capture: true,
+        }
     }
 
     /// A writer to the same destination with its own buffer (one per worker thread).
@@ -106,6 +124,7 @@ impl Writer {
         Writer {
             sink: self.sink.clone(),
             buf: Vec::new(),
+            capture: self.capture,
         }
     }
 
@@ -130,6 +149,12 @@ impl Writer {
             self.buf.reserve(FLUSH_AT + 4096);
         }
         fmt.render(facts, &mut self.buf);
+        if self.capture {
+            let line = String::from_utf8_lossy(&self.buf);
+            crate::log::capture_access(line.trim_end_matches('\n'));
+            self.buf.clear();
+            return;
+        }
         if self.buf.len() >= FLUSH_AT {
             self.flush();
         }

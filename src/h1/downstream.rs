@@ -15,6 +15,7 @@ use super::chunked::Chunked;
 use super::headers::{field_at, Headers};
 use super::io::{head_complete, io_reason, push_num, write_all_parts, IdleTimer, LazyDeadline};
 use super::rules::{self, Limits, Reject};
+use super::stream::Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{Method, StatusCode, Uri, Version};
@@ -24,9 +25,8 @@ use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 
 const READ_CHUNK: usize = 16 * 1024;
 /// An unread request body up to this size is read and dropped after the response so the
@@ -45,7 +45,7 @@ enum BodyLeft {
 /// request's body stands. Shared (`Rc<RefCell<..>>`) between the connection loop and the
 /// request body the policy reads; never borrowed across an await.
 pub struct DownstreamConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     buf: BytesMut,
     body: BodyLeft,
     /// `Expect: 100-continue` not answered yet: sent when the body is first read.
@@ -70,9 +70,9 @@ pub type Shared = Rc<RefCell<DownstreamConn>>;
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 impl DownstreamConn {
-    pub fn new(stream: TcpStream) -> Shared {
+    pub fn new(stream: impl Into<Stream>) -> Shared {
         Rc::new(RefCell::new(DownstreamConn {
-            stream,
+            stream: stream.into(),
             buf: BytesMut::with_capacity(READ_CHUNK),
             body: BodyLeft::Done,
             continue_pending: false,
@@ -393,7 +393,7 @@ pub async fn read_head(
 ) -> Result<RequestHead, HeadError> {
     let idle = idle.filter(|_| conn.borrow().buf.is_empty());
     let mut waiting_idle = idle.is_some();
-    let mut give_up = Instant::now() + idle.unwrap_or(timeout);
+    let mut give_up = crate::clock::now() + idle.unwrap_or(timeout);
     let mut stopping = false;
     let mut scanned = 0;
     loop {
@@ -454,7 +454,7 @@ pub async fn read_head(
             Woke::Read(Ok(_)) => {
                 if waiting_idle {
                     waiting_idle = false;
-                    give_up = Instant::now() + timeout;
+                    give_up = crate::clock::now() + timeout;
                 }
             }
             Woke::Timeout => return Err(HeadError::Timeout),
@@ -654,7 +654,7 @@ thread_local! {
 
 /// The `Date` header value, formatted once per second per thread.
 fn http_date(out: &mut Vec<u8>) {
-    let now = std::time::SystemTime::now();
+    let now = crate::clock::system_now();
     let secs = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -927,7 +927,7 @@ pub async fn linger_close(conn: &Shared, linger: Duration) {
     if shut.is_err() {
         return;
     }
-    let _ = tokio::time::timeout(linger, async {
+    let _ = crate::clock::timeout(linger, async {
         let mut scratch = [0u8; 4096];
         loop {
             let r = poll_fn(|cx| {

@@ -8,7 +8,6 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -21,8 +20,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// how the pool proves a connection clean, `upstream::pool_take`); and every read draws on
 /// the task's cooperative budget, so a peer whose bytes never run out cannot keep the
 /// worker from its other connections.
-pub fn poll_fill(
-    stream: &mut TcpStream,
+#[inline]
+pub fn poll_fill<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>> {
@@ -132,16 +132,15 @@ pub async fn write_all_parts(
 /// each time.
 #[derive(Default)]
 pub struct LazyDeadline {
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    timer: Option<Pin<Box<crate::clock::Sleep>>>,
 }
 
 impl LazyDeadline {
     /// True once `at` has passed; otherwise the timer is registered with `cx`.
     pub fn passed(&mut self, at: std::time::Instant, cx: &mut Context<'_>) -> bool {
-        let at = tokio::time::Instant::from_std(at);
         let t = self
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            .get_or_insert_with(|| Box::pin(crate::clock::sleep_until(at)));
         if t.deadline() > at {
             t.as_mut().reset(at);
         }
@@ -149,7 +148,7 @@ impl LazyDeadline {
             if t.as_mut().poll(cx).is_pending() {
                 return false;
             }
-            if tokio::time::Instant::now() >= at {
+            if crate::clock::now() >= at {
                 return true;
             }
             t.as_mut().reset(at);
@@ -158,18 +157,21 @@ impl LazyDeadline {
 }
 
 /// An idle deadline for a body stream: armed when a read starts waiting, cleared by progress.
-/// The `Sleep` is only registered with the timer wheel if a read actually has to wait.
+/// The timer is made (and registered with the timer wheel) only if a read actually has to
+/// wait: most bodies of a proxied request are there when they are read (making it for each
+/// of a request's bodies up front was 2-3 allocations and clock reads per request).
 pub struct IdleTimer {
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: Option<Pin<Box<crate::clock::Sleep>>>,
     waiting: bool,
 }
 
 impl IdleTimer {
+    #[inline]
     pub fn new(idle: Duration) -> IdleTimer {
         IdleTimer {
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
             waiting: false,
         }
     }
@@ -183,10 +185,14 @@ impl IdleTimer {
     pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.waiting {
             self.waiting = true;
-            let deadline = tokio::time::Instant::now() + self.idle;
-            self.timer.as_mut().reset(deadline);
+            let deadline = crate::clock::now() + self.idle;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(crate::clock::sleep_until(deadline))),
+            }
         }
-        self.timer.as_mut().poll(cx).is_ready()
+        let t = self.timer.as_mut().expect("made above");
+        t.as_mut().poll(cx).is_ready()
     }
 }
 

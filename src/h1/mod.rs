@@ -13,4 +13,5 @@ pub mod downstream;
 pub mod headers;
 pub mod io;
 pub mod rules;
+pub mod stream;
 pub mod upstream;

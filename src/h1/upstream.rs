@@ -12,6 +12,7 @@ use super::io::{
     head_complete, io_reason, poll_fill, push_num, write_all_parts, IdleTimer, LazyDeadline,
 };
 use super::rules;
+use super::stream::Stream;
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::{Method, StatusCode, Uri};
@@ -21,7 +22,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncWrite;
-use tokio::net::TcpStream;
 
 /// Response heads larger than this are refused (502), like nginx's proxy_buffer_size error.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -30,7 +30,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// An open upstream connection and the bytes already read from it.
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
     /// When the exchange in progress gives up waiting (`Error::Timeout`).
     deadline: Option<std::time::Instant>,
@@ -40,9 +40,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream) -> Conn {
+    pub fn new(stream: impl Into<Stream>) -> Conn {
         Conn {
-            stream,
+            stream: stream.into(),
             buf: BytesMut::with_capacity(READ_CHUNK),
             deadline: None,
             timer: LazyDeadline::default(),
@@ -51,7 +51,7 @@ impl Conn {
 
     /// Waits on this connection from now on fail once `after` has passed; `None` clears it.
     pub fn set_deadline(&mut self, after: Option<Duration>) {
-        self.deadline = after.map(|d| std::time::Instant::now() + d);
+        self.deadline = after.map(|d| crate::clock::now() + d);
     }
 
     /// Called when an operation would wait: true once the deadline has passed.
@@ -60,7 +60,7 @@ impl Conn {
     }
 
     /// Reads more bytes into `buf`; `Ok(0)` is end of stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         poll_fill(&mut self.stream, &mut self.buf, cx)
     }
 }
@@ -467,10 +467,7 @@ pub async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, Error> 
         }
         got_any = true;
         // Bytes keep coming without a head that ends: the deadline still holds.
-        if conn
-            .deadline
-            .is_some_and(|d| std::time::Instant::now() >= d)
-        {
+        if conn.deadline.is_some_and(|d| crate::clock::now() >= d) {
             return Err(Error::Timeout);
         }
     }

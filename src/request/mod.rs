@@ -124,7 +124,7 @@ impl ReqInner {
             guards: RefCell::new(Vec::new()),
             failure: Default::default(),
             limits: limits.clone(),
-            start: Instant::now(),
+            start: crate::clock::now(),
             attempts: RefCell::new(Vec::new()),
             proxy: Default::default(),
             id: Cell::new(None),

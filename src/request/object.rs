@@ -479,7 +479,9 @@ fn add_methods(m: &mut Methods) {
         m.add_method("ctx", |lua, this, ()| this.0.ctx_or_new(lua));
         // req:elapsed() -> seconds since the request head arrived
         m.add_method("elapsed", |_, this, ()| {
-            Ok(this.0.start.elapsed().as_secs_f64())
+            Ok(crate::clock::now()
+                .saturating_duration_since(this.0.start)
+                .as_secs_f64())
         });
         // req:get_upstream() -> "host:port" the request was proxied to, or nil
         m.add_method("get_upstream", |_, this, ()| {

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use super::logphase::{self, LogPhase};
@@ -329,7 +329,7 @@ pub(super) const LINGER: Duration = Duration::from_secs(2);
 /// connection, and is logged.
 pub(super) async fn serve_conn(
     cur: Current,
-    stream: tokio::net::TcpStream,
+    stream: crate::h1::stream::Stream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     open: OpenConn,
@@ -354,7 +354,7 @@ pub(super) async fn serve_conn(
 /// read buffer); each runs on the generation serving when its head arrived.
 async fn serve_conn_inner(
     cur: Current,
-    stream: tokio::net::TcpStream,
+    stream: crate::h1::stream::Stream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
     _open: OpenConn,
@@ -427,7 +427,7 @@ async fn serve_conn_inner(
                         target: "",
                         version: v,
                         // the head's first byte is not timed: a rejection costs ~0 anyway
-                        start: Instant::now(),
+                        start: crate::clock::now(),
                         status: r.status.as_u16(),
                         body_bytes_sent: body_sent,
                         bytes_sent: sent,

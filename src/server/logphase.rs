@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How often each worker writes out its buffered access log lines (when fewer than
@@ -85,7 +85,7 @@ impl AccessLog {
 async fn flusher(writer: Rc<RefCell<Writer>>, mut life: watch::Receiver<u8>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(FLUSH_EVERY) => writer.borrow_mut().flush(),
+            _ = crate::clock::sleep(FLUSH_EVERY) => writer.borrow_mut().flush(),
             changed = life.changed() => {
                 if changed.is_err() || *life.borrow() != runtime::RUNNING {
                     break;
@@ -150,7 +150,7 @@ pub(super) fn ended(lua: &Lua, w: &LogPhase, e: &Ended) -> Option<Pending> {
     if w.access.is_none() && w.log_fn.is_none() {
         return None;
     }
-    let request_time = e.start.elapsed();
+    let request_time = crate::clock::now().saturating_duration_since(e.start);
     let ups: Vec<Upstream> = attempts
         .iter()
         .map(|a| Upstream {
@@ -283,7 +283,7 @@ fn access_line(lua: &Lua, log: &AccessLog, e: &Ended, ups: &[Upstream], request_
     let facts = Facts {
         remote_addr: e.peer_ip,
         remote_port: e.peer.port(),
-        time: SystemTime::now(),
+        time: crate::clock::system_now(),
         method: e.method,
         request_uri: target,
         uri,

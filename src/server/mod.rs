@@ -7,6 +7,7 @@
 //! turns what a handler returns into a response.
 
 mod conn;
+pub mod kit;
 mod logphase;
 mod respond;
 mod workers;

@@ -52,7 +52,7 @@ pub(super) async fn accept_loop(
                         },
                         None => OpenConn::new(None, &cap),
                     };
-                    tokio::task::spawn_local(serve_conn(cur.clone(), stream, peer, shutdown.clone(), open));
+                    tokio::task::spawn_local(serve_conn(cur.clone(), stream.into(), peer, shutdown.clone(), open));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning or dying.
@@ -65,7 +65,7 @@ pub(super) async fn accept_loop(
                 None => std::future::pending().await,
             } } => {
                 if let Ok(stream) = tokio::net::TcpStream::from_std(s) {
-                    tokio::task::spawn_local(serve_conn(cur.clone(), stream, peer, shutdown.clone(), open));
+                    tokio::task::spawn_local(serve_conn(cur.clone(), stream.into(), peer, shutdown.clone(), open));
                 }
             }
             _ = shutdown.changed() => return,

@@ -130,6 +130,11 @@ pub async fn wait(mut rx: watch::Receiver<FetchOutcome>) -> Option<Result<Val, S
 
 static CACHES: store::Registry<Cache> = store::Registry::new("cache");
 
+/// Empties every cache (`luaproxy.test`'s reset between specs).
+pub fn flush_all_caches() {
+    CACHES.each(|_, c| c.store.flush_all());
+}
+
 pub fn find(name: &str) -> Option<Arc<Cache>> {
     CACHES.find(name)
 }
@@ -315,7 +320,7 @@ async fn get_or_fetch(
                     Err(e) => Ok((LuaValue::Nil, Some(e), None)),
                 };
             }
-            Claim::Waiter(rx) => match tokio::time::timeout(opts.wait, wait(rx)).await {
+            Claim::Waiter(rx) => match crate::clock::timeout(opts.wait, wait(rx)).await {
                 Err(_) => return Ok((LuaValue::Nil, Some("timeout".into()), None)),
                 Ok(Some(Ok(v))) => return done(v, "shared"),
                 Ok(Some(Err(e))) => return Ok((LuaValue::Nil, Some(e), None)),

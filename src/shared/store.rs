@@ -204,7 +204,7 @@ impl Now {
         match self.0.get() {
             Some(t) => t,
             None => {
-                let t = Instant::now();
+                let t = crate::clock::now();
                 self.0.set(Some(t));
                 t
             }
@@ -518,7 +518,7 @@ impl Store {
         };
         let expired_for = e
             .expires
-            .and_then(|t| Instant::now().checked_duration_since(t));
+            .and_then(|t| crate::clock::now().checked_duration_since(t));
         if expired_for.is_some() && !stale {
             return Ok(None);
         }
@@ -538,7 +538,7 @@ impl Store {
 
     /// Seconds left to live (0 = never expires); `Err(NotFound)` when missing or expired.
     pub fn ttl(&self, key: &[u8]) -> Result<f64, SetErr> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let g = self.lock();
         match g.map.get(key).filter(|e| e.live(now)) {
             None => Err(SetErr::NotFound),
@@ -548,7 +548,7 @@ impl Store {
 
     /// Sets a new time to live on a live key (`None` = never expires).
     pub fn expire(&self, key: &[u8], ttl: Option<Duration>) -> Result<(), SetErr> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut g = self.lock();
         match g.map.get_mut(key).filter(|e| e.live(now)) {
             None => Err(SetErr::NotFound),
@@ -569,7 +569,7 @@ impl Store {
     /// whether each is live, under one hold of the dict lock. `f` returns false to stop.
     /// Returns where the next chunk starts, or `None` when the walk is over.
     fn scan_chunk(&self, cursor: u64, mut f: impl FnMut(&Arc<[u8]>, bool) -> bool) -> Option<u64> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let g = self.lock();
         let mut next = cursor;
         for (seen, (&order, k)) in g.lru.range(cursor..).enumerate() {
@@ -599,7 +599,7 @@ impl Store {
                 }
                 removed + dead.len() < max
             });
-            let now = Instant::now();
+            let now = crate::clock::now();
             let mut g = self.lock();
             for k in dead.drain(..) {
                 // Checked again: it may have been rewritten since the walk saw it.
@@ -1093,6 +1093,11 @@ static DICTS: Registry<Store> = Registry::new("dict");
 
 pub fn find(name: &str) -> Option<Arc<Store>> {
     DICTS.find(name)
+}
+
+/// Empties every dict (`luaproxy.test`'s reset between specs).
+pub fn flush_all_dicts() {
+    DICTS.each(|_, d| d.flush_all());
 }
 
 /// `f(name, capacity, bytes used)` for every dict, for the metrics.
