@@ -43,6 +43,7 @@
 --                   the least recently counted keys are dropped)
 
 local luaproxy = require "luaproxy"
+local cli = require "luaproxy.cli"
 local balancer = require "luaproxy.balancer"
 local health = require "luaproxy.health"
 local ratelimit = require "luaproxy.ratelimit"
@@ -60,12 +61,7 @@ local admin_opts
 
 -- new(opts), or an error naming the config setting behind a bad option.
 local function make(what, new, opts)
-    local ok, obj, err = pcall(new, opts)
-    if not ok then
-        error("api_router: bad " .. what .. ": " .. tostring(obj):gsub("^[^:]*:%d+: ", ""), 0)
-    end
-    if not obj then error("api_router: " .. tostring(err), 0) end
-    return obj
+    return cli.make("api_router", what, new, opts)
 end
 
 --- Called once per worker before it serves, with the settings table.

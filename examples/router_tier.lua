@@ -39,6 +39,7 @@
 --   api_key_header  the header holding the key (default "X-Api-Key")
 
 local luaproxy = require "luaproxy"
+local cli = require "luaproxy.cli"
 local balancer = require "luaproxy.balancer"
 local health = require "luaproxy.health"
 local admin = require "luaproxy.admin"
@@ -53,12 +54,7 @@ local bal, hc, key_header
 
 -- new(opts), or an error naming the config setting behind a bad option.
 local function make(what, new, opts)
-    local ok, obj, err = pcall(new, opts)
-    if not ok then
-        error("router_tier: bad " .. what .. ": " .. tostring(obj):gsub("^[^:]*:%d+: ", ""), 0)
-    end
-    if not obj then error("router_tier: " .. tostring(err), 0) end
-    return obj
+    return cli.make("router_tier", what, new, opts)
 end
 
 --- Called once per worker before it serves, with the settings table.

@@ -138,11 +138,7 @@ local function get_with_key(i, j)
     return "/load?task=" .. i .. "&n=" .. j, { headers = { ["x-api-key"] = "load" } }
 end
 
-local function form(body, headers)
-    headers = headers or {}
-    headers["content-type"] = headers["content-type"] or FORM
-    return { method = "POST", body = body, headers = headers }
-end
+local form = util.form
 
 describe("examples/api_router.lua", function()
     it("a request without an API key gets 400 with the original's text, whatever the source, and nothing goes upstream", function()

@@ -35,11 +35,7 @@ local function with_server(header, fn, serve_opts)
     end)
 end
 
-local function form(body, headers)
-    headers = headers or {}
-    headers["content-type"] = headers["content-type"] or FORM
-    return { method = "POST", body = body, headers = headers }
-end
+local form = util.form
 
 describe("luaproxy.apikey", function()
     it("takes the key from a form body, else the query, else the header", function()

@@ -149,4 +149,16 @@ function _M.parse(argv)
     return settings
 end
 
+--- obj = cli.make(policy, what, new, opts): new(opts) for a policy's init_worker, or an error
+-- naming the config setting(s) `what` behind a bad option ("api_router: bad backends: ...")
+-- and no traceback, so main.lua's one-line start-up error says what to fix
+function _M.make(policy, what, new, opts)
+    local ok, obj, err = pcall(new, opts)
+    if not ok then
+        error(policy .. ": bad " .. what .. ": " .. tostring(obj):gsub("^[^:]*:%d+: ", ""), 0)
+    end
+    if not obj then error(policy .. ": " .. tostring(err), 0) end
+    return obj
+end
+
 return _M

@@ -312,4 +312,12 @@ function _M.raw(port, payload, seconds, pause_then)
     return out
 end
 
+--- opts = util.form(body, headers?): request options for a POST of an
+-- application/x-www-form-urlencoded `body` (a Content-Type in `headers` wins)
+function _M.form(body, headers)
+    headers = headers or {}
+    headers["content-type"] = headers["content-type"] or "application/x-www-form-urlencoded"
+    return { method = "POST", body = body, headers = headers }
+end
+
 return _M
