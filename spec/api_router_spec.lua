@@ -39,11 +39,7 @@ local shut = util.shut
 
 -- status, body, headers of a request through luaproxy.http (bounded: 5 s)
 local function request(url, opts)
-    opts = opts or {}
-    opts.read_timeout = opts.read_timeout or 5
-    local res, err = luaproxy.http.request_uri(url, opts)
-    if not res then return nil, err end
-    return res.status, res.body, res.headers
+    return util.request(url, opts, 5)
 end
 
 -- curl in the background (this loop keeps running while it waits): status, body, headers

@@ -106,13 +106,7 @@ local function backend_handler(name, st)
 end
 
 -- status, body, headers of a request through luaproxy.http (bounded: 10 s)
-local function request(url, opts)
-    opts = opts or {}
-    opts.read_timeout = opts.read_timeout or 10
-    local res, err = luaproxy.http.request_uri(url, opts)
-    if not res then return nil, err end
-    return res.status, res.body, res.headers
-end
+local request = util.request
 
 -- curl in the background (this loop keeps serving while it waits): status
 local function curl(args)

@@ -29,13 +29,7 @@ local function backend_handler(st)
 end
 
 -- status, body, headers through luaproxy.http (bounded: 10 s)
-local function request(url, opts)
-    opts = opts or {}
-    opts.read_timeout = opts.read_timeout or 10
-    local res, err = luaproxy.http.request_uri(url, opts)
-    if not res then return nil, err end
-    return res.status, res.body, res.headers
-end
+local request = util.request
 
 -- The example itself, with each answer saying which worker gave it (X-Worker).
 local WORKER_TAGGED = [[

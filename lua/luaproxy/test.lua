@@ -55,6 +55,18 @@ local function escape(s)
 end
 
 -- "a=1&b=2&a=3" -> { a = { "1", "3" }, b = "2" } (names and values %-decoded)
+-- out[k] = v, or a list of the values when k repeats (ngx's get_uri_args/get_headers shape)
+local function add(out, k, v)
+    local had = out[k]
+    if had == nil then
+        out[k] = v
+    elseif type(had) == "table" then
+        had[#had + 1] = v
+    else
+        out[k] = { had, v }
+    end
+end
+
 local function decode_args(args)
     local out = {}
     if not args or args == "" then return out end
@@ -63,14 +75,7 @@ local function decode_args(args)
         if not k then k, v = pair, true end
         k = unescape(k)
         if v ~= true then v = unescape(v) end
-        local had = out[k]
-        if had == nil then
-            out[k] = v
-        elseif type(had) == "table" then
-            had[#had + 1] = v
-        else
-            out[k] = { had, v }
-        end
+        add(out, k, v)
     end
     return out
 end
@@ -79,15 +84,7 @@ end
 local function header_table(list)
     local out = {}
     for _, pair in ipairs(list) do
-        local k, v = pair[1]:lower(), pair[2]
-        local had = out[k]
-        if had == nil then
-            out[k] = v
-        elseif type(had) == "table" then
-            had[#had + 1] = v
-        else
-            out[k] = { had, v }
-        end
+        add(out, pair[1]:lower(), pair[2])
     end
     return out
 end

@@ -297,6 +297,17 @@ function _M.get(url, opts)
     return res.status, res.body, res
 end
 
+--- status, body, headers = util.request(url, opts?, seconds?): through the luaproxy client,
+-- the body read, bounded by a read timeout (`seconds`, default 10, unless opts sets one);
+-- nil, err on failure
+function _M.request(url, opts, seconds)
+    opts = opts or {}
+    opts.read_timeout = opts.read_timeout or seconds or 10
+    local res, err = luaproxy.http.request_uri(url, opts)
+    if not res then return nil, err end
+    return res.status, res.body, res.headers
+end
+
 --- text = util.raw(port, payload, seconds?): send raw bytes over one TCP connection (bash's
 -- /dev/tcp), then read until the server closes or `seconds` (default 2) pass.
 -- `payload` may hold \r\n escapes as printf understands them.

@@ -449,6 +449,15 @@ fn put_host(out: &mut Vec<u8>, h: Option<&Headers>) {
     }
 }
 
+/// `HH:MM:SS` of `s` seconds into the day.
+fn put_hms(out: &mut Vec<u8>, s: u64) {
+    put_fixed(out, s / 3600, 2);
+    out.push(b':');
+    put_fixed(out, s / 60 % 60, 2);
+    out.push(b':');
+    put_fixed(out, s % 60, 2);
+}
+
 /// One `$upstream_*` value per attempt, joined by `", "`; `-` with no attempts.
 fn put_upstreams(out: &mut Vec<u8>, ups: &[Upstream], each: impl Fn(&mut Vec<u8>, &Upstream)) {
     if ups.is_empty() {
@@ -492,11 +501,7 @@ fn put_var(v: &Var, f: &Facts, cached: &mut Option<Clock>, out: &mut Vec<u8>) {
             out.push(b'/');
             put_fixed(out, c.y as u64, 4);
             out.push(b':');
-            put_fixed(out, s / 3600, 2);
-            out.push(b':');
-            put_fixed(out, s / 60 % 60, 2);
-            out.push(b':');
-            put_fixed(out, s % 60, 2);
+            put_hms(out, s);
             out.extend_from_slice(b" +0000");
         }
         Var::TimeIso8601 => {
@@ -509,11 +514,7 @@ fn put_var(v: &Var, f: &Facts, cached: &mut Option<Clock>, out: &mut Vec<u8>) {
             out.push(b'-');
             put_fixed(out, c.d.into(), 2);
             out.push(b'T');
-            put_fixed(out, s / 3600, 2);
-            out.push(b':');
-            put_fixed(out, s / 60 % 60, 2);
-            out.push(b':');
-            put_fixed(out, s % 60, 2);
+            put_hms(out, s);
             out.extend_from_slice(b"+00:00");
         }
         Var::Msec => {
