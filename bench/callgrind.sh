@@ -3,7 +3,8 @@
 # DIR (a checkout with its luaproxy.so built in place; default: this one). One worker under
 # valgrind --tool=callgrind in front of the peer harness's backends (started and stopped here
 # if not running); 2 s of `wrk -t1 -c4` to warm up, counters zeroed, 8 s measured, dumped.
-# Instruction counts do not depend on the machine's speed or load: the steady measure.
+# Instruction counts do not depend on the machine's speed; with CONNS > 1 they do a little on
+# how many requests one wake-up serves (a loaded machine batches fewer): A/B with CONNS=1.
 # CONF=bench/router.conf.lua: the API router with its access log and metrics instead.
 # CONNS: wrk connections (4; 1 makes every request its own wake-up: steadiest for A/B).
 # LUA: the interpreter (default lua5.4; a build with symbols names the VM's functions).
