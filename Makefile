@@ -74,7 +74,7 @@ rock-test: rock
 test: install cargo-test lint rock-test
 
 bench: install
-	bench/peers.sh
+	bench/all.sh
 
 clean:
 	cargo clean

@@ -2,6 +2,10 @@
 # bench/peers.sh: the seed workload (POST 5 KB in / 5 KB out, two backends, least connection,
 # X-Api-Key required else 400) and a small GET, through luaproxy and, in the same run, the peers
 # of ../shared/bench (nginx+ngx_lua, nginx+balancer_by_lua, plain nginx, HAProxy).
+# One luaproxy build and policy per run. For issue #16's tables (least_conn and the router, each
+# on Lua 5.4 and LuaJIT, beside nginx+ngx_lua and HAProxy in ONE run, medians of alternating
+# rounds, the goals checked) use bench/all.sh; this script is for a quick look at one variant
+# or at every peer (plain nginx, balancer_by_lua).
 #
 # Needs: Debian nginx, libnginx-mod-http-lua, haproxy, wrk (installed here if missing), and
 # luaproxy built (`make install`). Everything listens on 127.0.0.1 and stops by itself.
