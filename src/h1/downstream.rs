@@ -13,6 +13,7 @@
 
 use super::chunked::Chunked;
 use super::headers::{field_at, Headers};
+use super::idle::{put_spare, take_spare, HeadWaiter};
 use super::io::{head_complete, io_reason, push_num, write_all_parts, IdleTimer, LazyDeadline};
 use super::rules::{self, Limits, Reject};
 use super::stream::Stream;
@@ -163,41 +164,6 @@ impl DownstreamConn {
         }
         Poll::Ready(Ok(()))
     }
-}
-
-/// A connection's read buffer: what `io::poll_fill` reads into at once.
-const READ_BUF: usize = 16 * 1024;
-/// Read buffers a thread keeps for its connections' next reads.
-const SPARES: usize = 16;
-
-thread_local! {
-    /// Read buffers let go by this thread's connections as they went idle. Under load a
-    /// connection lets its buffer go after every response and takes one when the next request
-    /// arrives; from here that is a pop and a push (the allocator's path for a 16 KiB block
-    /// cost ~150 instructions per request more in callgrind).
-    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-}
-
-/// An empty read buffer: a spare one if a whole one is free, else a new one.
-fn take_spare() -> BytesMut {
-    if let Some(mut b) = SPARE.with(|s| s.borrow_mut().pop()) {
-        // The buffer's earlier bytes may still be someone's (a body slice the policy kept):
-        // then it is dropped (freed when they are) and a new one taken.
-        if b.try_reclaim(READ_BUF) {
-            return b;
-        }
-    }
-    BytesMut::with_capacity(READ_BUF)
-}
-
-/// Keeps `b` (empty) for a later `take_spare`, or frees it when enough are kept.
-fn put_spare(b: BytesMut) {
-    SPARE.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARES {
-            s.push(b);
-        }
-    });
 }
 
 /// A request head as the policy sees it. Header values and the target are slices of one copy
@@ -465,6 +431,7 @@ pub fn read_head<'a>(
     let mut give_up = crate::clock::now() + idle.unwrap_or(timeout);
     let mut stopping = false;
     let mut scanned = 0;
+    let mut waiter = HeadWaiter(None);
     async move {
         loop {
             {
@@ -496,23 +463,23 @@ pub fn read_head<'a>(
                 Timeout,
                 Shutdown,
             }
-            let woke = {
-                let changed = shutdown.changed();
-                tokio::pin!(changed);
-                poll_fn(|cx| {
-                    if let Poll::Ready(r) = conn.borrow_mut().poll_fill_lazy(cx) {
-                        return Poll::Ready(Woke::Read(r));
-                    }
-                    if !stopping && changed.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Woke::Shutdown);
-                    }
-                    if deadline.passed(give_up, cx) {
-                        return Poll::Ready(Woke::Timeout);
-                    }
-                    Poll::Pending
-                })
-                .await
-            };
+            let woke = poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.borrow_mut().poll_fill_lazy(cx) {
+                    return Poll::Ready(Woke::Read(r));
+                }
+                // The server stopping (or gone): `wake_head_waiters` wakes this wait for it.
+                if !stopping && (*shutdown.borrow() || shutdown.has_changed().is_err()) {
+                    return Poll::Ready(Woke::Shutdown);
+                }
+                if deadline.passed(give_up, cx) {
+                    return Poll::Ready(Woke::Timeout);
+                }
+                if !stopping {
+                    waiter.register(cx.waker());
+                }
+                Poll::Pending
+            })
+            .await;
             match woke {
                 Woke::Read(Ok(0)) | Woke::Read(Err(_)) => {
                     let c = conn.borrow();
@@ -1083,7 +1050,7 @@ mod tests {
             let (client, server) = super::super::stream::pair();
             let conn = DownstreamConn::new(Stream::Mem(server));
             assert_eq!(conn.borrow().buf.capacity(), 0, "no buffer before any byte");
-            let (_tx, mut shutdown) = tokio::sync::watch::channel(false);
+            let (stop, mut shutdown) = tokio::sync::watch::channel(false);
             let mut deadline = LazyDeadline::default();
             let limits = Limits::default();
             let t = Duration::from_secs(5);
@@ -1118,6 +1085,34 @@ mod tests {
                 Poll::Ready(h) => assert_eq!(h.ok().unwrap().uri.path(), "/b"),
                 Poll::Pending => panic!("the whole head did not parse"),
             }
+            drop(next);
+            // A stopping server wakes the idle wait, which then ends.
+            let mut next = Box::pin(read_head(
+                &conn,
+                &limits,
+                t,
+                Some(t),
+                &mut deadline,
+                &mut shutdown,
+            ));
+            struct Count(std::sync::atomic::AtomicUsize);
+            impl std::task::Wake for Count {
+                fn wake(self: std::sync::Arc<Self>) {
+                    self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let count = std::sync::Arc::new(Count(0.into()));
+            let waker = std::task::Waker::from(count.clone());
+            let mut cx = Context::from_waker(&waker);
+            assert!(next.as_mut().poll(&mut cx).is_pending());
+            stop.send_replace(true);
+            super::super::idle::wake_head_waiters();
+            let woken = count.0.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(
+                woken, 1,
+                "a stopping server did not wake an idle connection"
+            );
+            assert!(next.as_mut().poll(&mut cx).is_ready());
         });
     }
 

@@ -423,7 +423,7 @@ fn serve_conn_inner(
                     }
                     Err(HeadError::Closed) => return,
                     Err(HeadError::Timeout) => {
-                        crate::log!(DEBUG, "closing idle connection from {peer}");
+                        crate::log!(DEBUG, "closing idle connection from {}", c.peer);
                         return;
                     }
                     Err(HeadError::Bad(r)) => Next::Reject(Box::pin(reject(&w, &c, r))),
@@ -687,10 +687,11 @@ mod tests {
 
     /// Every open connection's task holds this future for the connection's life, idle ones
     /// included; a request's state belongs in `serve_request`'s boxed future. 10,096 bytes
-    /// before that split (a 4 KiB scratch array of the lingering close, inline twice).
+    /// before that split (a 4 KiB scratch array of the lingering close, inline twice). Up to
+    /// 344 bytes, tokio's task cell (168 bytes more, in steps of 128) takes 512 bytes.
     #[test]
     fn conn_future_stays_small() {
         let size = output_size(super::serve_conn);
-        assert!(size <= 1024, "the connection future is {size} bytes");
+        assert!(size <= 344, "the connection future is {size} bytes");
     }
 }
