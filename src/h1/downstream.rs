@@ -13,6 +13,7 @@
 
 use super::chunked::Chunked;
 use super::headers::{field_at, Headers};
+use super::idle::{put_spare, take_spare, HeadWaiter};
 use super::io::{head_complete, io_reason, push_num, write_all_parts, IdleTimer, LazyDeadline};
 use super::rules::{self, Limits, Reject};
 use super::stream::Stream;
@@ -28,7 +29,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::AsyncWrite;
 
-const READ_CHUNK: usize = 16 * 1024;
 /// An unread request body up to this size is read and dropped after the response so the
 /// connection can carry the next request; a larger one closes the connection instead.
 pub const MAX_DRAIN: u64 = 1024 * 1024;
@@ -73,7 +73,8 @@ impl DownstreamConn {
     pub fn new(stream: impl Into<Stream>) -> Shared {
         Rc::new(RefCell::new(DownstreamConn {
             stream: stream.into(),
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            // taken when the first bytes arrive (`poll_fill_lazy`)
+            buf: BytesMut::new(),
             body: BodyLeft::Done,
             continue_pending: false,
             continue_out: &[],
@@ -107,6 +108,35 @@ impl DownstreamConn {
     /// Reads what the socket has into `buf`; `Ok(0)` is end of stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         super::io::poll_fill(&mut self.stream, &mut self.buf, cx)
+    }
+
+    /// `poll_fill` for a connection waiting for a request head: with nothing buffered, it
+    /// waits for the socket to be readable holding no read buffer, takes one (16 KiB) only to
+    /// read, and lets it go again if the read finds nothing. An idle keep-alive connection so
+    /// costs no buffer memory, as nginx frees its client_header_buffer on an idle keep-alive
+    /// connection (`ngx_http_set_keepalive`): with the buffer kept, 10,000 idle connections
+    /// held 10,000 partly touched 16 KiB buffers (BENCHMARKS.md, "Idle connections").
+    fn poll_fill_lazy(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if !self.buf.is_empty() {
+            return self.poll_fill(cx);
+        }
+        if self.buf.capacity() == 0 {
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+            self.buf = take_spare();
+        }
+        let r = self.poll_fill(cx);
+        if r.is_pending() {
+            self.release_buf();
+        }
+        r
+    }
+
+    /// Lets the read buffer go when it holds nothing (the next read takes another).
+    #[inline]
+    fn release_buf(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            put_spare(std::mem::take(&mut self.buf));
+        }
     }
 
     /// True when nothing of the current request's body is left on the wire.
@@ -383,82 +413,91 @@ pub fn parse_request(
 /// `idle` (a kept-alive connection between requests), `idle` after it while no byte has come
 /// and `timeout` after the first byte; `deadline` is the connection's timer for both. It also
 /// ends when `shutdown` fires with no byte of a request read yet.
-pub async fn read_head(
-    conn: &Shared,
-    limits: &Limits,
+///
+/// A plain function returning an `async` block, not an `async fn` (which keeps its arguments
+/// twice): an idle keep-alive connection holds this future while it waits.
+pub fn read_head<'a>(
+    conn: &'a Shared,
+    limits: &'a Limits,
     timeout: Duration,
     idle: Option<Duration>,
-    deadline: &mut LazyDeadline,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
-) -> Result<RequestHead, HeadError> {
+    deadline: &'a mut LazyDeadline,
+    shutdown: &'a mut tokio::sync::watch::Receiver<bool>,
+) -> impl Future<Output = Result<RequestHead, HeadError>> + 'a {
     let idle = idle.filter(|_| conn.borrow().buf.is_empty());
+    // Between requests with nothing buffered: no read buffer while waiting.
+    conn.borrow_mut().release_buf();
     let mut waiting_idle = idle.is_some();
     let mut give_up = crate::clock::now() + idle.unwrap_or(timeout);
     let mut stopping = false;
     let mut scanned = 0;
-    loop {
-        {
-            let mut c = conn.borrow_mut();
-            if !c.buf.is_empty() {
-                // The first look parses (a head usually arrives whole); after a partial one,
-                // only the blank line arriving or the size limit makes another parse worth it.
-                let ready =
-                    scanned == 0 || head_complete(&c.buf, scanned) || c.buf.len() > limits.max_head;
-                scanned = c.buf.len();
-                if ready {
-                    if let Some((n, head)) = parse_request(&c.buf, limits)? {
-                        c.buf.advance(n);
-                        c.consumed = n as u64;
-                        c.body_sent = 0;
-                        c.body = head.framing;
-                        c.framing_bytes = 0;
-                        c.continue_pending = head.expect_continue;
-                        return Ok(head);
+    let mut waiter = HeadWaiter(None);
+    async move {
+        loop {
+            {
+                let mut c = conn.borrow_mut();
+                if !c.buf.is_empty() {
+                    // The first look parses (a head usually arrives whole); after a partial one,
+                    // only the blank line arriving or the size limit makes another parse worth it.
+                    let ready = scanned == 0
+                        || head_complete(&c.buf, scanned)
+                        || c.buf.len() > limits.max_head;
+                    scanned = c.buf.len();
+                    if ready {
+                        if let Some((n, head)) = parse_request(&c.buf, limits)? {
+                            c.buf.advance(n);
+                            c.consumed = n as u64;
+                            c.body_sent = 0;
+                            c.body = head.framing;
+                            c.framing_bytes = 0;
+                            c.continue_pending = head.expect_continue;
+                            return Ok(head);
+                        }
                     }
+                } else if stopping {
+                    return Err(HeadError::Closed);
                 }
-            } else if stopping {
-                return Err(HeadError::Closed);
             }
-        }
-        enum Woke {
-            Read(io::Result<usize>),
-            Timeout,
-            Shutdown,
-        }
-        let woke = {
-            let changed = shutdown.changed();
-            tokio::pin!(changed);
-            poll_fn(|cx| {
-                if let Poll::Ready(r) = conn.borrow_mut().poll_fill(cx) {
+            enum Woke {
+                Read(io::Result<usize>),
+                Timeout,
+                Shutdown,
+            }
+            let woke = poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.borrow_mut().poll_fill_lazy(cx) {
                     return Poll::Ready(Woke::Read(r));
                 }
-                if !stopping && changed.as_mut().poll(cx).is_ready() {
+                // The server stopping (or gone): `wake_head_waiters` wakes this wait for it.
+                if !stopping && (*shutdown.borrow() || shutdown.has_changed().is_err()) {
                     return Poll::Ready(Woke::Shutdown);
                 }
                 if deadline.passed(give_up, cx) {
                     return Poll::Ready(Woke::Timeout);
                 }
+                if !stopping {
+                    waiter.register(cx.waker());
+                }
                 Poll::Pending
             })
-            .await
-        };
-        match woke {
-            Woke::Read(Ok(0)) | Woke::Read(Err(_)) => {
-                let c = conn.borrow();
-                return Err(if c.buf.is_empty() {
-                    HeadError::Closed
-                } else {
-                    bad(StatusCode::BAD_REQUEST, "incomplete request head")
-                });
-            }
-            Woke::Read(Ok(_)) => {
-                if waiting_idle {
-                    waiting_idle = false;
-                    give_up = crate::clock::now() + timeout;
+            .await;
+            match woke {
+                Woke::Read(Ok(0)) | Woke::Read(Err(_)) => {
+                    let c = conn.borrow();
+                    return Err(if c.buf.is_empty() {
+                        HeadError::Closed
+                    } else {
+                        bad(StatusCode::BAD_REQUEST, "incomplete request head")
+                    });
                 }
+                Woke::Read(Ok(_)) => {
+                    if waiting_idle {
+                        waiting_idle = false;
+                        give_up = crate::clock::now() + timeout;
+                    }
+                }
+                Woke::Timeout => return Err(HeadError::Timeout),
+                Woke::Shutdown => stopping = true,
             }
-            Woke::Timeout => return Err(HeadError::Timeout),
-            Woke::Shutdown => stopping = true,
         }
     }
 }
@@ -469,14 +508,45 @@ pub async fn read_head(
 /// sending its body is not watched until the body is in, and one that has pipelined its next
 /// request not at all: those bytes are not ours to read here, and a peek would only see them.
 /// The handling is polled first, so a request answered at once never looks at the socket.
-pub async fn unless_client_gone<F: Future>(conn: &Shared, handling: F) -> Option<F::Output> {
-    tokio::pin!(handling);
-    let mut watching = true;
-    poll_fn(|cx| {
-        if let Poll::Ready(out) = handling.as_mut().poll(cx) {
+///
+/// A future of its own rather than an `async fn`: that moved `handling` (the policy's whole
+/// request future) twice more before polling it, which was most of the memory copying a
+/// request cost.
+pub fn unless_client_gone<F: Future>(conn: &Shared, handling: F) -> UnlessClientGone<'_, F> {
+    UnlessClientGone {
+        conn,
+        handling,
+        watching: true,
+    }
+}
+
+/// See `unless_client_gone`.
+pub struct UnlessClientGone<'a, F> {
+    conn: &'a Shared,
+    handling: F,
+    watching: bool,
+}
+
+impl<F: Future> Future for UnlessClientGone<'_, F> {
+    type Output = Option<F::Output>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<F::Output>> {
+        // SAFETY: `handling` is never moved out of a pinned `UnlessClientGone` (nothing takes
+        // it by value; the struct is Unpin only when `F` is), so pinning projects to it; the
+        // other fields are plain data, used unpinned.
+        let (handling, conn, watching) = unsafe {
+            let this = self.get_unchecked_mut();
+            (
+                Pin::new_unchecked(&mut this.handling),
+                this.conn,
+                &mut this.watching,
+            )
+        };
+        if let Poll::Ready(out) = handling.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        if watching {
+        if *watching {
             let c = conn.borrow();
             // Still sending its body, or its next request is buffered: nothing to watch now.
             if c.buf.is_empty() && c.body == BodyLeft::Done {
@@ -486,14 +556,13 @@ pub async fn unless_client_gone<F: Future>(conn: &Shared, handling: F) -> Option
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
                     // Bytes of a next request: the socket stays readable, so peeking again
                     // would find them again; watching ends here.
-                    Poll::Ready(Ok(_)) => watching = false,
+                    Poll::Ready(Ok(_)) => *watching = false,
                     Poll::Pending => {}
                 }
             }
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// Why reading a request body stopped short.
@@ -927,8 +996,10 @@ pub async fn linger_close(conn: &Shared, linger: Duration) {
     if shut.is_err() {
         return;
     }
+    // On the heap: in the future, 4 KiB (twice, with the timeout's copy) would size every
+    // connection's task for this rare last step.
+    let mut scratch = vec![0u8; 4096];
     let _ = crate::clock::timeout(linger, async {
-        let mut scratch = [0u8; 4096];
         loop {
             let r = poll_fn(|cx| {
                 let mut c = conn.borrow_mut();
@@ -964,6 +1035,85 @@ mod tests {
             Ok(None) => (0, "partial"),
             Err(_) => (0, "other"),
         }
+    }
+
+    /// Between requests a connection holds no read buffer; it takes one for the first byte
+    /// of the next head, keeps it while the head is partial, and parses the head whole.
+    #[test]
+    fn an_idle_connection_holds_no_read_buffer() {
+        use std::future::Future;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, server) = super::super::stream::pair();
+            let conn = DownstreamConn::new(Stream::Mem(server));
+            assert_eq!(conn.borrow().buf.capacity(), 0, "no buffer before any byte");
+            let (stop, mut shutdown) = tokio::sync::watch::channel(false);
+            let mut deadline = LazyDeadline::default();
+            let limits = Limits::default();
+            let t = Duration::from_secs(5);
+            client
+                .write(&[std::io::IoSlice::new(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")])
+                .unwrap();
+            let head = read_head(&conn, &limits, t, None, &mut deadline, &mut shutdown);
+            assert_eq!(head.await.ok().unwrap().uri.path(), "/a");
+            let mut next = Box::pin(read_head(
+                &conn,
+                &limits,
+                t,
+                Some(t),
+                &mut deadline,
+                &mut shutdown,
+            ));
+            async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+                poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
+            }
+            assert!(poll_once(&mut next).await.is_pending());
+            assert_eq!(conn.borrow().buf.capacity(), 0, "idle with a buffer");
+            client.write(&[std::io::IoSlice::new(b"G")]).unwrap();
+            assert!(poll_once(&mut next).await.is_pending());
+            assert!(
+                conn.borrow().buf.capacity() > 0,
+                "a partial head lost its bytes"
+            );
+            client
+                .write(&[std::io::IoSlice::new(b"ET /b HTTP/1.1\r\nHost: x\r\n\r\n")])
+                .unwrap();
+            match poll_once(&mut next).await {
+                Poll::Ready(h) => assert_eq!(h.ok().unwrap().uri.path(), "/b"),
+                Poll::Pending => panic!("the whole head did not parse"),
+            }
+            drop(next);
+            // A stopping server wakes the idle wait, which then ends.
+            let mut next = Box::pin(read_head(
+                &conn,
+                &limits,
+                t,
+                Some(t),
+                &mut deadline,
+                &mut shutdown,
+            ));
+            struct Count(std::sync::atomic::AtomicUsize);
+            impl std::task::Wake for Count {
+                fn wake(self: std::sync::Arc<Self>) {
+                    self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let count = std::sync::Arc::new(Count(0.into()));
+            let waker = std::task::Waker::from(count.clone());
+            let mut cx = Context::from_waker(&waker);
+            assert!(next.as_mut().poll(&mut cx).is_pending());
+            stop.send_replace(true);
+            super::super::idle::wake_head_waiters();
+            let woken = count.0.load(std::sync::atomic::Ordering::SeqCst);
+            assert_eq!(
+                woken, 1,
+                "a stopping server did not wake an idle connection"
+            );
+            assert!(next.as_mut().poll(&mut cx).is_ready());
+        });
     }
 
     #[test]

@@ -92,6 +92,16 @@ impl Stream {
         }
     }
 
+    /// Ready once a read would not wait (bytes, the end, or an error are there), without
+    /// reading: an idle connection waits with this and takes a read buffer only then.
+    #[inline]
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Mem(p) => p.poll_read_ready(cx),
+        }
+    }
+
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_nodelay(on),
@@ -302,6 +312,17 @@ impl Pipe {
                 Poll::Ready(Ok(n))
             }
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut lane = self.rx.borrow_mut();
+        if Self::ready(&lane).is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        lane.waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 
     #[cold]

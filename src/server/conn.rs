@@ -327,141 +327,232 @@ pub(super) const LINGER: Duration = Duration::from_secs(2);
 
 /// Serves one client connection (`serve_conn_inner`); a panic in it ends only this
 /// connection, and is logged.
-pub(super) async fn serve_conn(
+pub(super) fn serve_conn(
     cur: Current,
     stream: crate::h1::stream::Stream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     open: OpenConn,
-) {
-    let mut fut = std::pin::pin!(serve_conn_inner(cur, stream, peer, shutdown, open));
-    let caught = std::future::poll_fn(|cx| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.as_mut().poll(cx)))
-            .unwrap_or(Poll::Ready(Err(())))
-            .map(Some)
-    })
-    .await;
-    if let Some(Err(())) = caught {
-        crate::log!(
-            ERR,
-            "internal error (panic) on the connection from {peer}: connection closed"
-        );
+) -> impl Future<Output = ()> {
+    Caught {
+        fut: serve_conn_inner(cur, stream, peer, shutdown, open),
+        peer,
+    }
+}
+
+/// A connection's future with its panics caught. A struct, not an `async` wrapper: that kept
+/// its arguments a second time beside the pinned inner future, in every connection's task.
+struct Caught<F> {
+    fut: F,
+    peer: SocketAddr,
+}
+
+impl<F: Future<Output = ()>> Future for Caught<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `fut` is never moved out of a pinned `Caught` (nothing takes it by value, and
+        // `Caught` is Unpin only when `F` is), so a pinned `Caught` pins its `fut`.
+        let (fut, peer) = unsafe {
+            let this = self.get_unchecked_mut();
+            (Pin::new_unchecked(&mut this.fut), this.peer)
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(p) => p,
+            Err(_) => {
+                crate::log!(
+                    ERR,
+                    "internal error (panic) on the connection from {peer}: connection closed"
+                );
+                Poll::Ready(())
+            }
+        }
     }
 }
 
 /// Serves one client connection: head, policy, response, and again while the connection
 /// stays open. Requests on one connection run one after another (pipelined ones wait in the
 /// read buffer); each runs on the generation serving when its head arrived.
-async fn serve_conn_inner(
+///
+/// This future is what an idle keep-alive connection costs while it waits (with its
+/// `DownstreamConn`, whose read buffer is let go meanwhile): everything a request needs
+/// beyond its head lives in `serve_request`'s future, boxed per request and gone when the
+/// request ends. Inline, the largest of those states sized every connection's task at 10 KB
+/// (BENCHMARKS.md, "Idle connections"); `conn_future_stays_small` keeps it small. An `async`
+/// block rather than an `async fn`, which would keep its arguments twice.
+fn serve_conn_inner(
     cur: Current,
     stream: crate::h1::stream::Stream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
-    _open: OpenConn,
-) -> Result<(), ()> {
+    open: OpenConn,
+) -> impl Future<Output = ()> {
     static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
     let _ = stream.set_nodelay(true);
-    let conn = DownstreamConn::new(stream);
-    let peer_ip: Rc<str> = Rc::from(peer.ip().to_string());
-    let mut head_deadline = crate::h1::io::LazyDeadline::default();
-    let mut served = 0usize;
-    loop {
-        let w = cur.borrow().clone();
-        let send_timeout = w.settings.send_timeout;
-        // The first head is due within client_header_timeout of the accept; a kept-alive
-        // connection may then idle for keepalive_timeout before its next head begins.
-        let idle = (served > 0).then_some(w.settings.keepalive_timeout);
-        let head = match downstream::read_head(
-            &conn,
-            &w.limits,
-            w.settings.client_header_timeout,
-            idle,
-            &mut head_deadline,
-            &mut shutdown,
-        )
-        .await
-        {
-            Ok(h) => h,
-            Err(HeadError::Closed) => return Ok(()),
-            Err(HeadError::Timeout) => {
-                crate::log!(DEBUG, "closing idle connection from {peer}");
-                return Ok(());
-            }
-            Err(HeadError::Bad(r)) => {
-                crate::log!(
-                    INFO,
-                    "rejected request from {}: {} ({})",
-                    peer.ip(),
-                    r.reason,
-                    r.status.as_u16(),
-                );
-                // The rest of the stream cannot be trusted to be framed correctly.
-                let mut resp = simple(r.status, r.reason);
-                let (m, v) = (Method::GET, Version::HTTP_11);
-                let (wrote, got) = {
-                    let c = conn.borrow();
-                    (c.bytes_written(), c.unparsed())
-                };
-                let ok = downstream::write_response(
-                    &conn,
-                    &mut resp,
-                    &m,
-                    v,
-                    false,
-                    send_timeout,
-                    &mut || {},
+    let mut c = ConnState {
+        conn: DownstreamConn::new(stream),
+        peer,
+        peer_ip: Rc::from(peer.ip().to_string()),
+        serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+        served: 0,
+        _open: open,
+    };
+    async move {
+        let mut head_deadline = crate::h1::io::LazyDeadline::default();
+        loop {
+            let w = cur.borrow().clone();
+            // The first head is due within client_header_timeout of the accept; a kept-alive
+            // connection may then idle for keepalive_timeout before its next head begins.
+            let idle = (c.served > 0).then_some(w.settings.keepalive_timeout);
+            // The head (300 bytes) goes into the request's boxed future inside this block, so
+            // it is not kept in this future's state (and so in every idle connection's).
+            let next = {
+                let got = downstream::read_head(
+                    &c.conn,
+                    &w.limits,
+                    w.settings.client_header_timeout,
+                    idle,
+                    &mut head_deadline,
+                    &mut shutdown,
                 )
-                .await
-                .is_ok();
-                let (body_sent, sent) = {
-                    let c = conn.borrow();
-                    (c.body_bytes_sent(), c.bytes_written() - wrote)
-                };
-                let pending = logphase::ended(
-                    &w.lua,
-                    &w.log,
-                    &logphase::Ended {
-                        req: None,
-                        method: "",
-                        target: "",
-                        version: v,
-                        // the head's first byte is not timed: a rejection costs ~0 anyway
-                        start: crate::clock::now(),
-                        status: r.status.as_u16(),
-                        body_bytes_sent: body_sent,
-                        bytes_sent: sent,
-                        request_length: got,
-                        peer,
-                        peer_ip: &peer_ip,
-                        response_headers: Some(&resp.headers),
-                        connection: serial,
-                        connection_requests: served as u64 + 1,
-                    },
-                );
-                logphase::finish(pending).await;
-                if ok {
-                    downstream::linger_close(&conn, LINGER).await;
+                .await;
+                match got {
+                    Ok(head) => {
+                        c.served += 1;
+                        Next::Serve(Box::pin(serve_request(&w, &c, head)))
+                    }
+                    Err(HeadError::Closed) => return,
+                    Err(HeadError::Timeout) => {
+                        crate::log!(DEBUG, "closing idle connection from {}", c.peer);
+                        return;
+                    }
+                    Err(HeadError::Bad(r)) => Next::Reject(Box::pin(reject(&w, &c, r))),
                 }
-                return Ok(());
+            };
+            match next {
+                Next::Serve(request) => {
+                    if !request.await {
+                        return;
+                    }
+                }
+                Next::Reject(rejected) => return rejected.await,
             }
-        };
-        served += 1;
-        let flight = InFlight::new();
-        let (method, version) = (head.method.clone(), head.version);
-        let at_limit = w.settings.keepalive_requests > 0 && served >= w.settings.keepalive_requests;
-        let wants_keep = head.keep_alive && !at_limit && !w.settings.keepalive_timeout.is_zero();
-        let request_line = (method.clone(), head.uri.clone());
-        let inner = Rc::new(ReqInner::new(
-            head,
-            IncomingBody::new(conn.clone()),
+            // Let the worker's other connections go first, as nginx posts a keep-alive
+            // connection's next read behind the events already waiting. On loopback the
+            // upstream's answer and the client's next request are often in the sockets before
+            // this task asks, so without a yield one connection ran request after request
+            // while the others waited (wrk -c100: p99 12-15 ms, against 5-8 ms with the yield
+            // and the same req/s).
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// What a connection does with the head it read.
+enum Next<S, R> {
+    Serve(S),
+    Reject(R),
+}
+
+/// What a connection keeps between its requests.
+struct ConnState {
+    conn: downstream::Shared,
+    peer: SocketAddr,
+    peer_ip: Rc<str>,
+    /// The connection's number in the process (`$connection`).
+    serial: u64,
+    /// Requests whose head was read, this one included.
+    served: usize,
+    _open: OpenConn,
+}
+
+/// Answers a head we refuse, logs it and closes the connection.
+async fn reject(w: &Worker, c: &ConnState, r: crate::h1::rules::Reject) {
+    let (conn, peer) = (&c.conn, c.peer);
+    crate::log!(
+        INFO,
+        "rejected request from {}: {} ({})",
+        peer.ip(),
+        r.reason,
+        r.status.as_u16(),
+    );
+    // The rest of the stream cannot be trusted to be framed correctly.
+    let mut resp = simple(r.status, r.reason);
+    let (m, v) = (Method::GET, Version::HTTP_11);
+    let (wrote, got) = {
+        let c = conn.borrow();
+        (c.bytes_written(), c.unparsed())
+    };
+    let ok = downstream::write_response(
+        conn,
+        &mut resp,
+        &m,
+        v,
+        false,
+        w.settings.send_timeout,
+        &mut || {},
+    )
+    .await
+    .is_ok();
+    let (body_sent, sent) = {
+        let c = conn.borrow();
+        (c.body_bytes_sent(), c.bytes_written() - wrote)
+    };
+    let pending = logphase::ended(
+        &w.lua,
+        &w.log,
+        &logphase::Ended {
+            req: None,
+            method: "",
+            target: "",
+            version: v,
+            // the head's first byte is not timed: a rejection costs ~0 anyway
+            start: crate::clock::now(),
+            status: r.status.as_u16(),
+            body_bytes_sent: body_sent,
+            bytes_sent: sent,
+            request_length: got,
             peer,
-            &peer_ip,
-            &w.limits,
-        ));
+            peer_ip: &c.peer_ip,
+            response_headers: Some(&resp.headers),
+            connection: c.serial,
+            connection_requests: c.served as u64 + 1,
+        },
+    );
+    logphase::finish(pending).await;
+    if ok {
+        downstream::linger_close(conn, LINGER).await;
+    }
+}
+
+/// One request, from its head to the last byte of its response (and its log phase). True:
+/// the connection stays open for the next one. The head goes into the request object before
+/// the future is made: held in it, it was kept twice, in every state (the future is copied
+/// into its box whole).
+fn serve_request<'a>(
+    w: &'a Worker,
+    c: &'a ConnState,
+    head: downstream::RequestHead,
+) -> impl Future<Output = bool> + 'a {
+    let flight = InFlight::new();
+    let (method, version) = (head.method.clone(), head.version);
+    let served = c.served;
+    let at_limit = w.settings.keepalive_requests > 0 && served >= w.settings.keepalive_requests;
+    let wants_keep = head.keep_alive && !at_limit && !w.settings.keepalive_timeout.is_zero();
+    let request_line = (method.clone(), head.uri.clone());
+    let inner = Rc::new(ReqInner::new(
+        head,
+        IncomingBody::new(c.conn.clone()),
+        c.peer,
+        &c.peer_ip,
+        &w.limits,
+    ));
+    async move {
+        let (conn, peer, peer_ip) = (&c.conn, c.peer, &c.peer_ip);
+        let send_timeout = w.settings.send_timeout;
         // What the log phase needs of a request however it ends.
         let ended = |status: u16, resp_headers: Option<&crate::h1::headers::Headers>, wrote| {
-            let c = conn.borrow();
+            let cn = conn.borrow();
             let target = request_line.1.path_and_query().map_or("", |p| p.as_str());
             logphase::ended(
                 &w.lua,
@@ -473,20 +564,19 @@ async fn serve_conn_inner(
                     version,
                     start: inner.start,
                     status,
-                    body_bytes_sent: c.body_bytes_sent(),
-                    bytes_sent: c.bytes_written() - wrote,
-                    request_length: c.request_length(),
+                    body_bytes_sent: cn.body_bytes_sent(),
+                    bytes_sent: cn.bytes_written() - wrote,
+                    request_length: cn.request_length(),
                     peer,
-                    peer_ip: &peer_ip,
+                    peer_ip,
                     response_headers: resp_headers,
-                    connection: serial,
+                    connection: c.serial,
                     connection_requests: served as u64,
                 },
             )
         };
-        let handled = handle(&w, inner.clone());
-        let Some(Handled { mut resp, close }) =
-            downstream::unless_client_gone(&conn, handled).await
+        let handled = handle(w, inner.clone());
+        let Some(Handled { mut resp, close }) = downstream::unless_client_gone(conn, handled).await
         else {
             // Dropping the handling ends the request: its leases are released and its
             // upstream exchange (and connection) dropped, as nginx does for a client abort
@@ -502,7 +592,7 @@ async fn serve_conn_inner(
             drop(flight);
             logphase::finish(ended(499, None, wrote)).await;
             inner.release_ctx(&w.lua);
-            return Ok(());
+            return false;
         };
         if runtime::panic_requested() {
             panic!("luaproxy._panic(\"connection\") was called");
@@ -514,7 +604,7 @@ async fn serve_conn_inner(
         let mut guards = std::mem::take(&mut resp.body._guards);
         let wrote = conn.borrow().bytes_written();
         let written = downstream::write_response(
-            &conn,
+            conn,
             &mut resp,
             &method,
             version,
@@ -533,7 +623,7 @@ async fn serve_conn_inner(
             Ok(k) => {
                 keep = k;
                 conn.borrow().body_done()
-                    || (keep && downstream::drain_body(&conn, w.limits.body_timeout).await)
+                    || (keep && downstream::drain_body(conn, w.limits.body_timeout).await)
             }
             Err(e @ downstream::WriteError::Body { .. }) => {
                 // nginx: "upstream prematurely closed connection while reading upstream".
@@ -558,23 +648,17 @@ async fn serve_conn_inner(
         inner.release_ctx(&w.lua);
         drop(inner);
         if failed {
-            return Ok(());
+            return false;
         }
         if !keep || !clean {
             if !clean || !conn.borrow().idle() {
                 // The client may still be sending: closing with unread bytes would send a
                 // reset, which can destroy the response on its way.
-                downstream::linger_close(&conn, LINGER).await;
+                downstream::linger_close(conn, LINGER).await;
             }
-            return Ok(());
+            return false;
         }
-        // Let the worker's other connections go first, as nginx posts a keep-alive
-        // connection's next read behind the events already waiting. On loopback the
-        // upstream's answer and the client's next request are often in the sockets before
-        // this task asks, so without a yield one connection ran request after request while
-        // the others waited (wrk -c100: p99 12-15 ms, against 5-8 ms with the yield and the
-        // same req/s).
-        tokio::task::yield_now().await;
+        true
     }
 }
 
@@ -591,5 +675,23 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         crate::metrics::builtin::IN_FLIGHT_COUNT.add(-1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of what `f` returns: a future's, without making one.
+    fn output_size<A, B, C, D, E, R>(_: impl FnOnce(A, B, C, D, E) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every open connection's task holds this future for the connection's life, idle ones
+    /// included; a request's state belongs in `serve_request`'s boxed future. 10,096 bytes
+    /// before that split (a 4 KiB scratch array of the lingering close, inline twice). Up to
+    /// 344 bytes, tokio's task cell (168 bytes more, in steps of 128) takes 512 bytes.
+    #[test]
+    fn conn_future_stays_small() {
+        let size = output_size(super::serve_conn);
+        assert!(size <= 344, "the connection future is {size} bytes");
     }
 }

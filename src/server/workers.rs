@@ -68,7 +68,11 @@ pub(super) async fn accept_loop(
                     tokio::task::spawn_local(serve_conn(cur.clone(), stream.into(), peer, shutdown.clone(), open));
                 }
             }
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                // Idle connections wait for a head without watching the channel themselves.
+                crate::h1::idle::wake_head_waiters();
+                return;
+            }
         }
     }
 }
