@@ -3,11 +3,10 @@
 //! from this thread's spares. nginx likewise frees an idle keep-alive connection's header
 //! buffer (`ngx_http_set_keepalive`). No mlua here.
 
+use super::io::READ_CHUNK;
 use bytes::BytesMut;
 use std::cell::RefCell;
 
-/// A connection's read buffer: what `io::poll_fill` reads into at once.
-const READ_BUF: usize = 16 * 1024;
 /// Read buffers a thread keeps for its connections' next reads.
 const SPARES: usize = 16;
 
@@ -24,11 +23,11 @@ pub(super) fn take_spare() -> BytesMut {
     if let Some(mut b) = SPARE.with(|s| s.borrow_mut().pop()) {
         // The buffer's earlier bytes may still be someone's (a body slice the policy kept):
         // then it is dropped (freed when they are) and a new one taken.
-        if b.try_reclaim(READ_BUF) {
+        if b.try_reclaim(READ_CHUNK) {
             return b;
         }
     }
-    BytesMut::with_capacity(READ_BUF)
+    BytesMut::with_capacity(READ_CHUNK)
 }
 
 /// Keeps `b` (empty) for a later `take_spare`, or frees it when enough are kept.

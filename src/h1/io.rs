@@ -9,7 +9,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-const READ_CHUNK: usize = 16 * 1024;
+/// What a connection reads into at once: its read buffer's size, and the growth step.
+pub(super) const READ_CHUNK: usize = 16 * 1024;
 
 /// Reads what `stream` has into `buf` (growing it by `READ_CHUNK` when nearly full);
 /// `Ok(0)` is end of stream. Shared by both sides' connections.

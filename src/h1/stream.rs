@@ -277,20 +277,9 @@ impl Pipe {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut lane = self.rx.borrow_mut();
-        match Self::ready(&lane) {
-            None => {
-                lane.waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            Some(Err(e)) => Poll::Ready(Err(e)),
-            Some(Ok(())) => {
-                let n = lane.data.len().min(buf.remaining());
-                let chunk: Vec<u8> = lane.data.drain(..n).collect();
-                buf.put_slice(&chunk);
-                Poll::Ready(Ok(()))
-            }
-        }
+        let n = std::task::ready!(self.poll_peek(cx, buf))?;
+        self.rx.borrow_mut().data.drain(..n);
+        Poll::Ready(Ok(()))
     }
 
     #[cold]

@@ -10,6 +10,7 @@ use super::chunked::Chunked;
 use super::headers::{field_at, Headers};
 use super::io::{
     head_complete, io_reason, poll_fill, push_num, write_all_parts, IdleTimer, LazyDeadline,
+    READ_CHUNK,
 };
 use super::rules;
 use super::stream::Stream;
@@ -26,7 +27,6 @@ use tokio::io::AsyncWrite;
 /// Response heads larger than this are refused (502), like nginx's proxy_buffer_size error.
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-const READ_CHUNK: usize = 16 * 1024;
 
 /// An open upstream connection and the bytes already read from it.
 pub struct Conn {
