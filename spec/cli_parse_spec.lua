@@ -2,6 +2,18 @@
 local cli = require "luaproxy.cli"
 local util = require "support.util"
 
+-- Each `setting = value` text, alone in a --config file, is refused: nil, a message containing
+-- its `want`, exit code 1.
+local function rejects_settings(cases)
+    for text, want in pairs(cases) do
+        local bad = util.write_temp("c.lua", "return { " .. text .. " }")
+        local none, err, code = cli.parse({ "--config", bad })
+        assert.is_nil(none)
+        assert.matches(want, err, 1, true)
+        assert.are.equal(1, code)
+    end
+end
+
 describe("luaproxy.cli.parse", function()
     it("has defaults", function()
         local s = assert(cli.parse({}))
@@ -55,18 +67,12 @@ describe("luaproxy.cli.parse", function()
         assert.are.same({ rate = 10, burst = 20 }, s.rate_limit)
         assert.are.equal(3, s.max_fails)
         assert.are.equal(30, s.fail_timeout)
-        for text, want in pairs({
+        rejects_settings({
             ["health_check = true"] = "setting 'health_check' must be a table",
             ["rate_limit = 10"] = "setting 'rate_limit' must be a table",
             ["max_fails = '3'"] = "setting 'max_fails' must be a number",
             ["fail_timeout = '10s'"] = "setting 'fail_timeout' must be a number",
-        }) do
-            local bad = util.write_temp("c.lua", "return { " .. text .. " }")
-            local none, err, code = cli.parse({ "--config", bad })
-            assert.is_nil(none)
-            assert.matches(want, err, 1, true)
-            assert.are.equal(1, code)
-        end
+        })
     end)
 
     it("accepts examples/follow_redirects.lua's settings, and checks their types", function()
@@ -74,15 +80,10 @@ describe("luaproxy.cli.parse", function()
         local s = assert(cli.parse({ "--config", conf }))
         assert.are.equal(3, s.max_redirects)
         assert.are.same({ "127.0.0.1:9003" }, s.redirect_hosts)
-        for text, want in pairs({
+        rejects_settings({
             ["max_redirects = '3'"] = "setting 'max_redirects' must be a number",
             ["redirect_hosts = '127.0.0.1:9003'"] = "setting 'redirect_hosts' must be a table",
-        }) do
-            local bad = util.write_temp("c.lua", "return { " .. text .. " }")
-            local none, err = cli.parse({ "--config", bad })
-            assert.is_nil(none)
-            assert.matches(want, err, 1, true)
-        end
+        })
     end)
 
     it("accepts examples/timeline_cache.lua's settings, and checks their types", function()
@@ -95,17 +96,11 @@ describe("luaproxy.cli.parse", function()
         assert.are.same({ "id", "user.screen_name" }, s.timeline_fields)
         assert.are.same({ "/tl/{user}.json", 60, 2, 600, 1, "16m", 0 }, { s.timeline_path, s.timeline_ttl,
             s.timeline_timeout, s.timeline_stale, s.timeline_neg_ttl, s.timeline_cache_size, s.timeline_lru_size })
-        for text, want in pairs({
+        rejects_settings({
             ["timeline_fields = 'id'"] = "setting 'timeline_fields' must be a table",
             ["timeline_ttl = '300s'"] = "setting 'timeline_ttl' must be a number",
             ["timeline_path = 1"] = "setting 'timeline_path' must be a string",
-        }) do
-            local bad = util.write_temp("c.lua", "return { " .. text .. " }")
-            local none, err, code = cli.parse({ "--config", bad })
-            assert.is_nil(none)
-            assert.matches(want, err, 1, true)
-            assert.are.equal(1, code)
-        end
+        })
     end)
 
     it("--help wins", function()
